@@ -1,0 +1,91 @@
+"""The ``textgym`` console script: one subcommand per config dataclass.
+
+    textgym pretrain --help
+    textgym sample --prompt "This movie was"
+
+Flags and their help are generated from the config dataclasses (``transformers.HfArgumentParser``
+reads ``field(metadata={"help": ...})``), so each option is documented exactly once, next to its
+default.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+from pretrain.corpus import PromptsConfig, make_prompts
+from pretrain.sample import SampleConfig, sample
+from pretrain.train import PretrainConfig, train as pretrain
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type
+    run: Callable
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command(PretrainConfig, pretrain, "pretrain a GPT-2-architecture LM on the review corpus"),
+    "prompts": Command(PromptsConfig, make_prompts, "regenerate the shipped prompt file from the corpus"),
+    "sample": Command(SampleConfig, sample, "sample continuations of a prompt from a model"),
+}
+
+TRAIN: dict[str, Command] = {}
+
+
+def usage() -> str:
+    lines = ["usage: textgym COMMAND [--flag value ...]   (textgym COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<16} {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += [f"  {'train ' + name:<16} {cmd.summary}" for name, cmd in TRAIN.items()]
+    return "\n".join(lines)
+
+
+def train_usage() -> str:
+    lines = ["usage: textgym train ALGORITHM [--flag value ...]   (textgym train ALGORITHM --help for its flags)", "", "algorithms:"]
+    lines += [f"  {name:<10} {cmd.summary}" for name, cmd in TRAIN.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    table = COMMANDS
+    if name == "train":
+        if not rest or rest[0] in ("-h", "--help"):
+            print(train_usage())
+            return 0
+        if rest[0] not in TRAIN:
+            print(f"textgym train: unknown algorithm {rest[0]!r}; valid algorithms: {', '.join(TRAIN)}\n\n{train_usage()}", file=sys.stderr)
+            return 2
+        table, name, rest = TRAIN, rest[0], rest[1:]
+    if name not in table:
+        print(f"textgym: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    hf_logging.disable_progress_bar()  # our own rich bars are the progress display
+    command = table[name]
+    prog = f"textgym train {name}" if table is TRAIN else f"textgym {name}"
+    parser = HfArgumentParser(command.config, prog=prog, description=command.config.__doc__)
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=rest)
+    except ValueError as err:  # raised by a config's __post_init__
+        parser.error(str(err))
+    try:
+        command.run(cfg)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError, FloatingPointError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

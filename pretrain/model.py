@@ -1,0 +1,172 @@
+"""Causal LMs: build the library's small GPT-2, and load/save any Hugging Face causal-LM dir.
+
+Every code path in the library takes a model as ``"default"`` (the shipped LM in package data) or
+a path to a Hugging Face causal-LM dir (GPT-2, Llama, Qwen2, ... architectures). Loading is
+safetensors-only and ``trust_remote_code=False``: no pickle is ever unpickled and no code from a
+model dir is ever run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from pretrain.tokenizer import load_tokenizer
+
+DEFAULT_DIR = Path(__file__).parent / "default"
+MANIFEST = "manifest.json"
+
+
+def default_model_dir() -> Path:
+    """The shipped default LM + tokenizer (fp16 safetensors), loadable by ``from_pretrained``."""
+    return DEFAULT_DIR
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available")
+    return device
+
+
+def build_gpt2(
+    vocab_size: int,
+    n_layer: int = 4,
+    n_embd: int = 256,
+    n_head: int = 4,
+    n_positions: int = 256,
+    dropout: float = 0.0,
+    eos_token_id: int = 0,
+    pad_token_id: int = 1,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2-architecture causal LM with tied input/output embeddings."""
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_inner=4 * n_embd,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """``"default"`` → the shipped dir; otherwise a path that must be a causal-LM dir."""
+    path = default_model_dir() if str(path) == "default" else Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (expected 'default' or an HF model dir)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {str(path)!r} is a file; expected an HF model dir")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not an HF model dir: it has no config.json")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        extra = f" (found {found}: pickle-based weights are refused, convert them to safetensors)" if found else ""
+        raise FileNotFoundError(f"{path} has no *.safetensors weights{extra}")
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(path: str | Path) -> dict:
+    """Check ``model.safetensors`` against the sha256 in the dir's manifest.json; return the manifest."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    actual = sha256_file(path / "model.safetensors")
+    if actual != manifest["sha256"]:
+        raise ValueError(
+            f"{path / 'model.safetensors'} does not match its manifest: sha256 {actual} != {manifest['sha256']} "
+            "(corrupted or replaced weights; regenerate with the command in the manifest)"
+        )
+    return manifest
+
+
+def load_lm(
+    path: str | Path = "default",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from ``"default"`` or any HF causal-LM dir, in eval mode.
+
+    ``dtype`` defaults to float32 (the shipped weights are stored as fp16 to stay small, but CPU
+    kernels are fastest and exact in fp32). Raises a clear error for a missing path, a dir
+    without safetensors, corrupted weights, or a tokenizer whose vocabulary does not fit the model.
+    """
+    path = resolve_model_path(path)
+    if (path / MANIFEST).is_file():
+        verify_manifest(path)
+    dtype = dtype or torch.float32
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}/config.json is not a valid model config: {err}") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise ValueError(f"could not load the weights in {path}: {err}") from err
+    tokenizer = load_tokenizer(path)
+    check_vocab_fits(model, tokenizer, path)
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def check_vocab_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str | Path = "") -> None:
+    """Every token id the tokenizer can emit must index a row of the model's embedding."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise ValueError(
+            f"tokenizer{' in ' + str(where) if where else ''} has {len(tokenizer)} tokens but the model's "
+            f"embedding has only {n_embed} rows: they do not belong together"
+        )
+
+
+def save_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save model (safetensors) + tokenizer as an HF dir; ``dtype`` casts a copy (e.g. fp16 to ship)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if dtype is not None and dtype != model.dtype:
+        to_save = type(model)(model.config).to(dtype)
+        to_save.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    to_save.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift them: (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

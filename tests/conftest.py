@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny tokenizers and random-init causal LMs of several architectures, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+from pretrain import corpus
+from pretrain.tokenizer import train_tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on 500 real train reviews."""
+    return train_tokenizer(corpus.texts("train")[:500], vocab_size=512)
+
+
+def tiny_config(arch: str, vocab_size: int, eos: int = 0, pad: int = 1):
+    common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    if arch == "gpt2":
+        return GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **common)
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **common,
+    )
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**kw)
+
+
+ARCHS = ("gpt2", "llama", "qwen2")
+
+
+def save_tiny_lm(arch: str, path, tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer):
+    """A random-init causal LM of each architecture + tokenizer, saved as an HF dir."""
+    return save_tiny_lm(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_lm("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer)
