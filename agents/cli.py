@@ -20,6 +20,10 @@ from transformers.utils import logging as hf_logging
 from pretrain.corpus import PromptsConfig, make_prompts
 from pretrain.sample import SampleConfig, sample
 from pretrain.train import PretrainConfig, train as pretrain
+from rlhf.dpo import DPOConfig, train_dpo
+from rlhf.preferences import PreferenceConfig, make_preferences
+from rlhf.reward_model import RewardConfig, train_reward_model
+from rlhf.sft import SFTConfig, train_sft
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(PretrainConfig, pretrain, "pretrain a GPT-2-architecture LM on the review corpus"),
     "prompts": Command(PromptsConfig, make_prompts, "regenerate the shipped prompt file from the corpus"),
     "sample": Command(SampleConfig, sample, "sample continuations of a prompt from a model"),
+    "preferences": Command(PreferenceConfig, make_preferences, "sample completions, label preference pairs with the gold scorer"),
+    "reward": Command(RewardConfig, train_reward_model, "train a Bradley-Terry reward model on preference pairs"),
+    "sft": Command(SFTConfig, train_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
+    "dpo": Command(DPOConfig, train_dpo, "Direct Preference Optimization against a frozen reference"),
 }
 
 TRAIN: dict[str, Command] = {}

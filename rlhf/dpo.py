@@ -1,0 +1,179 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its variants, as a loss and a trainer.
+
+RLHF's KL-regularised objective max E[r] - beta KL(pi || pi_ref) has the closed-form optimum
+pi*(y|x) = pi_ref(y|x) exp(r(x,y) / beta) / Z(x), so r(x,y) = beta log(pi(y|x) / pi_ref(y|x)) + beta
+log Z(x). Substituting into the Bradley-Terry likelihood, the partition function Z(x) cancels and
+the policy is fitted to preferences directly, with no reward model and no sampling:
+
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO; eps > 0 = conservative DPO)
+    ipo:     (h - 1 / (2 beta))^2                                      (Azar et al. 2023)
+    hinge:   max(0, 1 - beta h)                                        (SLiC, Zhao et al. 2023)
+
+and beta (log pi - log pi_ref) is the *implicit reward* of a completion.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from transformers import get_linear_schedule_with_warmup
+
+from pretrain import load_lm, save_lm
+from pretrain.config import hparam
+from pretrain.model import resolve_device
+from pretrain.progress import progress_bar
+from rlhf.evaluate import evaluate_policy
+from rlhf.logprobs import encode, sequence_logprobs
+from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example DPO losses and implicit rewards beta (log pi - log pi_ref) of chosen and rejected."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - beta * h)
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@dataclass
+class DPOConfig:
+    """Fine-tune a policy on preference pairs with DPO against a frozen copy of itself."""
+
+    model: str = hparam("default", "policy (and reference) init: 'default' or an HF causal-LM dir")
+    data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
+    out: str = hparam("runs/dpo", "output dir: TensorBoard events, checkpoint/, final/")
+    beta: float = hparam(0.1, "KL strength beta of the implicit reward")
+    loss_type: str = hparam("sigmoid", f"one of {LOSS_TYPES}")
+    label_smoothing: float = hparam(0.0, "conservative DPO: assumed label-flip probability (sigmoid loss)")
+    num_prompts: int = hparam(3000, "train prompts when building data")
+    k: int = hparam(4, "completions per prompt when building data")
+    tau: float = hparam(0.0, "labeller noise when building data")
+    max_new_tokens: int = hparam(32, "completion length (data building and evaluation)")
+    epochs: int = hparam(1, "passes over the pairs")
+    batch_size: int = hparam(32, "pairs per step")
+    lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
+    warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
+    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    eval_prompts: int = hparam(200, "held-out prompts for the base-vs-DPO gold comparison")
+    eval_samples: int = hparam(2, "samples per held-out prompt")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.batch_size <= 0:
+            raise ValueError("beta, lr, epochs and batch_size must be positive")
+
+
+def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected completions in one forward pass of 2B rows."""
+    prompts = [p.prompt for p in pairs] * 2
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    enc = encode(tokenizer, prompts, completions, getattr(model.config, "n_positions", None), device)
+    logps = sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"])
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def train_dpo(cfg: DPOConfig) -> dict:
+    """``textgym dpo``: DPO training, then held-out gold / KL of base vs trained policy."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out)
+    policy, tokenizer = load_lm(cfg.model, device=device)
+    reference, _ = load_lm(cfg.model, device=device)
+    reference.requires_grad_(False)
+
+    if cfg.data:
+        pairs = load_jsonl(cfg.data)
+    else:
+        prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
+        pairs = build_preferences(policy, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        save_jsonl(pairs, out / "train_pairs.jsonl")
+
+    steps_per_epoch = -(-len(pairs) // cfg.batch_size)
+    n_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
+    writer = SummaryWriter(str(out))
+    policy.train()
+    step = 0
+    with progress_bar("dpo") as bar:
+        task = bar.add_task("dpo", total=n_steps, status="")
+        for _ in range(cfg.epochs):
+            order = rng.permutation(len(pairs))
+            for start in range(0, len(pairs), cfg.batch_size):
+                batch = [pairs[i] for i in order[start : start + cfg.batch_size]]
+                chosen_logps, rejected_logps = pair_logps(policy, tokenizer, batch, device)
+                with torch.no_grad():
+                    ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                )
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"DPO loss became {loss.item()} at step {step}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+                writer.add_scalar("loss/dpo", loss.item(), step)
+                writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)
+                writer.add_scalar("rewards/rejected", rejected_rewards.mean().item(), step)
+                writer.add_scalar("rewards/accuracies", accuracy, step)
+                writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
+                writer.add_scalar("logps/chosen", chosen_logps.mean().item(), step)
+                writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
+    final = save_lm(policy, tokenizer, out / "final")
+
+    policy.eval()
+    eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
+    kwargs = dict(prompts=eval_prompts, samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    base = evaluate_policy(reference, tokenizer, reference, **kwargs)
+    trained = evaluate_policy(policy, tokenizer, reference, **kwargs)
+    metrics = {"steps": step, "train_pairs": len(pairs), "base": base, "dpo": trained}
+    for name, value in trained.items():
+        writer.add_scalar(f"eval/{name}", value, step)
+    writer.close()
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+    return metrics

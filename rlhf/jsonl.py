@@ -1,0 +1,44 @@
+"""JSONL records with required string fields; errors name the file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+
+def read_records(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
+    """All non-blank lines of ``path`` as dicts holding (at least) the string ``fields``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {tuple(fields)}, got {type(record).__name__}")
+            missing = [f for f in fields if f not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; each line needs {tuple(fields)}")
+            bad = [f for f in fields if not isinstance(record[f], str)]
+            if bad:
+                raise ValueError(f"{path}:{lineno}: field(s) {bad} must be strings")
+            records.append({f: record[f] for f in fields})
+    if not records:
+        raise ValueError(f"data file {path} holds no records")
+    return records
+
+
+def write_records(records: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

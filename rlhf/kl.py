@@ -1,0 +1,90 @@
+"""KL control: per-token KL estimators, the KL coefficient controllers, and the shaped reward.
+
+With the log-ratio ``log r = log pi_ref(a|s) - log pi(a|s)`` of a token sampled from ``pi``
+(Schulman, "Approximating KL divergence", 2020):
+
+    k1 = -log r                 unbiased for KL(pi || pi_ref), high variance, can be negative
+    k2 = 1/2 (log r)^2          biased, low variance, always >= 0
+    k3 = (r - 1) - log r        unbiased, low variance, always >= 0
+
+RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) maximises
+E[R(x, y)] - beta * KL(pi || pi_ref), implemented as a per-token shaped reward
+
+    r_t = -beta * (log pi(y_t|.) - log pi_ref(y_t|.)) + [t = T] * R(x, y)
+
+and beta is either fixed or adapted by a proportional controller toward a target KL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi."""
+    log_ratio = ref_logprobs - logprobs  # log r, r = pi_ref / pi
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, expm1 for precision near r = 1
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """Per-token rewards r_t = -beta (log pi - log pi_ref)_t + [t = T] * score.
+
+    ``scores`` (B,) are sequence rewards; ``logprobs``, ``ref_logprobs``, ``mask`` are (B, T) with
+    ``mask`` = 1 on generated tokens. The score lands on each row's last generated token.
+    """
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"shape mismatch: logprobs {tuple(logprobs.shape)}, ref {tuple(ref_logprobs.shape)}, mask {tuple(mask.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"non-finite reward scores: {scores[~torch.isfinite(scores)][:3].tolist()}")
+    mask = mask.to(logprobs.dtype)
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    lengths = mask.sum(1).long()
+    if (lengths == 0).any():
+        raise ValueError("a sequence has no generated tokens (mask row of zeros)")
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of the last generated token
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+class FixedKLController:
+    """A constant beta."""
+
+    def __init__(self, kl_coef: float):
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Proportional control of beta toward a target KL (Ziegler et al. 2019, eq. 2):
+
+        e_t = clip((KL_t - KL_target) / KL_target, -0.2, 0.2)
+        beta_{t+1} = beta_t * (1 + K_beta * e_t),   K_beta = n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if init_kl_coef <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError(f"need init_kl_coef, target, horizon > 0, got {init_kl_coef}, {target}, {horizon}")
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value

@@ -1,0 +1,96 @@
+"""Per-token and per-sequence log-probabilities of given tokens under a causal LM.
+
+Shared by DPO, the RL agents and evaluation. Position ids are derived from the attention mask, so
+a left-padded sequence gets exactly the log-probs it gets unpadded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from pretrain.model import position_ids_from_mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position, without materialising the full log-softmax twice.
+
+    logits (B, T, V), labels (B, T) -> (B, T).
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token log pi(x_t | x_<t) for t in the completion, zero elsewhere: (B, T).
+
+    ``completion_mask`` (B, T) is 1 on completion tokens (never on padding or the prompt).
+    """
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits
+    # Logits at position t predict token t+1.
+    logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    mask = completion_mask[:, 1:].to(logps.dtype)
+    return F.pad(logps * mask, (1, 0))
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """log pi(completion | prompt) = sum of completion-token log-probs, padding masked: (B,)."""
+    return completion_logprobs(model, input_ids, attention_mask, completion_mask).sum(-1)
+
+
+def encode(
+    tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    max_length: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Tokenize (prompt, completion) pairs separately, join them and left-pad the batch.
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens), all
+    (B, T). Prompt and completion are tokenized separately so the completion tokens are exactly
+    the ones a policy generated after the prompt. A pair longer than ``max_length`` is an error,
+    never silently truncated.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("cannot encode an empty batch")
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    if max_length is not None and width > max_length:
+        i = max(range(len(rows)), key=lambda j: len(rows[j]))
+        raise ValueError(
+            f"example {i} is {len(rows[i])} tokens long (prompt {len(prompt_ids[i])} + completion "
+            f"{len(completion_ids[i])}), more than max_length={max_length}"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        start = width - len(p) - len(c)
+        input_ids[i, start:] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, start:] = 1
+        completion_mask[i, width - len(c) :] = 1 if c else 0
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "completion_mask": completion_mask.to(device),
+    }

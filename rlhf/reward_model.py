@@ -1,0 +1,379 @@
+"""The learned reward model: a causal-LM backbone with a scalar head, trained with Bradley-Terry.
+
+    r_theta(x, y) = w . h_T(x, y)            h_T: backbone hidden state at the last non-pad token
+    loss = -log sigmoid(r_theta(x, y_w) - r_theta(x, y_l) - m)     (Bradley-Terry, optional margin m)
+
+The model is stored as a standard Hugging Face ``*ForSequenceClassification`` dir with
+``num_labels = 1`` (backbone initialised from the pretrained LM, head ``score``), so
+``AutoModelForSequenceClassification.from_pretrained(dir)`` loads it with one call and any causal-LM
+architecture with a sequence-classification class (GPT-2, Llama, Qwen2, ...) works as a backbone.
+``config.reward_mean`` / ``config.reward_std`` hold the normalisation measured on the training
+completions: :meth:`RewardModel.score` returns ``(r - mean) / std``, so a reward of 0 is the
+average completion of the policy that wrote the data, and 1 is one standard deviation better.
+
+Training (``textgym reward``): pairs are grouped by prompt and every distinct completion in a batch
+goes through the network once, however many pairs it is in (InstructGPT's trick: a ranking of K
+costs K forward passes, not K(K-1)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+from pretrain import load_lm
+from pretrain.config import hparam
+from pretrain.model import (
+    check_vocab_fits,
+    position_ids_from_mask,
+    resolve_device,
+    resolve_model_path,
+    sha256_file,
+    verify_manifest,
+)
+from pretrain.progress import progress_bar
+from pretrain.tokenizer import load_tokenizer
+from rlhf.gold import VaderGold, review_texts
+from rlhf.logprobs import encode
+from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
+
+DEFAULT_RM_DIR = Path(__file__).parent / "default_rm"
+
+
+def default_reward_model_dir() -> Path:
+    """The shipped sentiment reward model (fp16 safetensors + manifest)."""
+    return DEFAULT_RM_DIR
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per-pair -log sigmoid(r_chosen - r_rejected - margin), computed stably as softplus."""
+    return F.softplus(-(chosen - rejected - margin))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row (works for left and right padding): (B,)."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+class RewardModel(nn.Module):
+    """A ``*ForSequenceClassification`` model read at the last non-pad token, plus its tokenizer."""
+
+    def __init__(self, model, tokenizer, max_length: int | None = None):
+        super().__init__()
+        if model.config.num_labels != 1:
+            raise ValueError(f"a reward model has one output, this model has num_labels={model.config.num_labels}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length or getattr(model.config, "n_positions", None) or getattr(
+            model.config, "max_position_embeddings", None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def mean(self) -> float:
+        return float(getattr(self.model.config, "reward_mean", 0.0))
+
+    @property
+    def std(self) -> float:
+        return float(getattr(self.model.config, "reward_std", 1.0))
+
+    @classmethod
+    def from_lm(cls, path: str | Path = "default", device: str | torch.device = "cpu") -> RewardModel:
+        """A fresh reward model whose backbone is the pretrained causal LM at ``path``."""
+        lm_dir = resolve_model_path(path)
+        _, tokenizer = load_lm(lm_dir)  # validates the dir (safetensors, manifest, vocab)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(lm_dir), num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        nn.init.zeros_(model.score.weight)  # r = 0 for everything at the start
+        return cls(model, tokenizer).to(resolve_device(device))
+
+    @classmethod
+    def load(cls, path: str | Path = "default", device: str | torch.device = "cpu", dtype=torch.float32) -> RewardModel:
+        """Load a saved reward model dir (``"default"`` = the shipped one), in eval mode."""
+        path = default_reward_model_dir() if str(path) == "default" else Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"reward model dir {path} does not exist")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a reward model dir: it has no config.json")
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        archs = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+            raise ValueError(
+                f"{path} is not a reward model dir: expected a *ForSequenceClassification model with "
+                f"num_labels=1, found architectures={archs}, num_labels={config.num_labels}"
+            )
+        if (path / "manifest.json").is_file():
+            verify_manifest(path)
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"{path} has no *.safetensors weights")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+        tokenizer = load_tokenizer(path)
+        check_vocab_fits(model, tokenizer, path)
+        return cls(model, tokenizer).to(resolve_device(device)).eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) rewards (B,) read at each row's last attended token."""
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).last_hidden_state  # (B, T, H)
+        last = last_token_index(attention_mask)
+        return self.model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Fast path for environments: normalised rewards of token-id batches already on the device."""
+        rewards = (self(input_ids, attention_mask) - self.mean) / self.std
+        if not torch.isfinite(rewards).all():
+            raise FloatingPointError(f"reward model produced non-finite scores: {rewards[~torch.isfinite(rewards)][:3].tolist()}")
+        return rewards
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 128) -> list[float]:
+        """Normalised rewards of (prompt, completion) pairs, batched."""
+        out: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            enc = encode(
+                self.tokenizer,
+                list(prompts[start : start + batch_size]),
+                list(completions[start : start + batch_size]),
+                self.max_length,
+                self.device,
+            )
+            out += self.score_ids(enc["input_ids"], enc["attention_mask"]).tolist()
+        return out
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if dtype is not None and dtype != model.dtype:
+            model = type(model)(model.config).to(dtype)
+            model.load_state_dict({k: v.to(dtype) for k, v in self.model.state_dict().items()})
+        model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+        return path
+
+
+@dataclass
+class RewardConfig:
+    """Train a Bradley-Terry reward model on preference pairs; defaults build the shipped one."""
+
+    model: str = hparam("default", "backbone initialisation: 'default' or an HF causal-LM dir")
+    data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
+    out: str = hparam("runs/reward", "output dir: TensorBoard events, final/ (the reward model)")
+    num_prompts: int = hparam(6000, "train prompts when building data")
+    k: int = hparam(4, "completions per prompt when building data")
+    tau: float = hparam(0.0, "labeller noise when building data (0 = noiseless)")
+    max_new_tokens: int = hparam(32, "completion length when building data")
+    eval_prompts: int = hparam(500, "held-out (test split) prompts for accuracy and Spearman")
+    epochs: int = hparam(2, "passes over the pairs")
+    batch_size: int = hparam(32, "pairs per step (grouped by prompt)")
+    lr: float = hparam(1e-4, "peak AdamW learning rate (linear warmup and decay)")
+    warmup_ratio: float = hparam(0.05, "fraction of steps spent warming up")
+    weight_decay: float = hparam(0.0, "AdamW weight decay")
+    margin: float = hparam(0.0, "Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)")
+    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
+
+    def __post_init__(self):
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive, got {self.epochs}, {self.batch_size}, {self.lr}")
+
+
+def group_by_prompt(pairs: Sequence[PreferencePair]) -> list[list[PreferencePair]]:
+    groups: dict[str, list[PreferencePair]] = defaultdict(list)
+    for pair in pairs:
+        groups[pair.prompt].append(pair)
+    return list(groups.values())
+
+
+def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rewards of chosen and rejected, each distinct (prompt, completion) computed once."""
+    texts: dict[tuple[str, str], int] = {}
+    for pair in pairs:
+        for completion in (pair.chosen, pair.rejected):
+            texts.setdefault((pair.prompt, completion), len(texts))
+    keys = list(texts)
+    enc = encode(rm.tokenizer, [p for p, _ in keys], [c for _, c in keys], rm.max_length, rm.device)
+    rewards = rm(enc["input_ids"], enc["attention_mask"])
+    chosen = torch.stack([rewards[texts[(p.prompt, p.chosen)]] for p in pairs])
+    rejected = torch.stack([rewards[texts[(p.prompt, p.rejected)]] for p in pairs])
+    return chosen, rejected
+
+
+def batches_by_prompt(pairs: Sequence[PreferencePair], batch_size: int, rng: np.random.Generator):
+    """Shuffled batches of whole prompt groups, each holding about ``batch_size`` pairs."""
+    groups = group_by_prompt(pairs)
+    batch: list[PreferencePair] = []
+    for i in rng.permutation(len(groups)):
+        batch += groups[i]
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
+    was_training = rm.training
+    rm.eval()
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_rewards(rm, pairs[start : start + batch_size])
+        correct += (chosen > rejected).sum().item()
+    rm.train(was_training)
+    return correct / len(pairs)
+
+
+def evaluate_reward_model(
+    rm: RewardModel, prompts: Sequence[str], completions: Sequence[str], gold_scores: Sequence[float],
+    pairs: Sequence[PreferencePair],
+) -> dict[str, float]:
+    """Held-out pairwise accuracy and Spearman rank correlation of RM scores with gold scores."""
+    scores = rm.score(prompts, completions)
+    return {
+        "pairwise_accuracy": pairwise_accuracy(rm, pairs),
+        "spearman_gold": float(spearmanr(scores, gold_scores).statistic),
+        "eval_pairs": len(pairs),
+        "eval_samples": len(scores),
+    }
+
+
+def fit(
+    rm: RewardModel,
+    pairs: Sequence[PreferencePair],
+    cfg: RewardConfig,
+    rng: np.random.Generator,
+    writer: SummaryWriter | None = None,
+    eval_pairs: Sequence[PreferencePair] = (),
+) -> int:
+    """Minimise the Bradley-Terry loss over ``pairs`` (AdamW, linear warmup/decay); returns steps."""
+    if not pairs:
+        raise ValueError("no preference pairs to train on")
+    n_steps = cfg.epochs * sum(1 for _ in batches_by_prompt(pairs, cfg.batch_size, np.random.default_rng(0)))
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
+    step = 0
+    rm.train()
+    with progress_bar("reward") as bar:
+        task = bar.add_task("reward", total=n_steps, status="")
+        for epoch in range(cfg.epochs):
+            for batch in batches_by_prompt(pairs, cfg.batch_size, rng):
+                chosen, rejected = pair_rewards(rm, batch)
+                loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"reward-model loss became {loss.item()} at step {step}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                accuracy = (chosen > rejected).float().mean().item()
+                if writer is not None:
+                    writer.add_scalar("loss/bradley_terry", loss.item(), step)
+                    writer.add_scalar("train/accuracy", accuracy, step)
+                    writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
+                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f} acc {accuracy:.2f}")
+            if writer is not None and eval_pairs:
+                writer.add_scalar("eval/pairwise_accuracy", pairwise_accuracy(rm, eval_pairs), step)
+    rm.eval()
+    return step
+
+
+def normalise(rm: RewardModel, pairs: Sequence[PreferencePair]) -> None:
+    """Set ``reward_mean``/``reward_std`` so scores have mean 0, std 1 over the pairs' completions."""
+    texts = sorted({(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)})
+    rm.model.config.reward_mean, rm.model.config.reward_std = 0.0, 1.0
+    raw = torch.tensor(rm.score([p for p, _ in texts], [c for _, c in texts]))
+    rm.model.config.reward_mean = float(raw.mean())
+    rm.model.config.reward_std = float(raw.std().clamp(min=1e-6)) if len(raw) > 1 else 1.0
+
+
+def train_reward_model(cfg: RewardConfig) -> dict:
+    """``textgym reward``: train, evaluate on held-out prompts, save ``OUT/final`` (and ship)."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out)
+    rm = RewardModel.from_lm(cfg.model, device)
+    policy, tokenizer = load_lm(cfg.model, device=device)
+
+    if cfg.data:
+        pairs = load_jsonl(cfg.data)
+    else:
+        prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
+        pairs = build_preferences(policy, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        save_jsonl(pairs, out / "train_pairs.jsonl")
+
+    # Held-out evaluation data: fresh samples for test-split prompts, labelled without noise.
+    gold = VaderGold()
+    eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
+    eval_pairs = build_preferences(
+        policy, tokenizer, eval_prompts, 4, 0.0, gold, cfg.max_new_tokens, seed=cfg.seed + 1_000_003
+    )
+    del policy
+    eval_texts = sorted({(p.prompt, c) for p in eval_pairs for c in (p.chosen, p.rejected)})
+    eval_gold = gold(review_texts([p for p, _ in eval_texts], [c for _, c in eval_texts]))
+
+    writer = SummaryWriter(str(out))
+    step = fit(rm, pairs, cfg, rng, writer, eval_pairs)
+
+    normalise(rm, pairs)
+    metrics = evaluate_reward_model(rm, [p for p, _ in eval_texts], [c for _, c in eval_texts], eval_gold, eval_pairs)
+    metrics.update(train_pairs=len(pairs), steps=step)
+    for key in ("pairwise_accuracy", "spearman_gold"):
+        writer.add_scalar(f"eval/{key}", metrics[key], step)
+    writer.close()
+    final = rm.save(out / "final")
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+    if cfg.ship:
+        ship(rm, cfg, metrics)
+    return metrics
+
+
+def ship(rm: RewardModel, cfg: RewardConfig, metrics: dict) -> Path:
+    target = default_reward_model_dir()
+    target.mkdir(exist_ok=True)
+    for stale in target.glob("*"):
+        stale.unlink()
+    rm.save(target, dtype=torch.float16)
+    manifest = {
+        "command": "textgym reward --out runs/default-rm --ship",
+        "backbone": cfg.model,
+        "gold": VaderGold.name,
+        "config": asdict(cfg),
+        **{k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()},
+        "reward_mean": rm.mean,
+        "reward_std": rm.std,
+        "dtype": "float16",
+        "sha256": sha256_file(target / "model.safetensors"),
+    }
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"shipped to {target}")
+    return target

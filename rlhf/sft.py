@@ -1,0 +1,146 @@
+"""Supervised fine-tuning on demonstrations (the first step of RLHF).
+
+    loss = - (1 / |completion tokens|) * sum_t log pi(y_t | x, y_<t)     over completion tokens only
+
+The prompt conditions the model but is not learned. AdamW with linear warmup then linear decay
+(the recipe of the InstructGPT/TRL seeds); the held-out loss is evaluated each epoch. Default
+demonstrations for the embedded task: openings of *positive* train reviews (2-8 words, like the
+prompts) continued by the review's next words, so SFT moves the LM toward positive reviews. Any
+JSONL of ``{"prompt": ..., "completion": ...}`` works as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from transformers import get_linear_schedule_with_warmup
+
+from pretrain import corpus, load_lm, save_lm
+from pretrain.config import hparam
+from pretrain.model import resolve_device
+from pretrain.progress import progress_bar
+from rlhf.jsonl import read_records
+from rlhf.logprobs import completion_logprobs, encode
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on (prompt, completion) demonstrations."""
+
+    model: str = hparam("default", "'default' or an HF causal-LM dir")
+    data: str = hparam("", "JSONL {prompt, completion}; empty = positive train reviews of the corpus")
+    out: str = hparam("runs/sft", "output dir: TensorBoard events, final/")
+    num_examples: int = hparam(4000, "demonstrations drawn when building the default data")
+    completion_words: int = hparam(24, "words per completion when building the default data")
+    epochs: int = hparam(1, "passes over the demonstrations")
+    batch_size: int = hparam(32, "demonstrations per step")
+    lr: float = hparam(1e-4, "peak AdamW learning rate (linear warmup and decay)")
+    warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
+    weight_decay: float = hparam(0.0, "AdamW weight decay")
+    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+
+    def __post_init__(self):
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive, got {self.epochs}, {self.batch_size}, {self.lr}")
+
+
+def review_demonstrations(split: str, n: int, completion_words: int, seed: int) -> list[dict[str, str]]:
+    """Positive reviews of a split cut into (opening of 2-8 words, next ``completion_words`` words)."""
+    rng = np.random.default_rng(seed)
+    positive = [r.text.split(" ") for r in corpus.reviews(split, seed) if r.label == 1]
+    positive = [w for w in positive if len(w) > 8 + 1]
+    chosen = rng.choice(len(positive), size=min(n, len(positive)), replace=False)
+    demos = []
+    for i in chosen:
+        words = positive[i]
+        k = int(rng.integers(2, 9))
+        demos.append({"prompt": " ".join(words[:k]), "completion": " " + " ".join(words[k : k + completion_words])})
+    return demos
+
+
+def sft_loss(model, tokenizer, batch: list[dict[str, str]], device) -> torch.Tensor:
+    """Mean NLL over the completion tokens of a batch (prompt tokens masked out)."""
+    enc = encode(tokenizer, [d["prompt"] for d in batch], [d["completion"] for d in batch],
+                 getattr(model.config, "n_positions", None), device)
+    logps = completion_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"])
+    n_tokens = enc["completion_mask"][:, 1:].sum()
+    if n_tokens == 0:
+        raise ValueError("a batch of demonstrations has no completion tokens")
+    return -logps.sum() / n_tokens
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, demos: list[dict[str, str]], device, batch_size: int = 64) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(demos), batch_size):
+        batch = demos[start : start + batch_size]
+        enc = encode(tokenizer, [d["prompt"] for d in batch], [d["completion"] for d in batch],
+                     getattr(model.config, "n_positions", None), device)
+        total -= completion_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"]).sum().item()
+        count += int(enc["completion_mask"][:, 1:].sum())
+    model.train(was_training)
+    return total / count
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    """``textgym sft``: fine-tune, report held-out completion loss before and after."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out)
+    model, tokenizer = load_lm(cfg.model, device=device)
+    if cfg.data:
+        demos = read_records(cfg.data, ("prompt", "completion"))
+        rng.shuffle(demos)
+        n_eval = max(1, len(demos) // 20)
+        eval_demos, demos = demos[:n_eval], demos[n_eval:]
+    else:
+        demos = review_demonstrations("train", cfg.num_examples, cfg.completion_words, cfg.seed)
+        eval_demos = review_demonstrations("test", 500, cfg.completion_words, cfg.seed)
+    if not demos:
+        raise ValueError("no demonstrations left to train on")
+
+    n_steps = cfg.epochs * math.ceil(len(demos) / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
+    writer = SummaryWriter(str(out))
+    before = eval_loss(model, tokenizer, eval_demos, device)
+    writer.add_scalar("eval/loss", before, 0)
+    model.train()
+    step = 0
+    with progress_bar("sft") as bar:
+        task = bar.add_task("sft", total=n_steps, status="")
+        for epoch in range(cfg.epochs):
+            order = rng.permutation(len(demos))
+            for start in range(0, len(demos), cfg.batch_size):
+                loss = sft_loss(model, tokenizer, [demos[i] for i in order[start : start + cfg.batch_size]], device)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                writer.add_scalar("loss/sft", loss.item(), step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")
+            writer.add_scalar("eval/loss", eval_loss(model, tokenizer, eval_demos, device), step)
+    after = eval_loss(model, tokenizer, eval_demos, device)
+    writer.close()
+    final = save_lm(model, tokenizer, out / "final")
+    metrics = {"steps": step, "train_examples": len(demos), "eval_loss_before": before, "eval_loss_after": after}
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+    return metrics

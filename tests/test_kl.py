@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, shaped_rewards
+
+
+def test_k1_and_k3_are_unbiased_on_a_toy_categorical():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])  # the policy pi
+    q = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])  # the reference pi_ref
+    exact = (p * (p / q).log()).sum().item()
+    samples = torch.multinomial(p, 400_000, replacement=True)
+    logp, logq = p.log()[samples], q.log()[samples]
+    for kind in ("k1", "k3"):
+        est = kl_estimate(logp, logq, kind).mean().item()
+        assert est == pytest.approx(exact, abs=0.005), kind
+    assert (kl_estimate(logp, logq, "k3") >= 0).all()
+    assert (kl_estimate(logp, logq, "k2") >= 0).all()
+    assert (kl_estimate(logp, logq, "k1") < 0).any(), "k1 is unbiased but not pointwise non-negative"
+
+
+def test_estimators_match_their_formulas():
+    logp, logq = torch.tensor([-1.0]), torch.tensor([-2.0])
+    log_r = -1.0
+    assert kl_estimate(logp, logq, "k1").item() == pytest.approx(-log_r)
+    assert kl_estimate(logp, logq, "k2").item() == pytest.approx(0.5 * log_r**2)
+    assert kl_estimate(logp, logq, "k3").item() == pytest.approx(math.exp(log_r) - 1 - log_r)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        kl_estimate(logp, logq, "k4")
+
+
+def test_shaped_rewards_hand_computation():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-2.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    scores = torch.tensor([2.0, -1.0])
+    r = shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0, 0.0], [-0.1, 0.0 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(r, expected)
+
+
+def test_shaped_rewards_rejects_bad_input():
+    z = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="non-finite reward"):
+        shaped_rewards(torch.tensor([float("nan")]), z, z, torch.ones(1, 3), 0.1)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        shaped_rewards(torch.tensor([1.0]), z, torch.zeros(1, 2), torch.ones(1, 3), 0.1)
+
+
+def test_controllers_move_beta_the_right_way():
+    fixed = FixedKLController(0.2)
+    assert fixed.update(100.0, 10) == 0.2
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    up = ctl.update(current_kl=12.0, n_steps=100)  # KL too high -> stronger penalty
+    assert up == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    down = ctl.update(current_kl=5.4, n_steps=100)  # KL too low -> weaker penalty
+    assert down == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        FixedKLController(-1)

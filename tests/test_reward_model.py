@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhf.preferences import PreferencePair
+from rlhf.reward_model import (
+    RewardConfig,
+    RewardModel,
+    bradley_terry_loss,
+    fit,
+    normalise,
+    pairwise_accuracy,
+)
+
+
+def test_bradley_terry_loss_value_and_gradient_sign():
+    chosen = torch.tensor([1.0, -0.5], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.5], requires_grad=True)
+    loss = bradley_terry_loss(chosen, rejected)
+    expected = torch.log1p(torch.exp(-(chosen - rejected)))
+    torch.testing.assert_close(loss, expected)
+    loss.sum().backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+    with_margin = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0)
+    assert with_margin.item() == pytest.approx(np.log(2))
+
+
+def synthetic_pairs(seed: int, n_prompts: int) -> list[PreferencePair]:
+    """Chosen completions use words of one set, rejected of another: a learnable preference."""
+    rng = np.random.default_rng(seed)
+    good, bad = ["great", "superb", "lovely", "brilliant"], ["awful", "dull", "boring", "terrible"]
+    pairs = []
+    for i in range(n_prompts):
+        prompt = f"Review {rng.integers(1000)}: the film was"
+        for _ in range(2):
+            pairs.append(PreferencePair(prompt, f" {rng.choice(good)} and {rng.choice(good)}", f" {rng.choice(bad)} and {rng.choice(bad)}"))
+    return pairs
+
+
+def test_reward_model_learns_synthetic_preferences(tiny_model_dir):
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_model_dir)
+    train, held_out = synthetic_pairs(0, 60), synthetic_pairs(1, 30)
+    assert pairwise_accuracy(rm, held_out) < 0.6, "an untrained head scores everything 0"
+    cfg = RewardConfig(epochs=4, batch_size=16, lr=3e-3)
+    fit(rm, train, cfg, np.random.default_rng(0))
+    assert pairwise_accuracy(rm, held_out) >= 0.9
+
+
+def test_scores_do_not_depend_on_padding(tiny_model_dir):
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_model_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    alone = rm.score(["Short"], [" one"])
+    batched = rm.score(["Short", "A much longer prompt than the other"], [" one", " and its completion"])
+    assert batched[0] == pytest.approx(alone[0], abs=1e-4)
+
+
+def test_save_load_round_trip_with_normalisation(tmp_path, tiny_gpt2_dir):
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_gpt2_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    pairs = synthetic_pairs(0, 10)
+    normalise(rm, pairs)
+    texts = sorted({(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)})
+    scores = np.array(rm.score([p for p, _ in texts], [c for _, c in texts]))
+    assert scores.mean() == pytest.approx(0, abs=1e-4) and scores.std(ddof=1) == pytest.approx(1, abs=1e-3)
+    rm.save(tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert hf.config.num_labels == 1 and hf.config.reward_std == pytest.approx(rm.std)
+    again = RewardModel.load(tmp_path / "rm")
+    assert again.score(["Review 1: the film was"], [" great"]) == pytest.approx(rm.score(["Review 1: the film was"], [" great"]), abs=1e-5)
+
+
+def test_loading_something_that_is_not_a_reward_model(tmp_path, tiny_gpt2_dir):
+    with pytest.raises(ValueError, match="is not a reward model dir"):
+        RewardModel.load(tiny_gpt2_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RewardModel.load(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        RewardModel.load(tmp_path)
+
+
+def test_non_finite_scores_stop_with_a_clear_error(tiny_gpt2_dir):
+    rm = RewardModel.from_lm(tiny_gpt2_dir)
+    rm.model.config.reward_std = 0.0
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        rm.score(["x"], [" y"])
