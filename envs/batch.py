@@ -1,0 +1,209 @@
+"""The episode logic of B TextGen environments, advanced together in one tensor step.
+
+Both ``TextGenEnv`` (B = 1) and ``TextGenVectorEnv`` (B = N) run this code, so a vector env
+produces exactly what N single envs produce. All state lives in tensors on the task's device:
+
+    input_ids, attention_mask   (B, max_len)  the observation, LEFT-padded: the newest token is
+                                              always at index -1, and ``input_ids[mask.bool()]`` is
+                                              the current context
+    generated                   (B, max_new_tokens) the completion so far (right-padded)
+    n_generated, done           (B,)
+
+Per step and row, with a_t the action and beta = ``kl_coef``:
+
+    reward_t = beta * log pi_ref(a_t | s_t)  +  [episode ends at t] * RM(prompt, completion)
+
+The episode ends when a_t is EOS or ``max_new_tokens`` tokens have been generated. The reward
+model scores all rows that finish in a step in one batch; the gold scorer (monitoring only, never
+in the reward) sees their decoded text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.task import TextGenTask
+
+
+@dataclass
+class StepResult:
+    rewards: torch.Tensor  # (B,) float32
+    terminated: torch.Tensor  # (B,) bool
+    ref_logprobs: torch.Tensor | None  # (B,) log pi_ref(a_t | s_t), when a reference is loaded
+    finished: dict  # per finished row index: {"rm_score", "gold_score", "text", "prompt"}
+
+
+class TextGenBatch:
+    def __init__(self, task: TextGenTask, batch_size: int):
+        self.task = task
+        self.batch_size = batch_size
+        device = task.device
+        self.pad_id = task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else task.tokenizer.eos_token_id
+        self.eos_id = task.tokenizer.eos_token_id
+        L, N = task.max_len, task.max_new_tokens
+        self.input_ids = torch.full((batch_size, L), self.pad_id, dtype=torch.long, device=device)
+        self.attention_mask = torch.zeros((batch_size, L), dtype=torch.long, device=device)
+        self.generated = torch.full((batch_size, N), self.pad_id, dtype=torch.long, device=device)
+        self.n_generated = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.done = torch.ones(batch_size, dtype=torch.bool, device=device)  # nothing started yet
+        self.episodes = [None] * batch_size
+        self.rm_prompt_ids = [[] for _ in range(batch_size)]
+        self.reference = task.make_reference(batch_size)
+        self.rows = torch.arange(batch_size, device=device)
+
+    # -- resets -----------------------------------------------------------------------------------
+    def reset_rows(self, rows: list[int], prompt_indices: list[int], prompts: list[str] | None = None) -> None:
+        """Start episodes in ``rows`` from the task's prompts (by index) or from explicit prompt strings."""
+        task = self.task
+        contexts = []
+        for j, row in enumerate(rows):
+            prompt = prompts[j] if prompts is not None else task.prompts[prompt_indices[j]]
+            episode = task.episode(prompt, prompt_indices[j])
+            ids = task.encode(episode.context)
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+            if len(ids) > task.max_context_tokens:
+                raise ValueError(
+                    f"prompt {prompt!r} is {len(ids)} tokens, longer than this env's context budget of "
+                    f"{task.max_context_tokens} tokens (observation length {task.max_len} = context + max_new_tokens)"
+                )
+            self.episodes[row] = episode
+            self.rm_prompt_ids[row] = task.encode(episode.rm_prompt) if episode.rm_prompt else []
+            contexts.append(ids)
+            self.input_ids[row] = self.pad_id
+            self.attention_mask[row] = 0
+            self.input_ids[row, -len(ids) :] = torch.as_tensor(ids, device=task.device)
+            self.attention_mask[row, -len(ids) :] = 1
+        index = torch.as_tensor(rows, dtype=torch.long, device=task.device)
+        self.generated[index] = self.pad_id
+        self.n_generated[index] = 0
+        self.done[index] = False
+        if self.reference is not None:
+            self.reference.reset_rows(rows, contexts)
+
+    # -- action masks ----------------------------------------------------------------------------
+    def action_masks(self) -> torch.Tensor:
+        """(B, n_actions) bool: valid tokens, optionally restricted to the reference's top-k / top-p."""
+        mask = self.task.valid_actions.expand(self.batch_size, -1).clone()
+        task = self.task
+        if self.reference is not None and (task.top_k > 0 or task.top_p < 1):
+            logits = self.reference.next_logits.masked_fill(~mask, float("-inf"))
+            keep = torch.zeros_like(mask)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            rank_ok = torch.ones_like(sorted_logits, dtype=torch.bool)
+            if task.top_k > 0:
+                rank_ok[:, task.top_k :] = False
+            if task.top_p < 1:
+                probs = sorted_logits.softmax(-1)
+                # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+                rank_ok &= (probs.cumsum(-1) - probs) < task.top_p
+            keep.scatter_(1, order, rank_ok)
+            mask &= keep
+        return mask
+
+    # -- step ------------------------------------------------------------------------------------
+    def validate(self, actions: torch.Tensor) -> None:
+        if actions.shape != (self.batch_size,):
+            raise ValueError(f"expected {self.batch_size} actions of shape ({self.batch_size},), got shape {tuple(actions.shape)}")
+        if actions.dtype.is_floating_point or actions.dtype == torch.bool:
+            raise ValueError(f"actions must be integer token ids, got dtype {actions.dtype}")
+        n = self.task.n_actions
+        out_of_range = (actions < 0) | (actions >= n)
+        if out_of_range.any():
+            bad = actions[out_of_range][0].item()
+            raise ValueError(f"action {bad} is out of range: valid token ids are 0..{n - 1}")
+        allowed = self.action_masks().gather(1, actions.view(-1, 1)).squeeze(1)
+        invalid = ~allowed & ~self.done
+        if invalid.any():
+            bad = actions[invalid][0].item()
+            token = self.task.tokenizer.convert_ids_to_tokens(bad) if bad < len(self.task.tokenizer) else "<unused>"
+            raise ValueError(f"action {bad} ({token!r}) is masked: special/pad tokens (or tokens outside the allowed set) are not valid actions")
+
+    def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """Advance every row in ``active`` (default: all not-done rows) by its action."""
+        task = self.task
+        active = ~self.done if active is None else active
+        ref_logprobs = None
+        rewards = torch.zeros(self.batch_size, dtype=torch.float32, device=task.device)
+        if self.reference is not None:
+            # The reference distribution over the valid actions (pad/special tokens excluded).
+            ref_logits = self.reference.next_logits.masked_fill(~task.valid_actions, float("-inf"))
+            ref_logprobs = F.log_softmax(ref_logits, dim=-1).gather(1, actions.view(-1, 1)).squeeze(1)
+            rewards += task.kl_coef * torch.where(active, ref_logprobs, torch.zeros_like(ref_logprobs))
+
+        # Append the token: shift the left-padded window by one, write the action at the end.
+        keep_ids = torch.where(active.view(-1, 1), self.input_ids.roll(-1, dims=1), self.input_ids)
+        keep_mask = torch.where(active.view(-1, 1), self.attention_mask.roll(-1, dims=1), self.attention_mask)
+        keep_ids[active, -1] = actions[active]
+        keep_mask[active, -1] = 1
+        self.input_ids, self.attention_mask = keep_ids, keep_mask
+        position = self.n_generated.clamp(max=task.max_new_tokens - 1)
+        self.generated[self.rows[active], position[active]] = actions[active]
+        self.n_generated += active.long()
+        if self.reference is not None:
+            self.reference.step(actions.masked_fill(~active, self.pad_id))
+
+        ended = active & ((actions == self.eos_id) | (self.n_generated >= task.max_new_tokens))
+        self.done |= ended
+        finished = {}
+        if ended.any():  # one host sync per step: which rows finished
+            rows = ended.nonzero().flatten()
+            scores, finished = self.score_finished(rows)
+            rewards[rows] += scores
+        return StepResult(rewards, ended, ref_logprobs, finished)
+
+    # -- episode end -----------------------------------------------------------------------------
+    def score_finished(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """RM scores (device tensor) of finished rows in one batch, plus their monitoring info."""
+        task = self.task
+        gen = self.generated[rows]
+        gen_mask = torch.arange(task.max_new_tokens, device=task.device).view(1, -1) < self.n_generated[rows].view(-1, 1)
+        gen_mask &= gen != self.eos_id  # the EOS that ended an episode is not part of the text
+        row_list = rows.tolist()
+        completions = [
+            task.tokenizer.decode(g[m].tolist(), skip_special_tokens=True) for g, m in zip(gen, gen_mask)
+        ]
+        rm_prompts = [self.episodes[r].rm_prompt for r in row_list]
+        if task.toy_reward is not None:
+            scores = task.toy_reward(gen, gen_mask)
+        else:
+            scores = self.rm_scores(row_list, gen, gen_mask, rm_prompts, completions)
+        gold = task.gold([p + c for p, c in zip(rm_prompts, completions)]) if task.gold is not None else None
+        finished = {}
+        for j, r in enumerate(row_list):
+            finished[r] = {
+                "rm_score": float(scores[j]),
+                "gold_score": float(gold[j]) if gold is not None else float("nan"),
+                "text": completions[j],
+                "prompt": self.episodes[r].prompt,
+            }
+        return scores, finished
+
+    def rm_scores(self, rows, gen, gen_mask, rm_prompts, completions) -> torch.Tensor:
+        rm = self.task.reward_model
+        if not self.task.rm_shares_tokenizer:
+            return torch.tensor(rm.score(rm_prompts, completions), device=self.task.device)
+        # Token-id fast path: [left-padded RM prompt | right-padded completion], read at the last real token.
+        width = max((len(self.rm_prompt_ids[r]) for r in rows), default=0)
+        prompt_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.task.device)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.task.device)
+        for j, r in enumerate(rows):
+            ids = self.rm_prompt_ids[r]
+            if ids:
+                prompt_ids[j, width - len(ids) :] = torch.as_tensor(ids, device=self.task.device)
+                prompt_mask[j, width - len(ids) :] = 1
+        input_ids = torch.cat([prompt_ids, gen.masked_fill(~gen_mask, self.pad_id)], dim=1)
+        attention_mask = torch.cat([prompt_mask, gen_mask.long()], dim=1)
+        empty = attention_mask.sum(1) == 0
+        if empty.any():  # an immediate EOS with no RM prompt: score the EOS token itself
+            attention_mask[empty, -self.task.max_new_tokens] = 1
+            input_ids[empty, -self.task.max_new_tokens] = self.eos_id
+        return rm.score_ids(input_ids, attention_mask)
+
+    # -- numpy views for the Gymnasium API ---------------------------------------------------------
+    def observation(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids.cpu().numpy(), "attention_mask": self.attention_mask.cpu().numpy()}

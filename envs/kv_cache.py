@@ -1,0 +1,127 @@
+"""A causal LM advanced one token at a time for a batch of independent sequences.
+
+``CachedLM`` keeps one KV cache for B rows whose episodes start and end at different times (the
+vector env auto-resets each sub-env on its own). Each row is left-padded inside the shared cache:
+
+    cache columns:  [ pad pad | prompt tokens ... generated tokens ]   mask 0 on pads, 1 elsewhere
+
+* ``reset_rows(rows, prompts)`` encodes only the new prompts (one small forward) and writes their
+  keys/values right-aligned into those rows; other rows are untouched.
+* ``step(tokens)`` feeds one token per row: one forward of shape (B, 1) against the cache, so a
+  step costs O(context) attention, never a re-encoding of the context.
+* Columns that are padding in every row are trimmed from the left, so the cache never grows past
+  the longest live context.
+
+Positions come from the mask (a row's first real token has position 0), so every row sees exactly
+the logits it would see alone and unpadded. Works for any HF causal LM with a ``DynamicCache``
+(GPT-2, Llama, Qwen2, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from pretrain.model import position_ids_from_mask
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers >= 5.2x names the argument ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output) -> DynamicCache:
+    cache = output.get("cache") if "cache" in output else None
+    return cache if cache is not None else output.past_key_values
+
+
+class CachedLM:
+    """Batched incremental decoding with per-row resets. All tensors live on the model's device."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, pad_token_id: int):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.device = next(model.parameters()).device
+        self._cache_arg = _cache_kwarg(model)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D)
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, S)
+        self.next_logits = torch.zeros(batch_size, 0, device=self.device)  # (B, V): logits of the next token
+
+    @torch.no_grad()
+    def _forward(self, input_ids, attention_mask, position_ids, kv=None):
+        kwargs = {self._cache_arg: DynamicCache(ddp_cache_data=kv)} if kv is not None else {}
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
+        )
+        cache = _returned_cache(out)
+        return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Start new sequences in ``rows`` from the token-id ``prompts``; returns their next-token logits."""
+        if len(rows) != len(prompts):
+            raise ValueError(f"got {len(rows)} rows but {len(prompts)} prompts")
+        if not rows:
+            return self.next_logits[:0]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt must hold at least one token")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=self.device)
+            mask[i, width - len(p) :] = 1
+        logits, new_kv = self._forward(ids, mask, position_ids_from_mask(mask))
+
+        if self.kv is None:  # first reset: allocate the whole batch at this width
+            self.kv = [
+                (k.new_zeros((self.batch_size, *k.shape[1:])), v.new_zeros((self.batch_size, *v.shape[1:])))
+                for k, v in new_kv
+            ]
+            self.mask = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.device)
+            self.next_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
+        self._left_pad_to(width)
+        seq = self.mask.shape[1]
+        index = torch.as_tensor(list(rows), device=self.device)
+        for (k, v), (nk, nv) in zip(self.kv, new_kv):
+            k[index] = 0
+            v[index] = 0
+            k[index, :, seq - width :] = nk
+            v[index, :, seq - width :] = nv
+        self.mask[index] = 0
+        self.mask[index, seq - width :] = mask
+        self.next_logits[index] = logits
+        self._trim()
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token to every row; returns the next-token logits (B, V)."""
+        if self.kv is None:
+            raise RuntimeError("CachedLM.step called before reset_rows")
+        tokens = tokens.to(self.device).long().view(self.batch_size, 1)
+        positions = self.mask.sum(1, keepdim=True)  # the new token's position in each row
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.next_logits, self.kv = self._forward(tokens, self.mask, positions, self.kv)
+        return self.next_logits
+
+    def _left_pad_to(self, width: int) -> None:
+        extra = width - self.mask.shape[1]
+        if extra > 0:
+            self.kv = [
+                (torch.cat([k.new_zeros((*k.shape[:2], extra, k.shape[3])), k], 2),
+                 torch.cat([v.new_zeros((*v.shape[:2], extra, v.shape[3])), v], 2))
+                for k, v in self.kv
+            ]
+            self.mask = torch.cat([self.mask.new_zeros((self.batch_size, extra)), self.mask], 1)
+
+    def _trim(self) -> None:
+        live = self.mask.any(0).nonzero()
+        first = int(live[0]) if len(live) else self.mask.shape[1]
+        if first > 0:
+            self.kv = [(k[:, :, first:].contiguous(), v[:, :, first:].contiguous()) for k, v in self.kv]
+            self.mask = self.mask[:, first:]

@@ -1,0 +1,213 @@
+"""What a TextGen environment is made of: tokenizer, prompts, reference LM, reward model, gold scorer.
+
+A :class:`TextGenTask` is built once (models loaded, prompts tokenized) and shared by the single env
+and the vector env, which both run the same batched episode logic in ``envs.batch``. The variants
+of the suite differ only in how a prompt becomes the LM's context and what the reward model sees:
+
+* ``plain``     context = prompt; the RM scores (prompt, completion).
+* ``few_shot``  context = k positive demonstration reviews, each followed by EOS, then the prompt
+                (the LM saw reviews separated by EOS in pretraining); the RM scores (prompt,
+                completion) only, without the demonstrations.
+* ``instruct``  context = an instruction ("Write a glowing review of a film about <topic>: ")
+                plus, optionally, a chain-of-thought style preface; the RM scores ("", completion):
+                the review alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain import corpus, load_lm
+from pretrain.model import resolve_device, resolve_model_path
+from pretrain.tokenizer import load_tokenizer
+from rlhf.gold import GoldScorer, VaderGold
+from rlhf.reward_model import RewardModel
+
+INSTRUCTION = "Write a glowing review of a film about {topic}: "
+COT_PREFACE = "First think about what makes the film great, then write the review. "
+TOPICS = (
+    "a heist that goes wrong", "a haunted house", "two rival chefs", "a small-town detective",
+    "a family road trip", "a boxer's last fight", "first love in high school", "a space rescue mission",
+    "a struggling jazz musician", "a war veteran coming home", "a talking dog", "a courtroom battle",
+    "a zombie outbreak", "an aging rock band", "a mountain expedition", "a con artist and a nun",
+)
+
+
+@dataclass
+class Episode:
+    """The text side of one prompt: what the LM is conditioned on and what the RM/gold see."""
+
+    prompt: str  # the task prompt (a review opening, or the instruction's topic)
+    context: str  # what the LM continues
+    rm_prompt: str  # what the reward model and gold scorer see before the completion
+
+
+@dataclass
+class TextGenTask:
+    tokenizer: object
+    prompts: list[str]
+    max_new_tokens: int
+    kl_coef: float
+    device: torch.device
+    n_actions: int
+    reference: torch.nn.Module | None = None
+    reward_model: RewardModel | None = None
+    gold: GoldScorer | None = None
+    variant: str = "plain"
+    shots: Sequence[str] = ()
+    cot: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    max_context_tokens: int = 0  # longest context over the prompts (sets the observation length)
+    toy_reward: object | None = None  # envs.toy: a reward function of token ids (replaces the RM)
+    toy_ref_logits: torch.Tensor | None = None  # envs.toy: the fixed next-token logits of its reference
+    valid_actions: torch.Tensor = field(default=None)  # (n_actions,) bool
+    rm_shares_tokenizer: bool = False  # RM scores token ids directly (same vocabulary as the env)
+
+    def make_reference(self, batch_size: int):
+        """The reference LM advanced alongside B episodes (KV-cached), or None when not needed."""
+        if self.reference is not None:
+            from envs.kv_cache import CachedLM
+
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            return CachedLM(self.reference, batch_size, pad)
+        if self.toy_ref_logits is not None:
+            from envs.toy import ToyReference
+
+            return ToyReference(self.toy_ref_logits, batch_size)
+        return None
+
+    def episode(self, prompt: str, topic_index: int = 0) -> Episode:
+        if self.variant == "few_shot":
+            eos = self.tokenizer.eos_token
+            return Episode(prompt, "".join(s + eos for s in self.shots) + prompt, prompt)
+        if self.variant == "instruct":
+            topic = TOPICS[topic_index % len(TOPICS)]
+            context = (COT_PREFACE if self.cot else "") + INSTRUCTION.format(topic=topic) + prompt
+            return Episode(prompt, context, prompt)
+        return Episode(prompt, prompt, prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def max_len(self) -> int:
+        """Observation length: the longest context plus the generation budget."""
+        return self.max_context_tokens + self.max_new_tokens
+
+
+def read_prompts(prompts, split: str) -> list[str]:
+    """``None`` = the shipped prompts of ``split``; a list of strings; or a text file, one per line."""
+    if prompts is None:
+        return [p.text for p in corpus.load_prompts(split)]
+    if isinstance(prompts, (str, Path)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist (pass a list of strings or a text file)")
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line for line in lines if line.strip()]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    bad = [p for p in prompts if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"prompts must be non-empty strings, got {bad[:3]!r}")
+    return prompts
+
+
+def positive_demonstrations(k: int, seed: int = 0, max_words: int = 30) -> list[str]:
+    """``k`` short train reviews with the highest gold (VADER) scores, for few-shot prompting."""
+    if k == 0:
+        return []
+    short = [r.text for r in corpus.reviews("train") if r.label == 1 and len(r.text.split(" ")) <= max_words]
+    rng = np.random.default_rng(seed)
+    pool = [short[i] for i in rng.choice(len(short), size=min(len(short), 400), replace=False)]
+    scores = VaderGold()(pool)
+    order = np.argsort(scores, kind="stable")[::-1]
+    return [pool[i] for i in order[:k]]
+
+
+def build_lm_task(
+    model: str | Path = "default",
+    reward_model: str | Path | RewardModel = "default",
+    prompts=None,
+    prompt_split: str = "train",
+    max_new_tokens: int = 24,
+    kl_coef: float = 0.0,
+    device: str | torch.device = "cpu",
+    variant: str = "plain",
+    shots: int = 2,
+    cot: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    gold: bool = True,
+) -> TextGenTask:
+    """Load everything an LM-backed TextGen env needs (validates every argument)."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if variant not in ("plain", "few_shot", "instruct"):
+        raise ValueError(f"unknown variant {variant!r}; expected 'plain', 'few_shot' or 'instruct'")
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    device = resolve_device(device)
+    model_dir = resolve_model_path(model)
+    tokenizer = load_tokenizer(model_dir)
+    needs_reference = kl_coef > 0 or top_k > 0 or top_p < 1
+    reference = None
+    if needs_reference:
+        reference, _ = load_lm(model_dir, device=device)
+        reference.requires_grad_(False)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    n_actions = int(config.vocab_size)
+    if len(tokenizer) > n_actions:
+        raise ValueError(f"tokenizer in {model_dir} has {len(tokenizer)} tokens but the model only {n_actions} logits")
+    rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel.load(reward_model, device=device)
+    task = TextGenTask(
+        tokenizer=tokenizer,
+        prompts=read_prompts(prompts, prompt_split),
+        max_new_tokens=max_new_tokens,
+        kl_coef=kl_coef,
+        device=device,
+        n_actions=n_actions,
+        reference=reference,
+        reward_model=rm,
+        gold=VaderGold() if gold else None,
+        variant=variant,
+        shots=positive_demonstrations(shots) if variant == "few_shot" else (),
+        cot=cot,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    task.valid_actions = valid_action_mask(tokenizer, n_actions, device)
+    task.rm_shares_tokenizer = rm.tokenizer.get_vocab() == tokenizer.get_vocab()
+    task.max_context_tokens = max(
+        len(task.encode(task.episode(p, i).context)) for i, p in enumerate(task.prompts)
+    )
+    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if n_positions and task.max_len > n_positions:
+        raise ValueError(
+            f"the longest context ({task.max_context_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {n_positions} tokens"
+        )
+    return task
+
+
+def valid_action_mask(tokenizer, n_actions: int, device) -> torch.Tensor:
+    """True for every token a policy may emit: all real tokens and EOS; never pad/other specials."""
+    valid = torch.zeros(n_actions, dtype=torch.bool, device=device)
+    valid[: len(tokenizer)] = True
+    for token_id in tokenizer.all_special_ids:
+        valid[token_id] = False
+    valid[tokenizer.eos_token_id] = True
+    return valid

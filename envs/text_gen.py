@@ -1,0 +1,189 @@
+"""TextGen-v0: continue a movie-review opening, one token per step, rewarded by a learned reward model.
+
+## Description
+A pretrained causal LM's text generation as an MDP. The state is a prompt plus the tokens
+generated so far; an action is the next token. The default task is the IMDb controlled-sentiment
+experiment (Ziegler et al. 2019) at small scale: continue a review opening so that the review
+turns positive, scored by the shipped reward model, without drifting far from the pretrained LM.
+
+## Action Space
+``Discrete(V)``, V = the model's logit width (``config.vocab_size``). Pad and special tokens
+other than EOS are never valid (``action_masks()``, ``info["action_mask"]``, the sb3-contrib
+MaskablePPO convention); with ``top_k``/``top_p`` the valid set is further restricted to the
+reference LM's top-k / nucleus tokens (as RL4LMs' NLPO does). An invalid action raises
+``ValueError``; nothing is clipped.
+
+## Observation Space
+``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
+L = longest prompt context + ``max_new_tokens``, **left-padded**: the newest token is always at
+index -1 and ``input_ids[attention_mask == 1]`` is the current context. An agent that keeps its own
+KV cache only needs ``input_ids[-1]`` per step (the token it just chose) after the first step.
+
+## Rewards
+With beta = ``kl_coef``, each step pays ``beta * log pi_ref(a_t | s_t)`` (the frozen reference =
+the pretrained LM, KV-cached), and the last step adds the reward model's score of (prompt,
+completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std better). Because
+
+    E_pi[ R - beta log(pi / pi_ref) ] = E_pi[ R + beta log pi_ref ] + beta * H(pi),
+
+an agent that adds an entropy bonus with coefficient beta (SB3's ``ent_coef=beta``, or ours)
+optimises exactly the KL-regularised RLHF objective without ever evaluating the reference itself.
+
+## Episode End
+Terminated when the action is EOS or ``max_new_tokens`` tokens have been generated (the reward is
+final then, so this is termination, not truncation). ``step`` after the end raises ``RuntimeError``.
+
+## Info
+Every step: ``action_mask`` and, when a reference is loaded (``kl_coef > 0`` or top-k/top-p),
+``ref_logprob``. At the end: ``rm_score``, ``gold_score`` (VADER compound of prompt + completion;
+monitoring only, never in the reward), ``text`` (the completion) and ``prompt``.
+
+## Arguments
+``model`` ("default" or an HF causal-LM dir: tokenizer + reference), ``reward_model`` ("default",
+an RM dir, or a ``RewardModel``), ``prompts`` (None = shipped train prompts, a list, or a text file
+with one per line), ``prompt_split``, ``max_new_tokens``, ``kl_coef``, ``device``, ``render_mode``
+("ansi" returns the text, "human" prints it), ``top_k``, ``top_p``, ``gold`` (compute gold scores),
+``variant``/``shots``/``cot`` (the FewShot and Instruct versions). ``reset(options={"prompt": s})``
+forces a prompt.
+
+## Version History
+* v0: initial version.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from envs.batch import TextGenBatch
+from envs.task import TextGenTask, build_lm_task
+
+RESET_OPTIONS = ("prompt",)
+
+
+def observation_space(task: TextGenTask) -> spaces.Dict:
+    return spaces.Dict(
+        {
+            "input_ids": spaces.Box(0, task.n_actions - 1, shape=(task.max_len,), dtype=np.int64),
+            "attention_mask": spaces.Box(0, 1, shape=(task.max_len,), dtype=np.int64),
+        }
+    )
+
+
+def as_action(action) -> int:
+    """A token id from an int-like action; anything else is a ValueError naming what it got."""
+    if isinstance(action, (bool, np.bool_)):
+        raise ValueError(f"action must be an integer token id, got bool {action!r}")
+    if isinstance(action, torch.Tensor):
+        action = action.detach().cpu().numpy()
+    if isinstance(action, np.ndarray):
+        if action.shape not in ((), (1,)):
+            raise ValueError(f"expected a single action, got an array of shape {action.shape}")
+        if action.dtype.kind not in "iu":
+            raise ValueError(f"action must be an integer token id, got dtype {action.dtype}")
+        return int(action.reshape(()))
+    if isinstance(action, numbers.Integral):
+        return int(action)
+    raise ValueError(f"action must be an integer token id, got {type(action).__name__} {action!r}")
+
+
+class TextGenEnv(gym.Env):
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model: str = "default",
+        reward_model="default",
+        prompts=None,
+        prompt_split: str = "train",
+        max_new_tokens: int = 24,
+        kl_coef: float = 0.0,
+        device: str = "cpu",
+        render_mode: str | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        gold: bool = True,
+        variant: str = "plain",
+        shots: int = 2,
+        cot: bool = False,
+        task: TextGenTask | None = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.task = task or build_lm_task(
+            model, reward_model, prompts, prompt_split, max_new_tokens, kl_coef, device,
+            variant, shots, cot, top_k, top_p, gold,
+        )
+        self.batch = TextGenBatch(self.task, 1)
+        self.observation_space = observation_space(self.task)
+        self.action_space = spaces.Discrete(self.task.n_actions)
+        self._started = False
+
+    @property
+    def tokenizer(self):
+        return self.task.tokenizer
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {list(RESET_OPTIONS)}")
+        if "prompt" in options:
+            prompt = options["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"options['prompt'] must be a non-empty str, got {prompt!r}")
+            self.batch.reset_rows([0], [0], [prompt])
+        else:
+            self.batch.reset_rows([0], [int(self.np_random.integers(len(self.task.prompts)))])
+        self._started = True
+        info = {"prompt": self.batch.episodes[0].prompt, "action_mask": self.action_masks()}
+        return self._observation(), info
+
+    def step(self, action):
+        if not self._started:
+            raise RuntimeError("step() called before reset()")
+        if bool(self.batch.done[0]):
+            raise RuntimeError("step() called after the episode ended; call reset() first")
+        actions = torch.tensor([as_action(action)], device=self.task.device)
+        self.batch.validate(actions)
+        result = self.batch.step(actions)
+        info = {}
+        if result.ref_logprobs is not None:
+            info["ref_logprob"] = float(result.ref_logprobs[0])
+        terminated = bool(result.terminated[0])
+        if terminated:
+            info.update(result.finished[0])
+        info["action_mask"] = self.action_masks()
+        if self.render_mode == "human":
+            self.render()
+        return self._observation(), float(result.rewards[0]), terminated, False, info
+
+    def action_masks(self) -> np.ndarray:
+        """(V,) bool: the tokens that are valid actions now."""
+        return self.batch.action_masks()[0].cpu().numpy()
+
+    def render(self):
+        text = self.text()
+        if self.render_mode == "ansi":
+            return text
+        if self.render_mode == "human":
+            print(text)
+        return None
+
+    def text(self) -> str:
+        """The prompt followed by the completion so far."""
+        if not self._started:
+            return ""
+        n = int(self.batch.n_generated[0])
+        ids = self.batch.generated[0, :n].tolist()
+        return self.batch.episodes[0].prompt + self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        obs = self.batch.observation()
+        return {key: value[0] for key, value in obs.items()}

@@ -1,0 +1,108 @@
+"""TextGenToy-v0: a tiny, fast TextGen env with a known optimal policy, for tests and smoke runs.
+
+Vocabulary (8 words, word-level): ``<|endoftext|> good bad the movie plot was fine``; EOS doubles
+as the pad token, so every action is valid. Prompts: "the movie was", "the plot was". Horizon
+``max_new_tokens`` (default 4). The reward, given when the episode ends, is
+
+    R = (#good - #bad) / max_new_tokens
+
+so the optimal policy (with ``kl_coef = 0``) writes "good" at every step and earns exactly 1.0;
+stopping early (EOS) or writing anything else earns less. The reference "LM" is a fixed,
+state-independent next-token distribution that prefers neutral words, so with ``kl_coef > 0``
+the shaping term beta * log pi_ref(a) pulls against "good" exactly like a real reference does.
+The gold score is R itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from envs.task import TextGenTask, valid_action_mask
+from envs.text_gen import TextGenEnv
+from envs.vector import TextGenVectorEnv
+
+WORDS = ["<|endoftext|>", "good", "bad", "the", "movie", "plot", "was", "fine"]
+PROMPTS = ["the movie was", "the plot was"]
+GOOD, BAD = WORDS.index("good"), WORDS.index("bad")
+# Reference next-token probabilities: neutral words are likely, "good"/"bad" are rare.
+REF_PROBS = torch.tensor([0.10, 0.05, 0.05, 0.20, 0.15, 0.15, 0.15, 0.15])
+
+
+def toy_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=WORDS[0], pad_token=WORDS[0], unk_token=WORDS[0], padding_side="left"
+    )
+
+
+class ToyReference:
+    """Same interface as ``CachedLM``; the next-token logits never depend on the context."""
+
+    def __init__(self, logits: torch.Tensor, batch_size: int):
+        self.next_logits = logits.view(1, -1).expand(batch_size, -1).clone()
+
+    def reset_rows(self, rows, prompts):
+        return self.next_logits[list(rows)]
+
+    def step(self, tokens):
+        return self.next_logits
+
+
+class ToyReward:
+    def __init__(self, horizon: int):
+        self.horizon = horizon
+
+    def __call__(self, generated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        good = ((generated == GOOD) & mask).sum(1)
+        bad = ((generated == BAD) & mask).sum(1)
+        return (good - bad).float() / self.horizon
+
+
+class ToyGold:
+    def __init__(self, horizon: int):
+        self.horizon = horizon
+
+    def __call__(self, texts):
+        # The prompts never contain these words (checked), so counting substrings counts completion words.
+        return [(t.count("good") - t.count("bad")) / self.horizon for t in texts]
+
+
+def build_toy_task(max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None) -> TextGenTask:
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    tokenizer = toy_tokenizer()
+    device = torch.device(device)
+    task = TextGenTask(
+        tokenizer=tokenizer,
+        prompts=list(prompts or PROMPTS),
+        max_new_tokens=max_new_tokens,
+        kl_coef=kl_coef,
+        device=device,
+        n_actions=len(WORDS),
+        gold=ToyGold(max_new_tokens),
+        toy_reward=ToyReward(max_new_tokens),
+        toy_ref_logits=REF_PROBS.log().to(device),
+    )
+    unknown = [p for p in task.prompts if any(w not in WORDS[1:] for w in p.split())]
+    if unknown:
+        raise ValueError(f"toy prompts may only use the words {WORDS[1:]}, got {unknown[:3]}")
+    task.valid_actions = valid_action_mask(tokenizer, len(WORDS), device)
+    task.max_context_tokens = max(len(task.encode(p)) for p in task.prompts)
+    return task
+
+
+class TextGenToyEnv(TextGenEnv):
+    """TextGen on an 8-word vocabulary; see the module docstring for the optimal policy."""
+
+    def __init__(self, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None, render_mode=None):
+        super().__init__(task=build_toy_task(max_new_tokens, kl_coef, device, prompts), render_mode=render_mode)
+
+
+class TextGenToyVectorEnv(TextGenVectorEnv):
+    def __init__(self, num_envs: int = 8, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None, render_mode=None):
+        super().__init__(num_envs=num_envs, task=build_toy_task(max_new_tokens, kl_coef, device, prompts), render_mode=render_mode)

@@ -1,0 +1,185 @@
+"""The batched TextGen vector env: N episodes advanced in one tensor step on the models' device.
+
+    envs = gym.make_vec("TextGen-v0", num_envs=64, vectorization_mode="vector_entry_point")
+
+A native ``gymnasium.vector.VectorEnv`` (not N copies of the single env): one reference-LM forward
+of shape (N, 1) per step against an incremental KV cache, one reward-model batch for all episodes
+that end in a step, and Gymnasium 1.x ``NEXT_STEP`` autoreset: the step after a sub-env terminates
+resets it (its action is ignored, reward 0, terminated False). Sub-env i is seeded with seed + i
+and draws its prompts exactly like a single ``TextGenEnv`` reset with that seed, so the vector env
+reproduces N single envs (tested).
+
+Fast path for our own agents: :meth:`step_tensor` takes a device tensor of actions and returns
+device tensors (observation, rewards, terminated) with no host copy of the observation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from envs.batch import TextGenBatch
+from envs.task import TextGenTask, build_lm_task
+from envs.text_gen import RESET_OPTIONS, observation_space
+
+
+@dataclass
+class VectorStep:
+    """What :meth:`TextGenVectorEnv.step_tensor` returns; tensors stay on the env's device."""
+
+    input_ids: torch.Tensor  # (N, L) left-padded observation
+    attention_mask: torch.Tensor  # (N, L)
+    rewards: torch.Tensor  # (N,) float32
+    terminated: torch.Tensor  # (N,) bool
+    reset: torch.Tensor  # (N,) bool: sub-envs auto-reset by this step (their actions were ignored)
+    ref_logprobs: torch.Tensor | None  # (N,) log pi_ref(a_t | s_t), with a reference loaded
+    finished: dict  # sub-env index -> {"rm_score", "gold_score", "text", "prompt"}
+
+
+class TextGenVectorEnv(VectorEnv):
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        num_envs: int = 8,
+        model: str = "default",
+        reward_model="default",
+        prompts=None,
+        prompt_split: str = "train",
+        max_new_tokens: int = 24,
+        kl_coef: float = 0.0,
+        device: str = "cpu",
+        render_mode: str | None = None,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        gold: bool = True,
+        variant: str = "plain",
+        shots: int = 2,
+        cot: bool = False,
+        task: TextGenTask | None = None,
+    ):
+        if num_envs <= 0:
+            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.task = task or build_lm_task(
+            model, reward_model, prompts, prompt_split, max_new_tokens, kl_coef, device,
+            variant, shots, cot, top_k, top_p, gold,
+        )
+        self.num_envs = num_envs
+        self.batch = TextGenBatch(self.task, num_envs)
+        self.single_observation_space = observation_space(self.task)
+        self.single_action_space = spaces.Discrete(self.task.n_actions)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
+        self._autoreset = torch.zeros(num_envs, dtype=torch.bool, device=self.task.device)
+        self._started = False
+
+    @property
+    def tokenizer(self):
+        return self.task.tokenizer
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        for i, s in enumerate(seeds):
+            if s is not None or not self._started:
+                self._rngs[i] = seeding.np_random(s)[0]
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {list(RESET_OPTIONS)}")
+        rows = list(range(self.num_envs))
+        if "prompt" in options:
+            prompts = options["prompt"]
+            prompts = [prompts] * self.num_envs if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != self.num_envs or not all(isinstance(p, str) and p for p in prompts):
+                raise ValueError(f"options['prompt'] must be a non-empty str or {self.num_envs} of them, got {prompts!r}")
+            self.batch.reset_rows(rows, [0] * self.num_envs, prompts)
+        else:
+            self.batch.reset_rows(rows, self._draw_prompts(rows))
+        self._autoreset[:] = False
+        self._started = True
+        return self.batch.observation(), {"prompt": np.array([e.prompt for e in self.batch.episodes], dtype=object)}
+
+    def _draw_prompts(self, rows: list[int]) -> list[int]:
+        return [int(self._rngs[r].integers(len(self.task.prompts))) for r in rows]
+
+    def step_tensor(self, actions: torch.Tensor) -> VectorStep:
+        """Device-tensor step (no host copy of observations); see :class:`VectorStep`."""
+        if not self._started:
+            raise RuntimeError("step() called before reset()")
+        actions = actions.to(self.task.device)
+        self.batch.validate(actions)
+        resetting = self._autoreset.clone()
+        result = self.batch.step(actions, active=~resetting)
+        if resetting.any():  # NEXT_STEP autoreset: these sub-envs start over, their actions ignored
+            rows = resetting.nonzero().flatten().tolist()
+            self.batch.reset_rows(rows, self._draw_prompts(rows))
+            result.rewards[resetting] = 0.0
+        self._autoreset = result.terminated.clone()
+        return VectorStep(
+            self.batch.input_ids, self.batch.attention_mask, result.rewards, result.terminated,
+            resetting, result.ref_logprobs, result.finished,
+        )
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        if actions.dtype.kind not in "iu":
+            raise ValueError(f"actions must be integer token ids, got dtype {actions.dtype}")
+        out = self.step_tensor(torch.as_tensor(actions))
+        return (
+            self.batch.observation(),
+            out.rewards.cpu().numpy().astype(np.float64),
+            out.terminated.cpu().numpy(),
+            np.zeros(self.num_envs, dtype=bool),
+            self._infos(out),
+        )
+
+    def _infos(self, out: VectorStep) -> dict:
+        """Gymnasium vector infos: ``{key: values, "_key": which sub-envs have the key}``."""
+        infos: dict = {}
+        finished = out.finished
+        if out.ref_logprobs is not None:
+            infos["ref_logprob"] = out.ref_logprobs.cpu().numpy().astype(np.float64)
+            infos["_ref_logprob"] = ~out.reset.cpu().numpy()
+        if finished:
+            mask = np.zeros(self.num_envs, dtype=bool)
+            mask[list(finished)] = True
+            for key in ("rm_score", "gold_score"):
+                values = np.zeros(self.num_envs)
+                for i, f in finished.items():
+                    values[i] = f[key]
+                infos[key], infos[f"_{key}"] = values, mask.copy()
+            for key in ("text", "prompt"):
+                values = np.full(self.num_envs, None, dtype=object)
+                for i, f in finished.items():
+                    values[i] = f[key]
+                infos[key], infos[f"_{key}"] = values, mask.copy()
+        return infos
+
+    def action_masks(self) -> np.ndarray:
+        """(num_envs, V) bool: the valid actions of each sub-env now."""
+        return self.batch.action_masks().cpu().numpy()
+
+    def render(self):
+        texts = []
+        for i in range(self.num_envs):
+            n = int(self.batch.n_generated[i])
+            completion = self.tokenizer.decode(self.batch.generated[i, :n].tolist(), skip_special_tokens=True)
+            texts.append(self.batch.episodes[i].prompt + completion)
+        return texts

@@ -1,0 +1,265 @@
+"""The TextGen suite: checkers, determinism, vector == N singles, rewards, masks, bad input."""
+
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from envs.text_gen import TextGenEnv
+from envs.toy import GOOD, REF_PROBS, TextGenToyEnv
+from envs.vector import TextGenVectorEnv
+from rlhf.reward_model import RewardModel
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory, tiny_gpt2_dir):
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_gpt2_dir)
+    torch.nn.init.normal_(rm.model.score.weight, std=0.5)
+    return rm.save(tmp_path_factory.mktemp("tiny-rm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_env_kwargs(tiny_gpt2_dir, tiny_rm_dir):
+    return dict(model=str(tiny_gpt2_dir), reward_model=str(tiny_rm_dir), max_new_tokens=6,
+                prompts=["This movie was", "I watched it and", "Terrible"])
+
+
+@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+def test_registered_envs_pass_both_checkers(env_id):
+    env = gym.make(env_id, max_new_tokens=4)
+    env.unwrapped.action_space.seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env.unwrapped, skip_render_check=True)
+    sb3_check_env(env.unwrapped, warn=False)
+
+
+@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+def test_default_env_makes_with_no_arguments_and_vector_entry_point_works(env_id):
+    env = gym.make(env_id)
+    obs, info = env.reset(seed=0)
+    assert obs["input_ids"].dtype == np.int64 and obs["input_ids"].shape == env.observation_space["input_ids"].shape
+    vec = gym.make_vec(env_id, num_envs=3, vectorization_mode="vector_entry_point")
+    obs, _ = vec.reset(seed=0)
+    assert obs["input_ids"].shape == (3, env.observation_space["input_ids"].shape[0])
+    assert isinstance(vec.unwrapped, TextGenVectorEnv)
+
+
+def rollout(env, seed, actions_from, steps=14):
+    obs, info = env.reset(seed=seed)
+    trace = [obs["input_ids"].tolist()]
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        valid = np.flatnonzero(env.unwrapped.action_masks())
+        action = int(rng.choice(valid if actions_from is None else actions_from))
+        obs, reward, terminated, truncated, info = env.step(action)
+        trace.append((obs["input_ids"].tolist(), reward, terminated, info.get("text")))
+        if terminated:
+            obs, info = env.reset()
+            trace.append(obs["input_ids"].tolist())
+    return trace
+
+
+def test_same_seed_same_rollout(tiny_env_kwargs):
+    a = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 3, None)
+    b = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 3, None)
+    assert a == b
+    c = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 4, None)
+    assert a != c
+
+
+def test_vector_env_reproduces_single_envs(tiny_env_kwargs):
+    n, steps = 3, 12
+    seed = 7
+    singles = [TextGenEnv(kl_coef=0.05, **tiny_env_kwargs) for _ in range(n)]
+    vec = TextGenVectorEnv(num_envs=n, kl_coef=0.05, **tiny_env_kwargs)
+    vec_obs, _ = vec.reset(seed=seed)
+    single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    for i in range(n):
+        assert vec_obs["input_ids"][i].tolist() == single_obs[i]["input_ids"].tolist()
+    rng = np.random.default_rng(0)
+    needs_reset = [False] * n
+    for _ in range(steps):
+        masks = vec.action_masks()
+        actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
+        vec_obs, vec_rewards, vec_term, _, infos = vec.step(actions)
+        for i, env in enumerate(singles):
+            if needs_reset[i]:  # NEXT_STEP autoreset: the vector env reset this sub-env now
+                obs, _ = env.reset()
+                reward, terminated = 0.0, False
+                needs_reset[i] = False
+            else:
+                obs, reward, terminated, _, info = env.step(int(actions[i]))
+                if terminated:
+                    assert infos["_text"][i] and infos["text"][i] == info["text"]
+                    assert infos["rm_score"][i] == pytest.approx(info["rm_score"], abs=1e-4)
+                needs_reset[i] = terminated
+            assert vec_obs["input_ids"][i].tolist() == obs["input_ids"].tolist()
+            assert vec_obs["attention_mask"][i].tolist() == obs["attention_mask"].tolist()
+            assert vec_rewards[i] == pytest.approx(reward, abs=1e-4)
+            assert bool(vec_term[i]) == terminated
+
+
+def test_observation_is_left_padded_context(tiny_env_kwargs):
+    env = TextGenEnv(**tiny_env_kwargs)
+    obs, _ = env.reset(options={"prompt": "Terrible"})
+    prompt_ids = env.tokenizer("Terrible", add_special_tokens=False)["input_ids"]
+    assert obs["input_ids"][obs["attention_mask"] == 1].tolist() == prompt_ids
+    assert obs["attention_mask"][-1] == 1 and obs["attention_mask"][0] == 0
+    token = int(np.flatnonzero(env.action_masks())[5])
+    obs, *_ = env.step(token)
+    assert obs["input_ids"][-1] == token
+    assert obs["input_ids"][obs["attention_mask"] == 1].tolist() == prompt_ids + [token]
+
+
+def test_kl_shaping_is_beta_times_reference_logprob(tiny_env_kwargs):
+    env = TextGenEnv(kl_coef=0.3, **tiny_env_kwargs)
+    env.reset(seed=0, options={"prompt": "This movie was"})
+    ref = env.task.reference
+    context = env.tokenizer("This movie was", add_special_tokens=False)["input_ids"]
+    token = int(np.flatnonzero(env.action_masks())[10])
+    with torch.no_grad():
+        logits = ref(torch.tensor([context])).logits[0, -1]
+        logits[~env.task.valid_actions] = float("-inf")  # pi_ref over valid actions only
+        expected = torch.log_softmax(logits, -1)[token].item()
+    _, reward, terminated, _, info = env.step(token)
+    assert not terminated
+    assert info["ref_logprob"] == pytest.approx(expected, abs=1e-4)
+    assert reward == pytest.approx(0.3 * expected, abs=1e-4)
+
+
+def test_final_reward_is_the_reward_model_score(tiny_env_kwargs, tiny_rm_dir):
+    env = TextGenEnv(**tiny_env_kwargs)
+    env.reset(seed=1, options={"prompt": "I watched it and"})
+    token = int(np.flatnonzero(env.action_masks())[42])
+    for _ in range(6):
+        _, reward, terminated, _, info = env.step(token)
+    assert terminated
+    rm = RewardModel.load(tiny_rm_dir)
+    expected = rm.score(["I watched it and"], [info["text"]])[0]
+    assert reward == pytest.approx(expected, abs=1e-4) == pytest.approx(info["rm_score"], abs=1e-4)
+    assert -1 <= info["gold_score"] <= 1 and info["prompt"] == "I watched it and"
+
+
+def test_eos_ends_the_episode(tiny_env_kwargs):
+    env = TextGenEnv(**tiny_env_kwargs)
+    env.reset(seed=0)
+    _, _, terminated, _, info = env.step(env.tokenizer.eos_token_id)
+    assert terminated and info["text"] == ""
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(5)
+
+
+def test_action_masks(tiny_env_kwargs):
+    env = TextGenEnv(**tiny_env_kwargs)
+    env.reset(seed=0)
+    mask = env.action_masks()
+    assert mask[env.tokenizer.eos_token_id] and not mask[env.tokenizer.pad_token_id]
+    assert mask.sum() == len(env.tokenizer) - 1
+    top = TextGenEnv(top_k=5, **tiny_env_kwargs)
+    _, info = top.reset(seed=0)
+    assert info["action_mask"].sum() == 5
+    nucleus = TextGenEnv(top_p=0.5, **tiny_env_kwargs)
+    nucleus.reset(seed=0)
+    assert 1 <= nucleus.action_masks().sum() < mask.sum()
+
+
+def test_bad_input_is_a_clear_error(tiny_env_kwargs):
+    env = TextGenEnv(**tiny_env_kwargs)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(5)
+    env.reset(seed=0)
+    n = env.action_space.n
+    with pytest.raises(ValueError, match=f"action {n} is out of range: valid token ids are 0..{n - 1}"):
+        env.step(n)
+    with pytest.raises(ValueError, match="action -1 is out of range"):
+        env.step(-1)
+    with pytest.raises(ValueError, match=r"action 1 \('<\|pad\|>'\) is masked"):
+        env.step(env.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="got float"):
+        env.step(3.0)
+    with pytest.raises(ValueError, match="got dtype float32"):
+        env.step(np.array(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="got bool"):
+        env.step(True)
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['promt'\]"):
+        env.reset(options={"promt": "x"})
+    with pytest.raises(ValueError, match="longer than this env's context budget"):
+        env.reset(options={"prompt": "word " * 200})
+    with pytest.raises(ValueError, match="unknown render_mode"):
+        TextGenEnv(render_mode="rgb_array", **tiny_env_kwargs)
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        TextGenEnv(**{**tiny_env_kwargs, "kl_coef": -1})
+
+
+def test_render_modes(tiny_env_kwargs, capsys):
+    env = TextGenEnv(render_mode="ansi", **tiny_env_kwargs)
+    env.reset(options={"prompt": "Terrible"})
+    assert env.render() == "Terrible"
+    human = TextGenEnv(render_mode="human", **tiny_env_kwargs)
+    human.reset(options={"prompt": "Terrible"})
+    human.step(int(np.flatnonzero(human.action_masks())[7]))
+    assert capsys.readouterr().out.startswith("Terrible")
+
+
+def test_toy_env_optimal_policy_earns_one():
+    env = TextGenToyEnv()
+    env.reset(seed=0)
+    total, terminated = 0.0, False
+    while not terminated:
+        _, reward, terminated, _, info = env.step(GOOD)
+        total += reward
+    assert total == 1.0 and info["gold_score"] == 1.0 and info["text"] == "good good good good"
+
+
+def test_entropy_bonus_with_shaping_equals_kl_regularised_objective():
+    """E_pi[R - b log(pi/pi_ref)] == E_pi[R + b log pi_ref] + b H(pi), measured through the toy env."""
+    beta = 0.2
+    env = TextGenToyEnv(max_new_tokens=1, kl_coef=beta)
+    pi = torch.tensor([0.05, 0.5, 0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
+    env_return = []  # R + beta log pi_ref(a), as the env pays it, for each action
+    for a in range(len(pi)):
+        env.reset(seed=0)
+        _, reward, terminated, _, _ = env.step(a)
+        assert terminated
+        env_return.append(reward)
+    env_return = torch.tensor(env_return)
+    entropy = -(pi * pi.log()).sum()
+    lhs = (pi * (env_return - beta * REF_PROBS.log() - beta * (pi.log() - REF_PROBS.log()))).sum()
+    rhs = (pi * env_return).sum() + beta * entropy
+    assert lhs.item() == pytest.approx(rhs.item(), abs=1e-6)
+    # and the env's payment really is R + beta log pi_ref:
+    assert env_return[GOOD].item() == pytest.approx(1.0 + beta * math.log(REF_PROBS[GOOD]), abs=1e-6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(st.one_of(st.integers(-3, 11), st.floats(allow_nan=True), st.booleans()), min_size=1, max_size=12),
+       seed=st.integers(0, 2**16))
+def test_fuzz_toy_env_never_silently_accepts_bad_input(actions, seed):
+    env = TextGenToyEnv()
+    env.reset(seed=seed)
+    done = False
+    for action in actions:
+        valid = isinstance(action, int) and not isinstance(action, bool) and 0 <= action < 8
+        if done:
+            with pytest.raises(RuntimeError):
+                env.step(action)
+            env.reset()
+            done = False
+            continue
+        if not valid:
+            with pytest.raises(ValueError):
+                env.step(action)
+            continue
+        obs, reward, done, truncated, info = env.step(action)
+        assert env.observation_space.contains(obs)
+        assert isinstance(reward, float) and not truncated
