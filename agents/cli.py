@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
+from agents import dqn, ppo, reinforce
+from agents.evaluate import EvalConfig, evaluate
 from pretrain.corpus import PromptsConfig, make_prompts
 from pretrain.sample import SampleConfig, sample
 from pretrain.train import PretrainConfig, train as pretrain
@@ -41,9 +43,14 @@ COMMANDS: dict[str, Command] = {
     "reward": Command(RewardConfig, train_reward_model, "train a Bradley-Terry reward model on preference pairs"),
     "sft": Command(SFTConfig, train_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
     "dpo": Command(DPOConfig, train_dpo, "Direct Preference Optimization against a frozen reference"),
+    "eval": Command(EvalConfig, evaluate, "compare trained policies on held-out prompts (gold, RM, KL); JSON + plot"),
 }
 
-TRAIN: dict[str, Command] = {}
+TRAIN: dict[str, Command] = {
+    "ppo": Command(ppo.PPOConfig, ppo.train, "PPO-clip (or PPO-penalty) with GAE, value head and KL to the reference"),
+    "reinforce": Command(reinforce.ReinforceConfig, reinforce.train, "REINFORCE with a baseline (none, moving average, RLOO)"),
+    "dqn": Command(dqn.DQNConfig, dqn.train, "DQN on LM logits: replay (uniform/prioritized), double/soft-Q, n-step"),
+}
 
 
 def usage() -> str:

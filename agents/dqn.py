@@ -1,0 +1,239 @@
+"""DQN over the token action space (Mnih et al. 2015), initialised from the LM.
+
+    textgym train dqn --env TextGenToy-v0
+
+Q(s, .) is the LM itself: the Q-value of token a in context s is the LM's logit, so before any
+update the Boltzmann policy softmax(Q / 1) *is* the pretrained LM (invalid tokens get -inf).
+Transitions go to a uniform or prioritized replay buffer (``agents.replay``); each gradient step
+minimises the Huber loss of the TD error
+
+    n-step target   y = R_t^(n) + gamma^n (1 - done) V_target(s_{t+n})
+    DQN             V_target(s') = max_a Q_target(s', a)
+    double DQN      V_target(s') = Q_target(s', argmax_a Q(s', a))          (van Hasselt et al. 2016)
+    soft-Q          V_target(s') = beta log sum_a exp(Q_target(s', a) / beta)   (soft Bellman backup)
+
+weighted by the importance-sampling weights under prioritized replay (whose priorities become
+|delta|). The soft-Q backup with temperature beta is the KL-regularised objective in Q-learning
+form: its optimal policy softmax(Q / beta) maximises E[R] + beta H, i.e. E[R] - beta KL(pi || pi_ref)
+when the env pays beta log pi_ref (``--env-kl-coef beta``). The target network is a copy updated
+hard every ``target_update_every`` steps, or by Polyak averaging with ``tau < 1``. Exploration:
+epsilon-greedy with epsilon annealed linearly, or Boltzmann sampling at ``temperature``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.policy import LMPolicy, check_policy_fits_env
+from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model
+from pretrain.config import hparam
+from pretrain.model import position_ids_from_mask
+
+
+@dataclass
+class DQNConfig:
+    """DQN fine-tuning of an LM's logits as Q-values on a TextGen env."""
+
+    env: str = hparam("TextGenToy-v0", "registered env id")
+    model: str = hparam("auto", "initial Q-network: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
+    num_envs: int = hparam(16, "parallel envs (episodes collected per update)")
+    total_steps: int = hparam(4_000, "env steps (transitions) to train for")
+    max_new_tokens: int = hparam(4, "tokens per episode")
+    env_kl_coef: float = hparam(0.0, "beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
+    lr: float = hparam(1e-3, "Adam learning rate")
+    gamma: float = hparam(1.0, "discount")
+    n_step: int = hparam(1, "n-step returns")
+    buffer_size: int = hparam(20_000, "replay capacity (transitions)")
+    prioritized: bool = hparam(False, "prioritized replay (proportional, sum tree)")
+    per_alpha: float = hparam(0.6, "priority exponent alpha")
+    per_beta0: float = hparam(0.4, "initial importance-sampling exponent beta (annealed to 1)")
+    batch_size: int = hparam(64, "transitions per gradient step")
+    learning_starts: int = hparam(128, "transitions collected before learning")
+    gradient_steps: int = hparam(8, "gradient steps after each batch of episodes")
+    target_update_every: int = hparam(100, "gradient steps between hard target updates (when tau = 1)")
+    tau: float = hparam(1.0, "Polyak coefficient for the target network (1 = hard updates)")
+    double_dqn: bool = hparam(True, "double DQN targets")
+    soft_q: bool = hparam(False, "soft Bellman backup V = beta log sum exp(Q / beta)")
+    soft_q_beta: float = hparam(0.1, "temperature beta of the soft backup")
+    exploration: str = hparam("epsilon", "'epsilon' (epsilon-greedy) or 'boltzmann' (softmax(Q / temperature))")
+    epsilon_start: float = hparam(1.0, "initial epsilon")
+    epsilon_end: float = hparam(0.05, "final epsilon")
+    epsilon_fraction: float = hparam(0.5, "fraction of training over which epsilon anneals")
+    temperature: float = hparam(1.0, "Boltzmann temperature (1 = the LM's own distribution at the start)")
+    max_grad_norm: float = hparam(10.0, "clip the global gradient norm")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("runs/dqn", "run dir: TensorBoard events, metrics.jsonl, checkpoint/, final/")
+    resume: str = hparam("", "continue the run whose checkpoint is in this dir")
+    checkpoint_every: int = hparam(10, "updates between checkpoints")
+    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
+
+    def __post_init__(self):
+        if self.exploration not in ("epsilon", "boltzmann"):
+            raise ValueError(f"unknown exploration {self.exploration!r}; expected 'epsilon' or 'boltzmann'")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        for name in ("num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def q_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Q(s, .) for left-padded contexts: the LM's last-position logits, invalid actions at -inf."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).logits[:, -1].float()
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def td_targets(batch, q_net, target_net, valid, cfg: DQNConfig) -> torch.Tensor:
+    """y = R^(n) + gamma^n (1 - done) V_target(s')."""
+    with torch.no_grad():
+        q_next_target = q_values(target_net, batch.next_contexts, batch.next_mask, valid)
+        if cfg.soft_q:
+            v_next = cfg.soft_q_beta * torch.logsumexp(q_next_target / cfg.soft_q_beta, dim=-1)
+        elif cfg.double_dqn:
+            best = q_values(q_net, batch.next_contexts, batch.next_mask, valid).argmax(-1, keepdim=True)
+            v_next = q_next_target.gather(-1, best).squeeze(-1)
+        else:
+            v_next = q_next_target.max(-1).values
+        v_next = torch.where(batch.dones.bool(), torch.zeros_like(v_next), v_next)
+        return batch.rewards + batch.discounts * v_next
+
+
+def epsilon_at(step: int, total: int, cfg: DQNConfig) -> float:
+    end = max(1, int(cfg.epsilon_fraction * total))
+    return cfg.epsilon_end + (cfg.epsilon_start - cfg.epsilon_end) * max(0.0, 1 - step / end)
+
+
+def train(cfg: DQNConfig) -> dict:
+    device = device_of(cfg)
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
+    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    check_policy_fits_env(policy, env)
+    q_net, valid = policy.model, policy.valid_actions
+    target_net = copy.deepcopy(q_net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
+    buffer_cls = PrioritizedReplayBuffer if cfg.prioritized else ReplayBuffer
+    kwargs = dict(alpha=cfg.per_alpha, beta=cfg.per_beta0) if cfg.prioritized else {}
+    buffer = buffer_cls(cfg.buffer_size, env.task.max_len, seed=cfg.seed, pad_id=env.batch.pad_id, **kwargs)
+    gen = torch.Generator().manual_seed(cfg.seed)  # exploration randomness (checkpointed)
+    grad_steps = 0
+    if cfg.resume:
+        state = run.restore(optimizer, env)
+        buffer.load_state_dict(state["tensors"], state["replay"])
+        target_net.load_state_dict({k[len("target."):]: v for k, v in state["tensors"].items() if k.startswith("target.")})
+        gen.set_state(state["tensors"]["explore_rng"])
+        grad_steps = state["grad_steps"]
+    total_transitions = run.total_updates * cfg.num_envs * cfg.max_new_tokens
+
+    def context_of(row_ids, row_mask) -> list[int]:
+        return row_ids[row_mask.bool()].tolist()
+
+    def emit(window: deque, next_context: list[int], done: bool, all_remaining: bool) -> None:
+        """n-step transitions (s_t, a_t, sum_k gamma^k r_{t+k}, s_{t+n}, done, gamma^n) from a window."""
+        while window and (len(window) >= cfg.n_step or all_remaining):
+            ret, discount = 0.0, 1.0
+            for _, _, r in window:
+                ret += discount * r
+                discount *= cfg.gamma
+            context, action, _ = window.popleft()
+            buffer.add(context, action, ret, next_context, done, discount)
+            if not all_remaining:
+                break
+
+    with run:
+        while run.update < run.total_updates and not run.should_stop():
+            # ---- collect one episode per env ------------------------------------------------------
+            env.reset()
+            steps_before = run.env_steps
+            ids, attn = env.batch.input_ids.clone(), env.batch.attention_mask.clone()
+            windows = [deque() for _ in range(cfg.num_envs)]
+            done = torch.zeros(cfg.num_envs, dtype=torch.bool)
+            episode_rm, episode_gold, texts, td_log, loss_log = [], [], [], [], []
+            eps = epsilon_at(run.env_steps, total_transitions, cfg) if cfg.exploration == "epsilon" else 0.0
+            for _t in range(cfg.max_new_tokens):
+                with torch.no_grad():
+                    q = q_values(q_net, ids, attn, valid).cpu()
+                if cfg.exploration == "epsilon":  # epsilon-greedy over the valid tokens
+                    random_actions = torch.multinomial(valid.float().cpu().expand(cfg.num_envs, -1), 1, generator=gen).squeeze(1)
+                    explore = torch.rand(cfg.num_envs, generator=gen) < eps
+                    actions = torch.where(explore, random_actions, q.argmax(-1))
+                else:  # Boltzmann: softmax(Q / T); at T = 1 and before training this is the LM itself
+                    actions = torch.multinomial(torch.softmax(q / cfg.temperature, -1), 1, generator=gen).squeeze(1)
+                out = env.step_tensor(actions.to(device))
+                next_ids, next_attn = out.input_ids.clone(), out.attention_mask.clone()
+                terminated = out.terminated.cpu()
+                for i in range(cfg.num_envs):
+                    if done[i]:  # this sub-env's episode is over (it was auto-reset); not recorded
+                        continue
+                    windows[i].append((context_of(ids[i], attn[i]), int(actions[i]), float(out.rewards[i])))
+                    ended = bool(terminated[i])
+                    emit(windows[i], [] if ended else context_of(next_ids[i], next_attn[i]), ended, all_remaining=ended)
+                    run.env_steps += 1
+                for i, info in out.finished.items():
+                    if not done[i]:
+                        episode_rm.append(info["rm_score"])
+                        episode_gold.append(info["gold_score"])
+                        texts.append(info["prompt"] + info["text"])
+                done |= terminated
+                ids, attn = next_ids, next_attn
+                if bool(done.all()):
+                    break
+
+            # ---- learn from replay ----------------------------------------------------------------
+            if len(buffer) >= cfg.learning_starts:
+                for _g in range(cfg.gradient_steps):
+                    if cfg.prioritized:
+                        buffer.anneal_beta(run.env_steps / total_transitions, cfg.per_beta0)
+                    batch = buffer.sample(cfg.batch_size, device)
+                    targets = td_targets(batch, q_net, target_net, valid, cfg)
+                    q_sa = q_values(q_net, batch.contexts, batch.context_mask, valid).gather(-1, batch.actions.view(-1, 1)).squeeze(-1)
+                    td_error = q_sa - targets
+                    loss = (batch.weights * F.smooth_l1_loss(q_sa, targets, reduction="none")).mean()  # Huber
+                    check_finite("loss", loss, run.update, run.ckpt_dir)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    grad_steps += 1
+                    if cfg.prioritized:
+                        buffer.update_priorities(batch.indices, td_error.detach().cpu().numpy())
+                    if cfg.tau < 1:  # Polyak: theta_target <- (1 - tau) theta_target + tau theta
+                        with torch.no_grad():
+                            for p_target, p in zip(target_net.parameters(), q_net.parameters()):
+                                p_target.lerp_(p, cfg.tau)
+                    elif grad_steps % cfg.target_update_every == 0:
+                        target_net.load_state_dict(q_net.state_dict())
+                    td_log.append(float(td_error.detach().abs().mean()))
+                    loss_log.append(float(loss))
+
+            metrics = {
+                "reward/rm": float(np.mean(episode_rm)),
+                "reward/gold": float(np.mean(episode_gold)),
+                "dqn/td_error": float(np.mean(td_log)) if td_log else 0.0,
+                "loss/value": float(np.mean(loss_log)) if loss_log else 0.0,
+                "dqn/epsilon": eps,
+                "replay/size": len(buffer),
+                "lr": optimizer.param_groups[0]["lr"],
+                "perf/tokens_per_s": (run.env_steps - steps_before) / run.seconds_since_last_log(),
+            }
+            run.log(metrics, texts)
+            if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
+                tensors, replay_meta = buffer.state_dict()
+                tensors.update({f"target.{k}": v.detach().cpu().clone() for k, v in target_net.state_dict().items()})  # clone: tied weights
+                tensors["explore_rng"] = gen.get_state()
+                run.checkpoint(policy, optimizer, env, {"replay": replay_meta, "grad_steps": grad_steps}, tensors)
+        final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"]})
+    if run.should_stop():
+        raise KeyboardInterrupt
+    return {"final": str(final), **metrics}

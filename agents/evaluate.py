@@ -1,0 +1,153 @@
+"""Evaluate trained policies on held-out prompts: gold, RM, KL to the reference, diversity, fluency.
+
+    textgym eval --runs runs/ppo runs/reinforce --out runs/eval
+
+For every policy dir (a run dir contributes its ``checkpoint/`` and ``final/`` models, plus the
+initial model at KL 0), episodes are played in the env on held-out prompts (the ``test`` split;
+the toy env has only its own prompts) with plain sampling, and we report
+
+    gold         mean gold score (VADER compound of prompt + completion; the toy: its true reward)
+    rm           mean reward-model score (what the agent optimised)
+    kl_ref       E_y~pi[ sum_t log pi(y_t|.) - log pi_ref(y_t|.) ], the sequence KL to the reference
+    distinct_1/2 distinct uni/bigrams over all completions
+    ref_ppl      the reference LM's perplexity of the completions
+
+to ``eval.json``, and ``eval.png``: gold-vs-KL and RM-vs-KL, one point per model, one series per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.policy import LMPolicy, reference_logprobs
+from agents.rollout import collect_rollout
+from agents.run import make_env, make_policy_model
+from pretrain.config import hparam
+from pretrain.model import resolve_device, sha256_file
+from rlhf.evaluate import distinct_n
+
+
+@dataclass
+class EvalConfig:
+    """Compare policies (run dirs or HF model dirs) on held-out prompts."""
+
+    runs: list[str] = hparam(None, "run dirs (from textgym train) and/or HF model dirs to evaluate")
+    env: str = hparam("TextGen-v0", "env whose reward model and gold scorer to use")
+    reference: str = hparam("auto", "reference model for KL: 'auto' = each run's initial model")
+    episodes: int = hparam(256, "held-out episodes per model")
+    num_envs: int = hparam(64, "episodes per batch")
+    max_new_tokens: int = hparam(16, "tokens per episode")
+    seed: int = hparam(1234, "sampling seed (the same for every model)")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("runs/eval", "output dir for eval.json and eval.png")
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("give at least one run or model dir with --runs")
+        if self.episodes <= 0 or self.num_envs <= 0:
+            raise ValueError(f"episodes and num_envs must be positive, got {self.episodes}, {self.num_envs}")
+
+
+def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
+    """(series name, [(label, model dir)], initial model recorded by the run)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run dir or an HF model dir)")
+    if (path / "config.json").is_file():
+        return path.name, [(path.name, path)], None
+    found = [(name, path / name) for name in ("checkpoint", "final") if (path / name / "config.json").is_file()]
+    if len(found) == 2 and sha256_file(path / "checkpoint" / "model.safetensors") == sha256_file(path / "final" / "model.safetensors"):
+        found = found[1:]  # the last checkpoint is the final model: evaluate it once
+    if not found:
+        raise FileNotFoundError(f"{path} holds no model: expected config.json, or checkpoint/ or final/ inside")
+    initial = None
+    state = path / "checkpoint" / "training_state.json"
+    if state.is_file():
+        initial = json.loads(state.read_text())["state"]["config"].get("model")
+    if (path / "init-model" / "config.json").is_file():
+        initial = str(path / "init-model")
+    return path.name, found, initial
+
+
+@torch.no_grad()
+def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[str, float]:
+    policy = LMPolicy.load(model_dir, env.task.device, valid_actions=env.task.valid_actions, value_head=False).eval()
+    torch.manual_seed(seed)
+    env.reset(seed=seed)
+    gold, rm, kls, texts, ref_nll, n_tokens = [], [], [], [], 0.0, 0
+    while len(gold) < episodes:
+        rollout = collect_rollout(env, policy)
+        logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        ref = reference_logprobs(reference, rollout.input_ids, rollout.attention_mask, rollout.response_start, policy.valid_actions)
+        mask = rollout.response_mask.float()
+        kls += ((logprobs - ref) * mask).sum(1).tolist()
+        ref_nll -= float((ref * mask).sum())
+        n_tokens += int(mask.sum())
+        gold += rollout.gold_scores.tolist()
+        rm += rollout.rm_scores.tolist()
+        texts += rollout.texts
+    k = episodes
+    return {
+        "gold": float(np.mean(gold[:k])),
+        "rm": float(np.mean(rm[:k])),
+        "kl_ref": float(np.mean(kls[:k])),
+        "distinct_1": distinct_n(texts[:k], 1),
+        "distinct_2": distinct_n(texts[:k], 2),
+        "ref_ppl": math.exp(ref_nll / max(n_tokens, 1)),
+        "episodes": k,
+        "samples": [t for t in texts[:3]],
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    device = resolve_device(cfg.device)
+    split = {} if cfg.env == "TextGenToy-v0" else {"prompt_split": "test"}
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for run_path in cfg.runs:
+        series, models, initial = models_of(Path(run_path))
+        initial = initial if cfg.reference == "auto" else cfg.reference
+        initial = make_policy_model(initial or "auto", env, out, 0) if (initial or "auto") == "auto" else initial
+        reference = LMPolicy.load(initial, device, value_head=False).reference()
+        points = [{"model": str(initial), "label": "initial", **evaluate_model(initial, reference, env, cfg.episodes, cfg.seed)}]
+        for label, model_dir in models:
+            points.append({"model": str(model_dir), "label": label, **evaluate_model(model_dir, reference, env, cfg.episodes, cfg.seed)})
+        results[series] = points
+        for p in points:
+            print(f"{series:>16} {p['label']:>10}  gold {p['gold']:+.3f}  rm {p['rm']:+.3f}  kl {p['kl_ref']:.2f}  "
+                  f"distinct-2 {p['distinct_2']:.2f}  ref-ppl {p['ref_ppl']:.1f}")
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "eval.png")
+    return results
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for series, points in results.items():
+        kl = [p["kl_ref"] for p in points]
+        for ax, key in zip(axes, ("gold", "rm")):
+            ax.plot(kl, [p[key] for p in points], marker="o", label=series)
+    for ax, key in zip(axes, ("gold score", "reward-model score")):
+        ax.set_xlabel("KL(pi || pi_ref) per sequence (nats)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("gold vs KL")
+    axes[1].set_title("RM vs KL")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,147 @@
+"""The LM policy: any HF causal LM as pi(a | s) over next tokens, with a value head and a reference.
+
+* Acting: :meth:`LMPolicy.start` / :meth:`LMPolicy.advance` run the model incrementally over a
+  batch of episodes with its own KV cache (``envs.kv_cache.CachedLM``), so sampling a token costs
+  one (B, 1) forward, and :meth:`LMPolicy.distribution` is the masked next-token categorical.
+* Learning: :meth:`LMPolicy.evaluate` re-runs whole sequences [context | response] with gradients
+  and returns per-response-token log-probs, entropies and values in one forward pass.
+* Value head: a separate ``Linear(hidden, 1)`` on the *shared* backbone's last hidden state,
+  zero-initialised (so V = 0 at the start and the pretrained LM's behaviour is unchanged). A shared
+  backbone is the cheap choice that fits a laptop; the value loss is scaled by ``vf_coef`` so it
+  does not swamp the policy's features.
+* Reference: :meth:`LMPolicy.reference` is a frozen copy of the initial model, for KL penalties.
+
+Invalid actions (pad/special tokens, see ``envs``) get logit -inf everywhere, when acting and
+when evaluating, so sampled actions are always valid and log-probs are of the same distribution.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributions import Categorical
+
+from envs.kv_cache import CachedLM
+from pretrain import load_lm, save_lm
+from pretrain.model import check_vocab_fits, position_ids_from_mask, resolve_device
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class LMPolicy(nn.Module):
+    def __init__(self, model, tokenizer, valid_actions: torch.Tensor | None = None, value_head: bool = True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        n_logits = model.get_output_embeddings().weight.shape[0]
+        if valid_actions is None:
+            valid_actions = torch.ones(n_logits, dtype=torch.bool)
+        if valid_actions.shape[0] != n_logits:
+            raise ValueError(
+                f"the env has {valid_actions.shape[0]} actions but the policy model has {n_logits} logits: "
+                "the policy's vocabulary must match the env's action space"
+            )
+        self.register_buffer("valid_actions", valid_actions.clone(), persistent=False)
+        self.value_head = nn.Linear(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self._cache: CachedLM | None = None
+
+    @classmethod
+    def load(cls, path="default", device="cpu", valid_actions=None, value_head: bool = True) -> LMPolicy:
+        model, tokenizer = load_lm(path, device=resolve_device(device))
+        policy = cls(model, tokenizer, None if valid_actions is None else valid_actions.cpu(), value_head)
+        head = Path(str(path)) / VALUE_HEAD_FILE
+        if value_head and str(path) != "default" and head.is_file():
+            policy.value_head.load_state_dict(load_file(str(head)))
+        return policy.to(model.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- acting ---------------------------------------------------------------------------------
+    def start(self, contexts: list[list[int]]) -> None:
+        """Begin a batch of episodes from token-id contexts (one KV cache row each)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self._cache = CachedLM(self.model, len(contexts), pad)
+        self._cache.reset_rows(list(range(len(contexts))), contexts)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self._cache.step(tokens)
+
+    def distribution(self, temperature: float = 1.0) -> Categorical:
+        """The masked next-token distribution of every row."""
+        logits = self._cache.next_logits / temperature
+        return Categorical(logits=logits.masked_fill(~self.valid_actions, float("-inf")))
+
+    # -- learning -------------------------------------------------------------------------------
+    def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int):
+        """Teacher-forced pass over [context | response] sequences.
+
+        ``input_ids`` (B, S) holds the left-padded context in columns ``< response_start`` and the
+        right-padded response after it. Returns (logprobs, entropy, values), each (B, T) for the
+        T = S - response_start response positions: log pi(a_t | s_t), H(pi(. | s_t)), V(s_t).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=self.value_head is not None,
+        )
+        # The state before response token t is the sequence up to column response_start + t - 1.
+        logits = out.logits[:, response_start - 1 : -1].float()
+        log_probs = F.log_softmax(logits.masked_fill(~self.valid_actions, float("-inf")), dim=-1)
+        live = attention_mask[:, response_start:].bool()  # generated tokens; the rest is padding
+        logprobs = response_logprobs(log_probs, input_ids[:, response_start:], live)
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
+        values = None
+        if self.value_head is not None:
+            hidden = out.hidden_states[-1][:, response_start - 1 : -1]
+            values = self.value_head(hidden.float()).squeeze(-1) * live
+        return logprobs, entropy, values
+
+    def reference(self):
+        """A frozen copy of the current model (call before training to get pi_ref)."""
+        ref = copy.deepcopy(self.model).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def save(self, path: str | Path) -> Path:
+        """An HF dir (model + tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads, plus the value head."""
+        path = save_lm(self.model, self.tokenizer, path)
+        if self.value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
+        return path
+
+
+def check_policy_fits_env(policy: LMPolicy, env) -> None:
+    """The policy's tokenizer must be the env's (same ids), and its logits the env's actions."""
+    check_vocab_fits(policy.model, policy.tokenizer)
+    env_vocab = env.unwrapped.task.tokenizer.get_vocab() if hasattr(env, "unwrapped") else env.task.tokenizer.get_vocab()
+    if policy.tokenizer.get_vocab() != env_vocab:
+        raise ValueError("the policy's tokenizer differs from the env's: token ids would mean different text")
+
+
+@torch.no_grad()
+def reference_logprobs(reference, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, valid_actions) -> torch.Tensor:
+    """log pi_ref(a_t | s_t) for the response tokens, (B, T), with the same action mask as the policy."""
+    logits = reference(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits[:, response_start - 1 : -1].float()
+    log_probs = F.log_softmax(logits.masked_fill(~valid_actions, float("-inf")), dim=-1)
+    return response_logprobs(log_probs, input_ids[:, response_start:], attention_mask[:, response_start:].bool())
+
+
+def response_logprobs(log_probs: torch.Tensor, actions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """log pi(a_t | s_t) on generated tokens, exactly 0 on padding (whose pad id has log-prob -inf)."""
+    safe_actions = torch.where(live, actions, log_probs.argmax(-1))  # any valid token: never -inf
+    picked = log_probs.gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)
+    return torch.where(live, picked, torch.zeros_like(picked))

@@ -1,0 +1,232 @@
+"""PPO for language models (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022).
+
+    textgym train ppo --env TextGen-v0 --total-steps 12000
+
+Each update: sample a batch of episodes from the vector env (``agents.rollout``), re-score them
+with one teacher-forced pass (old log-probs pi_old, values V, reference log-probs pi_ref), then
+
+    per-token reward    r_t = r^env_t - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))     (rlhf.kl, k1)
+    TD error            delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
+    GAE                 A_t = delta_t + gamma lambda A_{t+1},     returns R_t = A_t + V(s_t)
+    ratio               rho_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+    clipped surrogate   L^clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)]
+    clipped value loss  L^V = 1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
+    total               L = L^clip + c_v L^V - c_e H(pi)
+
+for several epochs of minibatches, with advantage whitening, grad-norm clipping and an early stop
+when the approximate KL(pi_old || pi) exceeds ``target_kl``. ``loss_type="kl_penalty"`` swaps the
+clip for the PPO paper's adaptive KL penalty, L = -E[rho A] + beta_ppo KL(pi_old || pi).
+
+KL to the reference: by default the agent adds the per-token penalty itself (``kl_coef``, fixed
+or adaptive toward ``kl_target`` as in Ziegler et al.). The alternative is the env's route: make
+the env pay beta * log pi_ref (``--env-kl-coef beta``) and set ``ent_coef = beta`` with
+``kl_coef = 0``; both optimise E[R] - beta KL(pi || pi_ref).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
+from agents.rollout import Rollout, collect_rollout
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model
+from pretrain.config import hparam
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
+
+
+@dataclass
+class PPOConfig:
+    """PPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
+
+    env: str = hparam("TextGen-v0", "registered env id (TextGen-v0, TextGenFewShot-v0, TextGenInstruct-v0, TextGenToy-v0)")
+    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
+    num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
+    total_steps: int = hparam(16_384, "env steps (generated tokens) to train for")
+    max_new_tokens: int = hparam(16, "tokens per episode")
+    env_kl_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping (the entropy route); 0 = off")
+    lr: float = hparam(5e-5, "Adam learning rate")
+    gamma: float = hparam(1.0, "discount")
+    gae_lambda: float = hparam(0.95, "GAE lambda")
+    update_epochs: int = hparam(4, "passes over each rollout")
+    num_minibatches: int = hparam(4, "minibatches per epoch")
+    clip_coef: float = hparam(0.2, "surrogate clipping epsilon")
+    vf_clip: float = hparam(0.2, "value clipping epsilon (0 = no value clipping)")
+    vf_coef: float = hparam(0.1, "value loss coefficient c_v")
+    ent_coef: float = hparam(0.0, "entropy bonus c_e (set to env_kl_coef for the entropy route)")
+    kl_coef: float = hparam(0.05, "beta of the agent's per-token KL penalty to the reference")
+    adaptive_kl: bool = hparam(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
+    kl_horizon: int = hparam(10_000, "adaptive controller horizon")
+    target_kl: float = hparam(0.05, "stop the epochs early when approx KL(pi_old||pi) exceeds 1.5x this (0 = never)")
+    loss_type: str = hparam("clip", "'clip' (PPO-clip) or 'kl_penalty' (PPO's adaptive KL penalty variant)")
+    penalty_coef: float = hparam(1.0, "initial beta_ppo of the kl_penalty variant")
+    whiten_advantages: bool = hparam(True, "normalise advantages to mean 0, std 1 per rollout")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("runs/ppo", "run dir: TensorBoard events, metrics.jsonl, checkpoint/, final/")
+    resume: str = hparam("", "continue the run whose checkpoint is in this dir")
+    checkpoint_every: int = hparam(10, "updates between checkpoints")
+    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
+
+    def __post_init__(self):
+        if self.loss_type not in ("clip", "kl_penalty"):
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
+        for name in ("num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches={self.num_minibatches}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens; (B, T) each. V after the end is 0."""
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    horizon = rewards.shape[1]
+    for t in reversed(range(horizon)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < horizon else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    returns = advantages + values
+    return advantages * mask, returns * mask
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
+    """-E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)]; also the fraction of clipped tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
+    return loss, clipfrac
+
+
+def clipped_value_loss(values, old_values, returns, mask, vf_clip):
+    """1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)] (plain MSE when c = 0)."""
+    loss = (values - returns) ** 2
+    if vf_clip > 0:
+        clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
+
+
+def train(cfg: PPOConfig) -> dict:
+    device = device_of(cfg)
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
+    model_dir = run.resume_model_dir() or initial_dir
+    policy = LMPolicy.load(model_dir, device, valid_actions=env.task.valid_actions)
+    check_policy_fits_env(policy, env)
+    reference = LMPolicy.load(initial_dir, device, value_head=False).reference()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    penalty_coef = cfg.penalty_coef
+    if cfg.resume:
+        state = run.restore(optimizer, env)
+        kl_ctl.value, penalty_coef = state["kl_coef"], state["penalty_coef"]
+
+    batch_size = cfg.num_envs
+    minibatch_size = batch_size // cfg.num_minibatches
+    with run:
+        while run.update < run.total_updates and not run.should_stop():
+            # ---- rollout ------------------------------------------------------------------------
+            policy.eval()
+            rollout: Rollout = collect_rollout(env, policy)
+            run.env_steps += rollout.n_tokens
+            ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+            mask = rollout.response_mask.float()
+            with torch.no_grad():
+                old_logprobs, _, old_values = policy.evaluate(ids, attn, start)
+                ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
+                kl = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
+                rewards = rollout.env_rewards - kl_ctl.value * kl  # r_t = r_env - beta (log pi - log pi_ref)
+                old_values = old_values * mask
+                advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
+                if cfg.whiten_advantages:
+                    advantages = whiten(advantages, mask)
+            check_finite("reward", rewards, run.update, run.ckpt_dir)
+
+            # ---- update: epochs x minibatches of episodes ------------------------------------------
+            policy.train()
+            stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": [], "entropy": []}
+            for epoch in range(cfg.update_epochs):
+                order = torch.from_numpy(run.np_rng.permutation(batch_size)).to(device)
+                for mb_start in range(0, batch_size, minibatch_size):
+                    idx = order[mb_start : mb_start + minibatch_size]
+                    mb_mask = mask[idx]
+                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start)
+                    log_ratio = logprobs - old_logprobs[idx]
+                    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)  # k3 of KL(pi_old || pi)
+                    if cfg.loss_type == "clip":
+                        pg_loss, clipfrac = clipped_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_coef)
+                    else:  # PPO-penalty: -E[rho A] + beta_ppo KL(pi_old || pi)
+                        pg_loss = masked_mean(-advantages[idx] * log_ratio.exp(), mb_mask) + penalty_coef * approx_kl
+                        clipfrac = masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_coef).float(), mb_mask)
+                    v_loss = clipped_value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.vf_clip)
+                    ent = masked_mean(entropy, mb_mask)
+                    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                    check_finite("loss", loss, run.update, run.ckpt_dir)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss),
+                                       ("value", v_loss), ("entropy", ent)):
+                        stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                if cfg.target_kl and np.mean(stats["approx_kl"][-cfg.num_minibatches:]) > 1.5 * cfg.target_kl:
+                    break
+            if cfg.loss_type == "kl_penalty":  # the PPO paper's adaptive beta_ppo, d_targ = target_kl
+                d = np.mean(stats["approx_kl"])
+                penalty_coef *= 2.0 if d > 1.5 * cfg.target_kl else 0.5 if d < cfg.target_kl / 1.5 else 1.0
+
+            seq_kl = float(kl.sum(1).mean())
+            kl_ctl.update(seq_kl, cfg.num_envs)
+            metrics = {
+                "reward/rm": float(rollout.rm_scores.mean()),
+                "reward/gold": float(np.mean(rollout.gold_scores)),
+                "reward/total": float((rewards * mask).sum(1).mean()),
+                "kl/ref": seq_kl,
+                "kl/coef": kl_ctl.value,
+                "policy/entropy": float(np.mean(stats["entropy"])),
+                "loss/policy": float(np.mean(stats["policy"])),
+                "loss/value": float(np.mean(stats["value"])),
+                "ppo/clipfrac": float(np.mean(stats["clipfrac"])),
+                "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
+                "ppo/epochs": epoch + 1,
+                "value/explained_variance": explained_variance(old_values, returns, mask),
+                "lr": optimizer.param_groups[0]["lr"],
+                "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
+            }
+            run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
+            if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
+                run.checkpoint(policy, optimizer, env, {"kl_coef": kl_ctl.value, "penalty_coef": penalty_coef})
+        final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"], "kl/ref": metrics["kl/ref"]})
+    if run.should_stop():
+        raise KeyboardInterrupt
+    return {"final": str(final), **metrics}
+

@@ -1,0 +1,156 @@
+"""REINFORCE for language models (Williams 1992), with a baseline; RLOO (Ahmadian et al. 2024).
+
+    textgym train reinforce --baseline rloo --rloo-k 4
+
+The likelihood-ratio gradient of J = E_pi[R] over whole sequences y = (a_1 .. a_T):
+
+    grad J = E[(R(y) - b) * sum_t grad log pi(a_t | s_t)]
+
+with the sequence return R(y) = sum_t r_t of the same per-token rewards PPO uses (the env's
+reward plus the KL penalty -beta (log pi - log pi_ref), so E[R] is the KL-regularised objective)
+and a baseline b that does not depend on y (unbiased, lower variance):
+
+* ``none``            b = 0
+* ``moving_average``  b = an exponential moving average of past returns
+* ``rloo``            k samples per prompt; each sample's baseline is the mean return of the
+                      other k - 1 samples of its prompt (leave-one-out)
+
+One gradient step per batch of episodes; no value function, no importance ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
+from agents.rollout import collect_rollout
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model
+from pretrain.config import hparam
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
+
+BASELINES = ("none", "moving_average", "rloo")
+
+
+@dataclass
+class ReinforceConfig:
+    """REINFORCE fine-tuning of an LM policy on a TextGen env."""
+
+    env: str = hparam("TextGen-v0", "registered env id")
+    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
+    num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
+    total_steps: int = hparam(16_384, "env steps (generated tokens) to train for")
+    max_new_tokens: int = hparam(16, "tokens per episode")
+    env_kl_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping; 0 = off")
+    baseline: str = hparam("rloo", f"one of {BASELINES}")
+    rloo_k: int = hparam(4, "samples per prompt for the RLOO baseline (num_envs must be a multiple)")
+    baseline_decay: float = hparam(0.9, "decay of the moving-average baseline")
+    lr: float = hparam(5e-5, "Adam learning rate")
+    kl_coef: float = hparam(0.05, "beta of the per-token KL penalty to the reference")
+    adaptive_kl: bool = hparam(False, "adapt kl_coef toward kl_target")
+    kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
+    kl_horizon: int = hparam(10_000, "adaptive controller horizon")
+    ent_coef: float = hparam(0.0, "entropy bonus (set to env_kl_coef for the entropy route)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("runs/reinforce", "run dir: TensorBoard events, metrics.jsonl, checkpoint/, final/")
+    resume: str = hparam("", "continue the run whose checkpoint is in this dir")
+    checkpoint_every: int = hparam(10, "updates between checkpoints")
+    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
+        if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
+            raise ValueError(f"rloo needs rloo_k >= 2 dividing num_envs, got rloo_k={self.rloo_k}, num_envs={self.num_envs}")
+        for name in ("num_envs", "total_steps", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out mean of the other k - 1 returns of the same prompt; returns laid out prompt-major."""
+    grouped = returns.view(-1, k)
+    return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).view(-1)
+
+
+def reinforce_loss(logprobs: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """-mean over sequences of (R - b) * sum_t log pi(a_t | s_t)."""
+    seq_logprob = (logprobs * mask).sum(1)
+    return -((returns - baseline).detach() * seq_logprob).mean()
+
+
+def train(cfg: ReinforceConfig) -> dict:
+    device = device_of(cfg)
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
+    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    check_policy_fits_env(policy, env)
+    reference = LMPolicy.load(initial_dir, device, value_head=False).reference()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    moving_baseline = 0.0
+    if cfg.resume:
+        state = run.restore(optimizer, env)
+        kl_ctl.value, moving_baseline = state["kl_coef"], state["moving_baseline"]
+
+    with run:
+        while run.update < run.total_updates and not run.should_stop():
+            prompts = None
+            if cfg.baseline == "rloo":  # k copies of num_envs / k prompts, laid out prompt-major
+                chosen = run.np_rng.choice(len(env.task.prompts), size=cfg.num_envs // cfg.rloo_k)
+                prompts = [env.task.prompts[i] for i in chosen for _ in range(cfg.rloo_k)]
+            policy.eval()
+            rollout = collect_rollout(env, policy, prompts)
+            run.env_steps += rollout.n_tokens
+            ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.response_start, rollout.response_mask.float()
+
+            policy.train()
+            logprobs, entropy, _ = policy.evaluate(ids, attn, start)
+            with torch.no_grad():
+                ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
+                kl = kl_estimate(logprobs.detach(), ref_logprobs, "k1") * mask
+                returns = (rollout.env_rewards * mask - kl_ctl.value * kl).sum(1)  # R = sum_t r_t
+            check_finite("return", returns, run.update, run.ckpt_dir)
+            if cfg.baseline == "rloo":
+                baseline = rloo_baseline(returns, cfg.rloo_k)
+            elif cfg.baseline == "moving_average":
+                baseline = torch.full_like(returns, moving_baseline)
+                moving_baseline = cfg.baseline_decay * moving_baseline + (1 - cfg.baseline_decay) * float(returns.mean())
+            else:
+                baseline = torch.zeros_like(returns)
+            ent = (entropy * mask).sum() / mask.sum()
+            loss = reinforce_loss(logprobs, mask, returns, baseline) - cfg.ent_coef * ent
+            check_finite("loss", loss, run.update, run.ckpt_dir)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+
+            seq_kl = float(kl.sum(1).mean())
+            kl_ctl.update(seq_kl, cfg.num_envs)
+            metrics = {
+                "reward/rm": float(rollout.rm_scores.mean()),
+                "reward/gold": float(np.mean(rollout.gold_scores)),
+                "reward/total": float(returns.mean()),
+                "kl/ref": seq_kl,
+                "kl/coef": kl_ctl.value,
+                "policy/entropy": float(ent),
+                "loss/policy": float(loss),
+                "reinforce/baseline": float(baseline.mean()),
+                "lr": optimizer.param_groups[0]["lr"],
+                "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
+            }
+            run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
+            if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
+                run.checkpoint(policy, optimizer, env, {"kl_coef": kl_ctl.value, "moving_baseline": moving_baseline})
+        final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"], "kl/ref": metrics["kl/ref"]})
+    if run.should_stop():
+        raise KeyboardInterrupt
+    return {"final": str(final), **metrics}

@@ -1,0 +1,200 @@
+"""Experience replay for DQN over token contexts.
+
+* ``ReplayBuffer`` (Lin 1992): a ring buffer of the ``capacity`` most recent transitions, sampled
+  uniformly.
+* ``PrioritizedReplayBuffer`` (Schaul et al. 2016), proportional variant: transition i is sampled
+  with probability P(i) = p_i^alpha / sum_k p_k^alpha, p_i = |delta_i| + eps (new transitions get
+  the current max priority), through a sum tree (O(log N) sampling and updates, stratified over
+  ``batch_size`` equal segments of the total mass). The bias is corrected by importance-sampling
+  weights w_i = (N P(i))^-beta / max_j w_j, with beta annealed to 1 over training.
+
+A transition is (s, a, r, s', done, discount): s and s' are token contexts stored compactly as
+left-aligned-to-the-right ``int32`` ids plus a length (the mask is implied), r is an n-step
+return and ``discount`` = gamma^n. Memory is fixed at construction: capacity x (2 x max_len x 4
+bytes + 17 bytes). Buffers save/load to safetensors + JSON (no pickle) for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    contexts: torch.Tensor  # (B, L) int64, left-padded
+    context_mask: torch.Tensor  # (B, L) int64
+    actions: torch.Tensor  # (B,)
+    rewards: torch.Tensor  # (B,) n-step returns
+    next_contexts: torch.Tensor
+    next_mask: torch.Tensor
+    dones: torch.Tensor  # (B,) float
+    discounts: torch.Tensor  # (B,) gamma^n
+    weights: torch.Tensor  # (B,) importance-sampling weights (1 for uniform replay)
+    indices: np.ndarray  # (B,) buffer slots, for update_priorities
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, max_len: int, seed: int = 0, pad_id: int = 0):
+        if capacity <= 0 or max_len <= 0:
+            raise ValueError(f"capacity and max_len must be positive, got {capacity}, {max_len}")
+        self.capacity, self.max_len, self.pad_id = capacity, max_len, pad_id
+        self.contexts = np.full((capacity, max_len), pad_id, dtype=np.int32)
+        self.next_contexts = np.full((capacity, max_len), pad_id, dtype=np.int32)
+        self.lengths = np.zeros(capacity, dtype=np.int32)
+        self.next_lengths = np.zeros(capacity, dtype=np.int32)
+        self.actions = np.zeros(capacity, dtype=np.int32)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.dones = np.zeros(capacity, dtype=np.bool_)
+        self.discounts = np.ones(capacity, dtype=np.float32)
+        self.pos = 0
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, context: list[int], action: int, reward: float, next_context: list[int], done: bool, discount: float) -> int:
+        """Store one transition; returns its slot. Contexts longer than ``max_len`` are an error."""
+        for name, ctx in (("context", context), ("next_context", next_context)):
+            if len(ctx) > self.max_len:
+                raise ValueError(f"{name} of {len(ctx)} tokens does not fit max_len={self.max_len}")
+        if not np.isfinite(reward):
+            raise ValueError(f"non-finite reward {reward} offered to the replay buffer")
+        i = self.pos
+        self.contexts[i] = self.pad_id
+        self.contexts[i, self.max_len - len(context) :] = context
+        self.next_contexts[i] = self.pad_id
+        if next_context:
+            self.next_contexts[i, self.max_len - len(next_context) :] = next_context
+        self.lengths[i], self.next_lengths[i] = len(context), len(next_context)
+        self.actions[i], self.rewards[i], self.dones[i], self.discounts[i] = action, reward, done, discount
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        return i
+
+    def sample_indices(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        return self.rng.integers(0, self.size, size=batch_size), np.ones(batch_size, dtype=np.float32)
+
+    def sample(self, batch_size: int, device="cpu") -> Batch:
+        indices, weights = self.sample_indices(batch_size)
+        positions = np.arange(self.max_len)
+
+        def ids_and_mask(ids, lengths):
+            mask = positions[None, :] >= (self.max_len - lengths[indices])[:, None]
+            return (torch.from_numpy(ids[indices].astype(np.int64)).to(device),
+                    torch.from_numpy(mask.astype(np.int64)).to(device))
+
+        contexts, context_mask = ids_and_mask(self.contexts, self.lengths)
+        next_contexts, next_mask = ids_and_mask(self.next_contexts, self.next_lengths)
+        as_t = lambda a, dtype=torch.float32: torch.as_tensor(a[indices], dtype=dtype, device=device)  # noqa: E731
+        return Batch(contexts, context_mask, as_t(self.actions, torch.long), as_t(self.rewards), next_contexts, next_mask,
+                     as_t(self.dones), as_t(self.discounts), torch.as_tensor(weights, device=device), indices)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    _ARRAYS = ("contexts", "next_contexts", "lengths", "next_lengths", "actions", "rewards", "dones", "discounts")
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"replay.{k}": torch.from_numpy(getattr(self, k)[: self.capacity].copy()) for k in self._ARRAYS}
+        return tensors, {"pos": self.pos, "size": self.size, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        for k in self._ARRAYS:
+            value = tensors[f"replay.{k}"].numpy()
+            if value.shape != getattr(self, k).shape:
+                raise ValueError(f"replay buffer in checkpoint has {k} of shape {value.shape}, expected {getattr(self, k).shape}")
+            getattr(self, k)[:] = value
+        self.pos, self.size = meta["pos"], meta["size"]
+        self.rng.bit_generator.state = meta["rng"]
+
+
+class SumTree:
+    """A complete binary tree over ``capacity`` leaves; each node holds the sum of its children."""
+
+    def __init__(self, capacity: int):
+        self.capacity = 1
+        while self.capacity < capacity:
+            self.capacity *= 2
+        self.tree = np.zeros(2 * self.capacity, dtype=np.float64)  # tree[1] is the root
+
+    @property
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
+        for i, p in zip(np.atleast_1d(indices), np.atleast_1d(priorities)):
+            node = int(i) + self.capacity
+            self.tree[node] = p
+            node //= 2
+            while node >= 1:
+                self.tree[node] = self.tree[2 * node] + self.tree[2 * node + 1]
+                node //= 2
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self.tree[np.asarray(indices) + self.capacity]
+
+    def find(self, mass: float) -> int:
+        """The leaf i with prefix_sum(i) <= mass < prefix_sum(i) + p_i."""
+        node = 1
+        while node < self.capacity:
+            left = 2 * node
+            if mass < self.tree[left]:
+                node = left
+            else:
+                mass -= self.tree[left]
+                node = left + 1
+        return node - self.capacity
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    def __init__(self, capacity: int, max_len: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
+                 seed: int = 0, pad_id: int = 0):
+        super().__init__(capacity, max_len, seed, pad_id)
+        if alpha < 0 or not 0 <= beta <= 1:
+            raise ValueError(f"need alpha >= 0 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self.tree = SumTree(capacity)
+        self.max_priority = 1.0
+
+    def add(self, *args, **kwargs) -> int:
+        i = super().add(*args, **kwargs)
+        self.tree.update(np.array([i]), np.array([self.max_priority**self.alpha]))
+        return i
+
+    def sample_indices(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        total = self.tree.total
+        segment = total / batch_size
+        masses = (np.arange(batch_size) + self.rng.random(batch_size)) * segment
+        indices = np.array([min(self.tree.find(m), self.size - 1) for m in masses])
+        probs = self.tree.get(indices) / total
+        weights = (self.size * probs) ** (-self.beta)
+        return indices, (weights / weights.max()).astype(np.float32)
+
+    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
+        """p_i = |delta_i| + eps, stored as p_i^alpha."""
+        priorities = np.abs(np.asarray(td_errors, dtype=np.float64)) + self.eps
+        if not np.isfinite(priorities).all():
+            raise ValueError("non-finite TD errors passed to update_priorities")
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.update(indices, priorities**self.alpha)
+
+    def anneal_beta(self, fraction: float, beta0: float) -> None:
+        """beta goes linearly from ``beta0`` to 1 as training goes from 0 to 1."""
+        self.beta = beta0 + min(1.0, max(0.0, fraction)) * (1.0 - beta0)
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        tensors["replay.tree"] = torch.from_numpy(self.tree.tree.copy())
+        meta.update(beta=self.beta, max_priority=self.max_priority)
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        self.tree.tree[:] = tensors["replay.tree"].numpy()
+        self.beta, self.max_priority = meta["beta"], meta["max_priority"]

@@ -1,0 +1,128 @@
+"""Rollout throughput: policy sampling + vector env steps + RM scoring vs ``model.generate`` alone.
+
+    python benchmarks/rollout.py [--device cpu|cuda] [--batches 64 256] [--max-new-tokens 24]
+
+For the shipped LM and for a GPT-2-small-size random-init model (same tokenizer), prints one JSON
+object with, per batch size:
+
+* ``generate_tokens_per_s``: the naive baseline, ``model.generate(do_sample=True)`` for the batch
+  (no environment, no reward, nothing else);
+* ``rollout_tokens_per_s`` with ``kl_coef=0`` and ``kl_coef>0``: ``agents.rollout.collect_rollout``
+  on ``TextGenVectorEnv`` (the policy samples with its own KV cache, the env steps all episodes in
+  one tensor step, the reward model scores finished episodes in one batch; with kl_coef > 0 the env
+  also runs the KV-cached reference LM), and each one's ratio to generate;
+* ``single_env_step_overhead``: a ``TextGenEnv.step`` with ``kl_coef>0`` (one cached reference
+  forward + bookkeeping) vs one bare cached forward of the same model, as a fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from agents.policy import LMPolicy
+from agents.rollout import collect_rollout
+from envs.kv_cache import CachedLM
+from envs.text_gen import TextGenEnv
+from envs.vector import TextGenVectorEnv
+from pretrain import default_model_dir, load_lm, save_lm
+from pretrain.model import build_gpt2, count_parameters, resolve_device
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, tokenizer, prompts, max_new_tokens, device) -> float:
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sync(device)
+    start = time.perf_counter()
+    model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None)
+    sync(device)
+    return len(prompts) * max_new_tokens / (time.perf_counter() - start)
+
+
+def time_rollout(model_dir, batch, max_new_tokens, kl_coef, device) -> float:
+    env = TextGenVectorEnv(num_envs=batch, model=model_dir, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
+                           device=str(device), gold=False)
+    env.reset(seed=0)
+    policy = LMPolicy.load(model_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
+    collect_rollout(env, policy)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    rollout = collect_rollout(env, policy)
+    sync(device)
+    return rollout.n_tokens / (time.perf_counter() - start)
+
+
+def single_env_overhead(model_dir, device, steps: int = 64) -> float:
+    env = TextGenEnv(model=model_dir, kl_coef=0.05, max_new_tokens=steps, device=str(device), gold=False)
+    env.reset(seed=0, options={"prompt": "This movie was"})
+    token = int(env.tokenizer(" good", add_special_tokens=False)["input_ids"][0])
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        env.step(token)
+    sync(device)
+    env_step = (time.perf_counter() - start) / (steps - 1)
+    bare = CachedLM(env.task.reference, 1, env.tokenizer.pad_token_id)
+    bare.reset_rows([0], [env.tokenizer("This movie was", add_special_tokens=False)["input_ids"]])
+    tokens = torch.tensor([token], device=device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        bare.step(tokens)
+    sync(device)
+    forward = (time.perf_counter() - start) / (steps - 1)
+    return env_step / forward - 1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--models", nargs="+", default=["default", "gpt2-small"])
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "max_new_tokens": args.max_new_tokens, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if name == "default":
+                model_dir = str(default_model_dir())
+            else:  # GPT-2 small's shape (12 layers, d=768) on our tokenizer, random init
+                _, tokenizer = load_lm("default")
+                big = build_gpt2(len(tokenizer), n_layer=12, n_embd=768, n_head=12, n_positions=256)
+                model_dir = str(save_lm(big, tokenizer, f"{tmp}/gpt2-small"))
+            model, tokenizer = load_lm(model_dir, device=device)
+            entry = {"parameters": count_parameters(model), "batches": {}}
+            prompts_all = ["This movie was", "I expected a lot more from", "The acting", "Honestly, the plot"]
+            for batch in args.batches:
+                prompts = [prompts_all[i % len(prompts_all)] for i in range(batch)]
+                gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device)
+                r0 = time_rollout(model_dir, batch, args.max_new_tokens, 0.0, device)
+                r1 = time_rollout(model_dir, batch, args.max_new_tokens, 0.05, device)
+                entry["batches"][batch] = {
+                    "generate_tokens_per_s": round(gen, 1),
+                    "rollout_kl0_tokens_per_s": round(r0, 1),
+                    "rollout_kl0_ratio_vs_generate": round(r0 / gen, 3),
+                    "rollout_kl_tokens_per_s": round(r1, 1),
+                    "rollout_kl_ratio_vs_generate": round(r1 / gen, 3),
+                }
+                print(json.dumps({name: entry["batches"][batch], "batch": batch}), flush=True)
+            entry["single_env_step_overhead"] = round(single_env_overhead(model_dir, device), 3)
+            result["models"][name] = entry
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The update math of the agents against hand computations and analytic gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from agents.ppo import clipped_policy_loss, clipped_value_loss, compute_gae, whiten
+from agents.reinforce import reinforce_loss, rloo_baseline
+from agents.replay import PrioritizedReplayBuffer, ReplayBuffer, SumTree
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [0.5, 0.4, 0.3]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second episode ended after 2 tokens
+    adv, ret = compute_gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    # row 0: delta = [-0.1, -0.1, 0.7]; A2 = 0.7, A1 = -0.1 + 0.9 * 0.7, A0 = -0.1 + 0.9 * A1
+    a1 = -0.1 + 0.9 * 0.7
+    torch.testing.assert_close(adv[0], torch.tensor([-0.1 + 0.9 * a1, a1, 0.7]))
+    torch.testing.assert_close(ret[0], adv[0] + values[0])
+    # row 1: V after the end is 0: delta1 = 1 - 0.4, A0 = -0.1 + 0.9 * 0.6; masked position is 0
+    torch.testing.assert_close(adv[1], torch.tensor([-0.1 + 0.9 * 0.6, 0.6, 0.0]))
+    adv_g, _ = compute_gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    assert adv_g[0, 1].item() == pytest.approx(0 + 0.5 * 0.3 - 0.4 + 0.5 * 0.7)
+
+
+def test_whiten_uses_only_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w = whiten(x, mask)
+    vals = w[mask.bool()]
+    assert vals.mean().item() == pytest.approx(0, abs=1e-6)
+    assert (vals**2).mean().item() == pytest.approx(1, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+
+
+def test_clipped_policy_loss_matches_hand_computation():
+    logprobs = torch.log(torch.tensor([[1.5, 0.5]]))
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, clipfrac = clipped_policy_loss(logprobs, old, adv, torch.ones(1, 2), clip_coef=0.2)
+    # token 0: ratio 1.5, A=+1 -> -min(1.5, 1.2) = -1.2; token 1: ratio 0.5, A=-1 -> max(0.5, 0.8) = 0.8
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert clipfrac.item() == 1.0
+    inside, frac = clipped_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert inside.item() == pytest.approx(-2.2) and frac.item() == 0.0
+
+
+def test_clipped_value_loss_matches_hand_computation():
+    v, v_old, ret, m = torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[2.5]]), torch.ones(1, 1)
+    # unclipped (2 - 2.5)^2 = 0.25; clipped V = 1.2 -> (1.2 - 2.5)^2 = 1.69; 0.5 * max = 0.845
+    assert clipped_value_loss(v, v_old, ret, m, 0.2).item() == pytest.approx(0.845)
+    assert clipped_value_loss(v, v_old, ret, m, 0.0).item() == pytest.approx(0.125)
+
+
+def test_reinforce_gradient_matches_analytic_bandit_gradient():
+    torch.manual_seed(0)
+    theta = torch.tensor([0.2, -0.3, 0.5], requires_grad=True)
+    r = torch.tensor([1.0, 0.0, 2.0])
+    pi = torch.softmax(theta, 0)
+    analytic = (pi * (r - (pi * r).sum())).detach()  # dJ/dtheta for J = sum_a pi_a r_a
+    n, k = 200_000, 4
+    actions = torch.multinomial(pi.detach(), n, replacement=True)
+    logprobs = torch.log_softmax(theta, 0)[actions].view(n, 1)
+    returns = r[actions]
+    for baseline in (torch.zeros(n), rloo_baseline(returns, k)):
+        theta.grad = None
+        reinforce_loss(logprobs, torch.ones(n, 1), returns, baseline).backward(retain_graph=True)
+        torch.testing.assert_close(-theta.grad, analytic, atol=0.01, rtol=0)
+
+
+def test_rloo_baseline_is_leave_one_out_mean():
+    returns = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    torch.testing.assert_close(rloo_baseline(returns, 3), torch.tensor([2.5, 2.0, 1.5, 25.0, 20.0, 15.0]))
+
+
+def test_sum_tree_invariants():
+    rng = np.random.default_rng(0)
+    tree = SumTree(10)
+    priorities = np.zeros(10)
+    for _ in range(200):
+        i = rng.integers(10, size=3)
+        p = rng.random(3) * 5
+        tree.update(i, p)
+        priorities[i] = p
+    assert tree.total == pytest.approx(priorities.sum())
+    for node in range(1, tree.capacity):
+        assert tree.tree[node] == pytest.approx(tree.tree[2 * node] + tree.tree[2 * node + 1])
+    prefix = np.concatenate([[0], np.cumsum(priorities)])
+    for mass in rng.random(100) * priorities.sum():
+        leaf = tree.find(mass)
+        assert prefix[leaf] <= mass < prefix[leaf + 1] + 1e-9
+
+
+def filled_per(priorities, alpha, beta=0.4):
+    buf = PrioritizedReplayBuffer(len(priorities), max_len=4, alpha=alpha, beta=beta, eps=0.0, seed=0)
+    for i in range(len(priorities)):
+        buf.add([i + 2], i, 0.0, [i + 2, 5], False, 1.0)
+    buf.update_priorities(np.arange(len(priorities)), np.array(priorities))
+    return buf
+
+
+def test_per_sampling_frequencies_follow_priority_to_the_alpha():
+    priorities, alpha = np.array([1.0, 2.0, 3.0, 4.0]), 0.7
+    buf = filled_per(priorities, alpha)
+    counts = np.zeros(4)
+    for _ in range(2000):
+        idx, _ = buf.sample_indices(16)
+        np.add.at(counts, idx, 1)
+    expected = priorities**alpha / (priorities**alpha).sum()
+    np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.01)
+
+
+def test_per_importance_weights():
+    priorities, alpha, beta = np.array([1.0, 2.0, 3.0, 4.0]), 0.5, 0.6
+    buf = filled_per(priorities, alpha, beta)
+    idx, weights = buf.sample_indices(64)
+    probs = priorities**alpha / (priorities**alpha).sum()
+    raw = (4 * probs[idx]) ** (-beta)
+    np.testing.assert_allclose(weights, raw / raw.max(), rtol=1e-5)
+    assert weights.max() == pytest.approx(1.0)
+    buf.anneal_beta(1.0, 0.4)
+    assert buf.beta == 1.0
+
+
+def test_replay_keeps_the_most_recent_transitions_compactly():
+    buf = ReplayBuffer(capacity=3, max_len=5, seed=0)
+    for i in range(5):
+        buf.add([10, 11 + i], i, float(i), [10, 11 + i, i], i == 4, 0.9)
+    assert len(buf) == 3 and buf.contexts.dtype == np.int32
+    assert sorted(buf.actions.tolist()) == [2, 3, 4]
+    batch = buf.sample(8)
+    for row in range(8):
+        a = int(batch.actions[row])
+        assert batch.contexts[row][batch.context_mask[row].bool()].tolist() == [10, 11 + a]
+        assert batch.next_contexts[row][batch.next_mask[row].bool()].tolist() == [10, 11 + a, a]
+        assert batch.rewards[row].item() == a and batch.discounts[row].item() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="does not fit max_len=5"):
+        buf.add(list(range(6)), 0, 0.0, [], True, 1.0)
+    with pytest.raises(ValueError, match="non-finite reward"):
+        buf.add([1], 0, float("nan"), [], True, 1.0)
+
+
+def test_replay_state_round_trip():
+    buf = PrioritizedReplayBuffer(8, max_len=4, seed=0)
+    for i in range(5):
+        buf.add([i + 1], i, float(i), [], True, 1.0)
+    buf.update_priorities(np.array([0, 3]), np.array([5.0, 0.1]))
+    tensors, meta = buf.state_dict()
+    other = PrioritizedReplayBuffer(8, max_len=4, seed=1)
+    other.load_state_dict(tensors, meta)
+    assert other.sample_indices(16)[0].tolist() == buf.sample_indices(16)[0].tolist()

@@ -1,0 +1,184 @@
+"""Agents learn the toy env, log what they promise, resume exactly, and fail loudly."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from agents import dqn, ppo, reinforce
+from agents.cli import main
+from agents.policy import LMPolicy
+from agents.run import NonFiniteError
+from envs.toy import GOOD, TextGenToyEnv
+from pretrain.model import position_ids_from_mask
+
+TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def greedy_return(model_dir) -> float:
+    """Play the toy env greedily with a trained model; the optimum is 1.0."""
+    policy = LMPolicy.load(model_dir, "cpu", value_head=False)
+    env = TextGenToyEnv()
+    total = 0.0
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        terminated = False
+        while not terminated:
+            ids = torch.as_tensor(obs["input_ids"])[None]
+            mask = torch.as_tensor(obs["attention_mask"])[None]
+            with torch.no_grad():
+                logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[0, -1]
+            obs, reward, terminated, _, _ = env.step(int(logits.argmax()))
+            total += reward
+    return total / 4
+
+
+def test_ppo_learns_the_toy_env(tmp_path):
+    out = tmp_path / "ppo"
+    result = ppo.train(ppo.PPOConfig(**TOY, num_envs=16, total_steps=16 * 4 * 20, lr=3e-3, kl_coef=0.0,
+                                      num_minibatches=2, target_kl=0.0, out=str(out)))
+    rewards = [m["reward/rm"] for m in metrics(out)]
+    assert rewards[0] < 0.3 and np.mean(rewards[-3:]) > 0.9
+    assert greedy_return(result["final"]) == 1.0
+
+
+def test_reinforce_learns_the_toy_env(tmp_path):
+    out = tmp_path / "reinforce"
+    reinforce.train(reinforce.ReinforceConfig(**TOY, num_envs=16, total_steps=16 * 4 * 40, lr=5e-3, kl_coef=0.0,
+                                              baseline="rloo", rloo_k=4, out=str(out)))
+    rewards = [m["reward/rm"] for m in metrics(out)]
+    assert rewards[0] < 0.3 and np.mean(rewards[-3:]) > 0.75
+
+
+def test_dqn_with_prioritized_replay_reaches_the_optimal_policy(tmp_path):
+    out = tmp_path / "dqn"
+    result = dqn.train(dqn.DQNConfig(**TOY, total_steps=2500, prioritized=True, n_step=2, out=str(out)))
+    assert greedy_return(result["final"]) == 1.0
+    last = metrics(out)[-1]
+    assert last["replay/size"] == last["env_steps"] and last["dqn/epsilon"] == pytest.approx(0.05)
+
+
+TAGS = {
+    "ppo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "loss/value", "ppo/clipfrac",
+            "ppo/approx_kl", "value/explained_variance", "lr", "perf/tokens_per_s"],
+    "dqn": ["reward/rm", "reward/gold", "dqn/td_error", "dqn/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
+}
+
+
+def small_config(algo, out, **kw):
+    if algo == "ppo":
+        return ppo.PPOConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, lr=1e-3, num_minibatches=2,
+                             checkpoint_every=3, sample_every=2, out=str(out), **kw)
+    return dqn.DQNConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, learning_starts=32, gradient_steps=2,
+                         prioritized=True, checkpoint_every=3, sample_every=2, out=str(out), **kw)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch, algo):
+    module = {"ppo": ppo, "dqn": dqn}[algo]
+    module.train(small_config(algo, tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = module.Run.log
+
+    def log_then_ctrl_c(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C during update 2: the run checkpoints after it and stops
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(module.Run, "log", log_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        module.train(small_config(algo, tmp_path / "resumed"))
+    monkeypatch.setattr(module.Run, "log", original)
+    assert len(metrics(tmp_path / "resumed")) == 2
+    module.train(small_config(algo, tmp_path / "resumed", resume=str(tmp_path / "resumed")))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+    assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "straight"))
+    ea = EventAccumulator(str(tmp_path / "straight"))
+    ea.Reload()
+    assert set(TAGS[algo]) <= set(ea.Tags()["scalars"])
+    assert "samples" in " ".join(ea.Tags()["tensors"])
+
+
+def test_incompatible_resume_is_refused_and_nothing_is_overwritten(tmp_path):
+    out = tmp_path / "run"
+    dqn.train(small_config("dqn", out))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="it is a 'dqn' checkpoint, not 'ppo'"):
+        ppo.train(small_config("ppo", tmp_path / "other", resume=str(out)))
+    with pytest.raises(ValueError, match="the checkpoint has num_envs=8, this run num_envs=16"):
+        dqn.train(dqn.DQNConfig(**TOY, num_envs=16, total_steps=512, out=str(out), resume=str(out)))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        dqn.train(small_config("dqn", out))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from envs import toy
+
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    original = toy.ToyReward.__call__
+
+    def sometimes_nan(self, generated, mask):
+        calls["n"] += 1
+        scores = original(self, generated, mask)
+        return scores * float("nan") if calls["n"] > 40 else scores
+
+    monkeypatch.setattr(toy.ToyReward, "__call__", sometimes_nan)
+    with pytest.raises(NonFiniteError, match="non-finite at update"):
+        ppo.train(small_config("ppo", out))
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):
+    policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=None)
+    pad, eos = policy.tokenizer.pad_token_id, policy.tokenizer.eos_token_id
+    policy.valid_actions[pad] = False
+    ids = torch.tensor([[5, 6, 7, eos, pad, pad], [5, 6, 7, 8, 9, 10]])
+    attn = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    logprobs, entropy, values = policy.evaluate(ids, attn, response_start=3)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all() and torch.isfinite(values).all()
+    assert logprobs[0, 1:].eq(0).all() and entropy[0, 1:].eq(0).all()
+    assert logprobs[0, 0] < 0 and logprobs[1].lt(0).all()
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="the env has 8 actions but the policy model has 8192 logits"):
+        ppo.train(ppo.PPOConfig(**{**TOY, "out": str(tmp_path / "x")}, model="default"))
+
+
+def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
+    out = tmp_path / "cli-ppo"
+    assert main(["train", "ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4",
+                 "--total-steps", "96", "--kl-coef", "0", "--num-minibatches", "2", "--device", "cpu", "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == 8
+    ev = tmp_path / "eval"
+    assert main(["eval", "--runs", str(out), "--env", "TextGenToy-v0", "--episodes", "16", "--num-envs", "8",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(ev)]) == 0
+    results = json.loads((ev / "eval.json").read_text())
+    labels = [p["label"] for p in results["cli-ppo"]]
+    assert labels == ["initial", "final"], "the last checkpoint is the final model and is evaluated once"
+    assert results["cli-ppo"][0]["kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert (ev / "eval.png").stat().st_size > 1000
+    assert main(["train", "ppo", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "bad")]) == 1
+    assert "unknown env id 'NoSuchEnv-v0'; valid ids: TextGen-v0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "dqn", "--epsilon", "0.1"])
+    assert "--epsilon" in capsys.readouterr().err
+    assert main(["train", "sac"]) == 2
+    assert "valid algorithms: ppo, reinforce, dqn" in capsys.readouterr().err
