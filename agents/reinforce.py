@@ -141,7 +141,7 @@ def train(cfg: ReinforceConfig) -> dict:
                 "reward/total": float(returns.mean()),
                 "kl/ref": seq_kl,
                 "kl/coef": kl_ctl.value,
-                "policy/entropy": float(ent),
+                "policy/entropy": float(ent.detach()),
                 "loss/policy": float(loss),
                 "reinforce/baseline": float(baseline.mean()),
                 "lr": optimizer.param_groups[0]["lr"],

@@ -206,4 +206,5 @@ class TextGenBatch:
 
     # -- numpy views for the Gymnasium API ---------------------------------------------------------
     def observation(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids.cpu().numpy(), "attention_mask": self.attention_mask.cpu().numpy()}
+        # Copies: the caller owns the arrays; later steps must not change an observation already returned.
+        return {"input_ids": self.input_ids.cpu().numpy().copy(), "attention_mask": self.attention_mask.cpu().numpy().copy()}

@@ -130,18 +130,24 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     from envs import toy
 
     out = tmp_path / "nan"
-    calls = {"n": 0}
-    original = toy.ToyReward.__call__
+    state = {"checkpointed": False}
+    original_checkpoint, original_reward = ppo.Run.checkpoint, toy.ToyReward.__call__
 
-    def sometimes_nan(self, generated, mask):
-        calls["n"] += 1
-        scores = original(self, generated, mask)
-        return scores * float("nan") if calls["n"] > 40 else scores
+    def checkpoint(self, *args, **kwargs):
+        original_checkpoint(self, *args, **kwargs)
+        state["checkpointed"] = True
 
-    monkeypatch.setattr(toy.ToyReward, "__call__", sometimes_nan)
-    with pytest.raises(NonFiniteError, match="non-finite at update"):
+    def nan_after_first_checkpoint(self, generated, mask):
+        scores = original_reward(self, generated, mask)
+        return scores * float("nan") if state["checkpointed"] else scores
+
+    monkeypatch.setattr(ppo.Run, "checkpoint", checkpoint)
+    monkeypatch.setattr(toy.ToyReward, "__call__", nan_after_first_checkpoint)
+    with pytest.raises(NonFiniteError, match="non-finite at update 3"):
         ppo.train(small_config("ppo", out))
     assert (out / "checkpoint" / "model.safetensors").is_file()
+    saved = json.loads((out / "checkpoint" / "training_state.json").read_text())
+    assert saved["state"]["update"] == 3, "the last good checkpoint is kept"
 
 
 def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):
