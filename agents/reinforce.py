@@ -41,13 +41,13 @@ class ReinforceConfig:
     env: str = hparam("TextGen-v0", "registered env id")
     model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
     num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
-    total_steps: int = hparam(16_384, "env steps (generated tokens) to train for")
+    total_steps: int = hparam(32_768, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
     env_kl_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping; 0 = off")
     baseline: str = hparam("rloo", f"one of {BASELINES}")
     rloo_k: int = hparam(4, "samples per prompt for the RLOO baseline (num_envs must be a multiple)")
     baseline_decay: float = hparam(0.9, "decay of the moving-average baseline")
-    lr: float = hparam(5e-5, "Adam learning rate")
+    lr: float = hparam(1e-4, "Adam learning rate")
     kl_coef: float = hparam(0.05, "beta of the per-token KL penalty to the reference")
     adaptive_kl: bool = hparam(False, "adapt kl_coef toward kl_target")
     kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
@@ -142,7 +142,7 @@ def train(cfg: ReinforceConfig) -> dict:
                 "kl/ref": seq_kl,
                 "kl/coef": kl_ctl.value,
                 "policy/entropy": float(ent.detach()),
-                "loss/policy": float(loss),
+                "loss/policy": float(loss.detach()),
                 "reinforce/baseline": float(baseline.mean()),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
