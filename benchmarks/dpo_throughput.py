@@ -4,8 +4,8 @@
 
 Prints one JSON object:
 
-* ``dpo``: samples (pairs) per second of ``rlhf.dpo``'s step (chosen and rejected concatenated into
-  one 2B-row forward for the policy and one for the reference, selective log-softmax) and of the
+* ``dpo``: samples (pairs) per second of ``rlhf.dpo``'s step (chosen and rejected batches, each padded to
+  its own width; log-probs via logsumexp and gather, no full log-softmax tensor) and of the
   naive step (four separate forwards, full ``log_softmax`` then gather), and the ratio;
 * ``rm``: (prompt, completion) pairs scored per second by ``RewardModel.score`` (batched) and by a
   plain loop over examples, and the ratio.

@@ -98,12 +98,14 @@ class DPOConfig:
 
 
 def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected completions in one forward pass of 2B rows."""
-    prompts = [p.prompt for p in pairs] * 2
-    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    enc = encode(tokenizer, prompts, completions, getattr(model.config, "n_positions", None), device)
-    logps = sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"])
-    return logps[: len(pairs)], logps[len(pairs) :]
+    """Sequence log-probs of the chosen and of the rejected completions (each batch padded to its own width)."""
+    max_length = getattr(model.config, "n_positions", None)
+    prompts = [p.prompt for p in pairs]
+    logps = []
+    for completions in ([p.chosen for p in pairs], [p.rejected for p in pairs]):
+        enc = encode(tokenizer, prompts, completions, max_length, device)
+        logps.append(sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"]))
+    return logps[0], logps[1]
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
