@@ -79,7 +79,12 @@ class LMPolicy(nn.Module):
     def distribution(self, temperature: float = 1.0) -> Categorical:
         """The masked next-token distribution of every row."""
         logits = self._cache.next_logits / temperature
-        return Categorical(logits=logits.masked_fill(~self.valid_actions, float("-inf")))
+        return Categorical(logits=logits.masked_fill(~self.valid_actions, float("-inf")), validate_args=False)
+
+    def sample(self, temperature: float = 1.0) -> torch.Tensor:
+        """One token per row from the masked next-token distribution (the rollout's hot path)."""
+        logits = self._cache.next_logits.masked_fill(~self.valid_actions, float("-inf"))
+        return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
 
     # -- learning -------------------------------------------------------------------------------
     def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int):

@@ -57,7 +57,7 @@ def collect_rollout(env: TextGenVectorEnv, policy: LMPolicy, prompts: list[str] 
     gold, texts, episode_prompts = np.zeros(n), [""] * n, [e.prompt for e in env.batch.episodes]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(horizon):
-        actions = policy.distribution().sample()
+        actions = policy.sample()
         step = env.step_tensor(actions)
         live = ~done
         responses[:, t] = torch.where(live, actions.to(device), responses[:, t])
