@@ -215,7 +215,7 @@ def train(cfg: DQNConfig) -> dict:
                     elif grad_steps % cfg.target_update_every == 0:
                         target_net.load_state_dict(q_net.state_dict())
                     td_log.append(float(td_error.detach().abs().mean()))
-                    loss_log.append(float(loss))
+                    loss_log.append(float(loss.detach()))
 
             metrics = {
                 "reward/rm": float(np.mean(episode_rm)),
