@@ -116,8 +116,9 @@ class TextGenEnv(gym.Env):
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.task = task or build_lm_task(
-            model, reward_model, prompts, prompt_split, max_new_tokens, kl_coef, device,
-            variant, shots, cot, top_k, top_p, gold,
+            model=model, reward_model=reward_model, prompts=prompts, prompt_split=prompt_split,
+            max_new_tokens=max_new_tokens, kl_coef=kl_coef, device=device, variant=variant, shots=shots,
+            cot=cot, top_k=top_k, top_p=top_p, gold=gold,
         )
         self.batch = TextGenBatch(self.task, 1)
         self.observation_space = observation_space(self.task)

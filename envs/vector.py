@@ -45,34 +45,14 @@ class VectorStep:
 class TextGenVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
-    def __init__(
-        self,
-        num_envs: int = 8,
-        model: str = "default",
-        reward_model="default",
-        prompts=None,
-        prompt_split: str = "train",
-        max_new_tokens: int = 24,
-        kl_coef: float = 0.0,
-        device: str = "cpu",
-        render_mode: str | None = None,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        gold: bool = True,
-        variant: str = "plain",
-        shots: int = 2,
-        cot: bool = False,
-        task: TextGenTask | None = None,
-    ):
+    def __init__(self, num_envs: int = 8, render_mode: str | None = None, task: TextGenTask | None = None, **env_kwargs):
+        """``env_kwargs`` are ``TextGenEnv``'s arguments (model, reward_model, prompts, max_new_tokens, kl_coef, ...)."""
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
-        self.task = task or build_lm_task(
-            model, reward_model, prompts, prompt_split, max_new_tokens, kl_coef, device,
-            variant, shots, cot, top_k, top_p, gold,
-        )
+        self.task = task or build_lm_task(**env_kwargs)
         self.num_envs = num_envs
         self.batch = TextGenBatch(self.task, num_envs)
         self.single_observation_space = observation_space(self.task)
