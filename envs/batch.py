@@ -88,8 +88,8 @@ class TextGenBatch:
     # -- action masks ----------------------------------------------------------------------------
     def action_masks(self) -> torch.Tensor:
         """(B, n_actions) bool: valid tokens, optionally restricted to the reference's top-k / top-p."""
-        mask = self.task.valid_actions.expand(self.batch_size, -1).clone()
         task = self.task
+        mask = task.valid_actions.expand(self.batch_size, -1).clone()
         if self.reference is not None and (task.top_k > 0 or task.top_p < 1):
             logits = self.reference.next_logits.masked_fill(~mask, float("-inf"))
             keep = torch.zeros_like(mask)
@@ -116,7 +116,10 @@ class TextGenBatch:
         if out_of_range.any():
             bad = actions[out_of_range][0].item()
             raise ValueError(f"action {bad} is out of range: valid token ids are 0..{n - 1}")
-        allowed = self.action_masks().gather(1, actions.view(-1, 1)).squeeze(1)
+        if self.reference is not None and (self.task.top_k > 0 or self.task.top_p < 1):
+            allowed = self.action_masks().gather(1, actions.view(-1, 1)).squeeze(1)
+        else:  # no per-state restriction: a (V,) lookup, not a (B, V) mask per step
+            allowed = self.task.valid_actions[actions]
         invalid = ~allowed & ~self.done
         if invalid.any():
             bad = actions[invalid][0].item()
