@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from agents.policy import LMPolicy, check_policy_fits_env
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import position_ids_from_mask
 
 
@@ -80,9 +80,7 @@ class DQNConfig:
             raise ValueError(f"unknown exploration {self.exploration!r}; expected 'epsilon' or 'boltzmann'")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        for name in ("num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps")
 
 
 def q_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from agents.policy import LMPolicy, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import resolve_device, sha256_file
 from rlhf.evaluate import distinct_n
 
@@ -50,8 +50,7 @@ class EvalConfig:
     def __post_init__(self):
         if not self.runs:
             raise ValueError("give at least one run or model dir with --runs")
-        if self.episodes <= 0 or self.num_envs <= 0:
-            raise ValueError(f"episodes and num_envs must be positive, got {self.episodes}, {self.num_envs}")
+        require_positive(self, "episodes", "num_envs")
 
 
 def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:

@@ -33,7 +33,7 @@ import torch
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
 
@@ -75,9 +75,7 @@ class PPOConfig:
     def __post_init__(self):
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
-        for name in ("num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches={self.num_minibatches}")
 

@@ -28,7 +28,7 @@ import torch
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
 BASELINES = ("none", "moving_average", "rloo")
@@ -66,9 +66,7 @@ class ReinforceConfig:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
             raise ValueError(f"rloo needs rloo_k >= 2 dividing num_envs, got rloo_k={self.rloo_k}, num_envs={self.num_envs}")
-        for name in ("num_envs", "total_steps", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens")
 
 
 def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import load_lm
 
 
@@ -27,8 +27,7 @@ class SampleConfig:
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.num_samples <= 0 or self.max_new_tokens <= 0:
-            raise ValueError(f"num_samples and max_new_tokens must be positive, got {self.num_samples}, {self.max_new_tokens}")
+        require_positive(self, "num_samples", "max_new_tokens")
 
 
 @torch.no_grad()

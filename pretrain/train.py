@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from pretrain import corpus
 from pretrain.checkpoint import load_training_state, save_training_state
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.progress import progress_bar
 from pretrain.model import (
     MANIFEST,
@@ -73,9 +73,7 @@ class PretrainConfig:
     ship: bool = hparam(False, "write the result (fp16) + manifest + prompts into the package's default dir")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0 < self.min_lr <= self.lr:

@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import load_lm, save_lm
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import resolve_device
 from pretrain.progress import progress_bar
 from rlhf.evaluate import evaluate_policy
@@ -93,8 +93,7 @@ class DPOConfig:
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0 or self.batch_size <= 0:
-            raise ValueError("beta, lr, epochs and batch_size must be positive")
+        require_positive(self, "beta", "lr", "epochs", "batch_size")
 
 
 def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[torch.Tensor, torch.Tensor]:

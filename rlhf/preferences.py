@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain import corpus, load_lm
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.progress import progress_bar
 from pretrain.sample import generate
 from rlhf.gold import GoldScorer, VaderGold, review_texts
@@ -98,8 +98,7 @@ class PreferenceConfig:
             raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
         if self.tau < 0:
             raise ValueError(f"tau must be >= 0, got {self.tau}")
-        if self.num_prompts <= 0:
-            raise ValueError(f"num_prompts must be positive, got {self.num_prompts}")
+        require_positive(self, "num_prompts")
 
 
 def sample_completions(

@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from pretrain import load_lm
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import (
     check_vocab_fits,
     position_ids_from_mask,
@@ -197,8 +197,7 @@ class RewardConfig:
     ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
 
     def __post_init__(self):
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive, got {self.epochs}, {self.batch_size}, {self.lr}")
+        require_positive(self, "epochs", "batch_size", "lr")
 
 
 def group_by_prompt(pairs: Sequence[PreferencePair]) -> list[list[PreferencePair]]:

@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import corpus, load_lm, save_lm
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive
 from pretrain.model import resolve_device
 from pretrain.progress import progress_bar
 from rlhf.jsonl import read_records
@@ -48,8 +48,7 @@ class SFTConfig:
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
 
     def __post_init__(self):
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive, got {self.epochs}, {self.batch_size}, {self.lr}")
+        require_positive(self, "epochs", "batch_size", "lr")
 
 
 def review_demonstrations(split: str, n: int, completion_words: int, seed: int) -> list[dict[str, str]]:
