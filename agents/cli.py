@@ -13,15 +13,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from agents import dqn, ppo, reinforce
+from agents import dqn, ppo, reinforce, sb3
 from agents.evaluate import EvalConfig, evaluate
 from pretrain.corpus import PromptsConfig, make_prompts
 from pretrain.sample import SampleConfig, sample
-from pretrain.train import PretrainConfig, train as pretrain
+from pretrain.train import PretrainConfig
+from pretrain.train import train as pretrain
 from rlhf.dpo import DPOConfig, train_dpo
 from rlhf.preferences import PreferenceConfig, make_preferences
 from rlhf.reward_model import RewardConfig, train_reward_model
@@ -50,6 +52,9 @@ TRAIN: dict[str, Command] = {
     "ppo": Command(ppo.PPOConfig, ppo.train, "PPO-clip (or PPO-penalty) with GAE, value head and KL to the reference"),
     "reinforce": Command(reinforce.ReinforceConfig, reinforce.train, "REINFORCE with a baseline (none, moving average, RLOO)"),
     "dqn": Command(dqn.DQNConfig, dqn.train, "DQN on LM logits: replay (uniform/prioritized), double/soft-Q, n-step"),
+    "sb3-ppo": Command(sb3.SB3PPOConfig, partial(sb3.train, algorithm="ppo"), "Stable-Baselines3 PPO with the LM as its actor-critic policy"),
+    "sb3-a2c": Command(sb3.SB3A2CConfig, partial(sb3.train, algorithm="a2c"), "Stable-Baselines3 A2C with the LM as its actor-critic policy"),
+    "sb3-dqn": Command(sb3.SB3DQNConfig, partial(sb3.train, algorithm="dqn"), "Stable-Baselines3 DQN with the LM's logits as Q-values"),
 }
 
 

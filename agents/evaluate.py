@@ -69,6 +69,8 @@ def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
     state = path / "checkpoint" / "training_state.json"
     if state.is_file():
         initial = json.loads(state.read_text())["state"]["config"].get("model")
+    if (path / "summary.json").is_file():  # an SB3 run (agents.sb3)
+        initial = json.loads((path / "summary.json").read_text()).get("initial_model", initial)
     if (path / "init-model" / "config.json").is_file():
         initial = str(path / "init-model")
     return path.name, found, initial

@@ -41,23 +41,29 @@ def _returned_cache(output) -> DynamicCache:
 class CachedLM:
     """Batched incremental decoding with per-row resets. All tensors live on the model's device."""
 
-    def __init__(self, model: PreTrainedModel, batch_size: int, pad_token_id: int):
+    def __init__(self, model: PreTrainedModel, batch_size: int, pad_token_id: int, keep_hidden: bool = False):
+        """``keep_hidden``: also keep ``next_hidden`` (B, hidden), the last layer's state at the newest token."""
         self.model = model.eval()
         self.batch_size = batch_size
+        self.keep_hidden = keep_hidden
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self._cache_arg = _cache_kwarg(model)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, S)
         self.next_logits = torch.zeros(batch_size, 0, device=self.device)  # (B, V): logits of the next token
+        self.next_hidden: torch.Tensor | None = None  # (B, hidden), with keep_hidden
 
     @torch.no_grad()
     def _forward(self, input_ids, attention_mask, position_ids, kv=None):
         kwargs = {self._cache_arg: DynamicCache(ddp_cache_data=kv)} if kv is not None else {}
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            output_hidden_states=self.keep_hidden, **kwargs
         )
         cache = _returned_cache(out)
+        if self.keep_hidden:
+            self._hidden = out.hidden_states[-1][:, -1].float()
         return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.no_grad()
@@ -84,6 +90,8 @@ class CachedLM:
             ]
             self.mask = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.device)
             self.next_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
+            if self.keep_hidden:
+                self.next_hidden = self._hidden.new_zeros((self.batch_size, self._hidden.shape[-1]))
         self._left_pad_to(width)
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
@@ -95,6 +103,8 @@ class CachedLM:
         self.mask[index] = 0
         self.mask[index, seq - width :] = mask
         self.next_logits[index] = logits
+        if self.keep_hidden:
+            self.next_hidden[index] = self._hidden
         self._trim()
         return logits
 
@@ -107,6 +117,8 @@ class CachedLM:
         positions = self.mask.sum(1, keepdim=True)  # the new token's position in each row
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
         self.next_logits, self.kv = self._forward(tokens, self.mask, positions, self.kv)
+        if self.keep_hidden:
+            self.next_hidden = self._hidden
         return self.next_logits
 
     def _left_pad_to(self, width: int) -> None:

@@ -11,7 +11,9 @@ turns positive, scored by the shipped reward model, without drifting far from th
 other than EOS are never valid (``action_masks()``, ``info["action_mask"]``, the sb3-contrib
 MaskablePPO convention); with ``top_k``/``top_p`` the valid set is further restricted to the
 reference LM's top-k / nucleus tokens (as RL4LMs' NLPO does). An invalid action raises
-``ValueError``; nothing is clipped.
+``ValueError``; nothing is clipped. The space is a :class:`TokenActions`, a ``Discrete`` whose
+``sample()`` draws only valid tokens, so random exploration (SB3's epsilon-greedy and warm-up,
+the env checkers) never produces an action the env must reject.
 
 ## Observation Space
 ``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
@@ -63,6 +65,23 @@ from envs.batch import TextGenBatch
 from envs.task import TextGenTask, build_lm_task
 
 RESET_OPTIONS = ("prompt",)
+
+
+class TokenActions(spaces.Discrete):
+    """``Discrete(V)`` whose ``sample()`` (without an explicit mask) draws only valid tokens."""
+
+    def __init__(self, valid: np.ndarray, seed: int | None = None):
+        super().__init__(len(valid), seed=seed)
+        self.valid = np.asarray(valid, dtype=np.int8)
+
+    def sample(self, mask=None, probability=None):
+        if mask is None and probability is None:
+            mask = self.valid
+        return super().sample(mask=mask, probability=probability)
+
+
+def action_space(task: TextGenTask) -> TokenActions:
+    return TokenActions(task.valid_actions.cpu().numpy())
 
 
 def observation_space(task: TextGenTask) -> spaces.Dict:
@@ -122,7 +141,7 @@ class TextGenEnv(gym.Env):
         )
         self.batch = TextGenBatch(self.task, 1)
         self.observation_space = observation_space(self.task)
-        self.action_space = spaces.Discrete(self.task.n_actions)
+        self.action_space = action_space(self.task)
         self._started = False
 
     @property

@@ -104,5 +104,7 @@ class TextGenToyEnv(TextGenEnv):
 
 
 class TextGenToyVectorEnv(TextGenVectorEnv):
-    def __init__(self, num_envs: int = 8, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None, render_mode=None):
-        super().__init__(num_envs=num_envs, task=build_toy_task(max_new_tokens, kl_coef, device, prompts), render_mode=render_mode)
+    def __init__(self, num_envs: int = 8, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None,
+                 render_mode=None, autoreset_mode="next_step"):
+        super().__init__(num_envs=num_envs, task=build_toy_task(max_new_tokens, kl_coef, device, prompts),
+                         render_mode=render_mode, autoreset_mode=autoreset_mode)

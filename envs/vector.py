@@ -4,8 +4,11 @@
 
 A native ``gymnasium.vector.VectorEnv`` (not N copies of the single env): one reference-LM forward
 of shape (N, 1) per step against an incremental KV cache, one reward-model batch for all episodes
-that end in a step, and Gymnasium 1.x ``NEXT_STEP`` autoreset: the step after a sub-env terminates
-resets it (its action is ignored, reward 0, terminated False). Sub-env i is seeded with seed + i
+that end in a step, and Gymnasium 1.x autoreset. The default, ``NEXT_STEP``: the step after a
+sub-env terminates resets it (its action is ignored, reward 0, terminated False).
+``autoreset_mode="same_step"`` resets a sub-env in the step that terminates it and returns the
+reset observation, with the terminal one in ``infos["final_obs"]`` (what Stable-Baselines3's VecEnv
+API expects; ``agents.sb3`` uses it). Sub-env i is seeded with seed + i
 and draws its prompts exactly like a single ``TextGenEnv`` reset with that seed, so the vector env
 reproduces N single envs (tested).
 
@@ -19,14 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gymnasium import spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envs.batch import TextGenBatch
 from envs.task import TextGenTask, build_lm_task
-from envs.text_gen import RESET_OPTIONS, observation_space
+from envs.text_gen import RESET_OPTIONS, action_space, observation_space
 
 
 @dataclass
@@ -37,18 +39,40 @@ class VectorStep:
     attention_mask: torch.Tensor  # (N, L)
     rewards: torch.Tensor  # (N,) float32
     terminated: torch.Tensor  # (N,) bool
-    reset: torch.Tensor  # (N,) bool: sub-envs auto-reset by this step (their actions were ignored)
+    reset: torch.Tensor  # (N,) bool: sub-envs auto-reset by this step (NEXT_STEP: their actions were ignored)
     ref_logprobs: torch.Tensor | None  # (N,) log pi_ref(a_t | s_t), with a reference loaded
     finished: dict  # sub-env index -> {"rm_score", "gold_score", "text", "prompt"}
+    final_input_ids: torch.Tensor | None = None  # SAME_STEP: the terminal observations (rows in ``reset``)
+    final_attention_mask: torch.Tensor | None = None
+
+
+def parse_autoreset_mode(mode: str | AutoresetMode) -> AutoresetMode:
+    """``AutoresetMode.NEXT_STEP`` / ``SAME_STEP``, or their names: "next_step", "NextStep", ..."""
+    names = {"next_step": AutoresetMode.NEXT_STEP, "nextstep": AutoresetMode.NEXT_STEP,
+             "same_step": AutoresetMode.SAME_STEP, "samestep": AutoresetMode.SAME_STEP}
+    if isinstance(mode, AutoresetMode) and mode in names.values():
+        return mode
+    if isinstance(mode, str) and mode.lower() in names:
+        return names[mode.lower()]
+    raise ValueError(f"unsupported autoreset_mode {mode!r}; expected 'next_step' or 'same_step'")
 
 
 class TextGenVectorEnv(VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
-    def __init__(self, num_envs: int = 8, render_mode: str | None = None, task: TextGenTask | None = None, **env_kwargs):
+    def __init__(
+        self,
+        num_envs: int = 8,
+        render_mode: str | None = None,
+        task: TextGenTask | None = None,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        **env_kwargs,
+    ):
         """``env_kwargs`` are ``TextGenEnv``'s arguments (model, reward_model, prompts, max_new_tokens, kl_coef, ...)."""
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
+        self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
@@ -56,7 +80,7 @@ class TextGenVectorEnv(VectorEnv):
         self.num_envs = num_envs
         self.batch = TextGenBatch(self.task, num_envs)
         self.single_observation_space = observation_space(self.task)
-        self.single_action_space = spaces.Discrete(self.task.n_actions)
+        self.single_action_space = action_space(self.task)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
@@ -105,17 +129,28 @@ class TextGenVectorEnv(VectorEnv):
             raise RuntimeError("step() called before reset()")
         actions = actions.to(self.task.device)
         self.batch.validate(actions)
-        resetting = self._autoreset.clone()
-        result = self.batch.step(actions, active=~resetting)
-        if resetting.any():  # NEXT_STEP autoreset: these sub-envs start over, their actions ignored
-            rows = resetting.nonzero().flatten().tolist()
-            self.batch.reset_rows(rows, self._draw_prompts(rows))
-            result.rewards[resetting] = 0.0
-        self._autoreset = result.terminated.clone()
+        final_ids = final_mask = None
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            resetting = self._autoreset.clone()
+            result = self.batch.step(actions, active=~resetting)
+            if resetting.any():  # these sub-envs start over now, their actions ignored
+                self._reset_now(resetting)
+                result.rewards[resetting] = 0.0
+            self._autoreset = result.terminated.clone()
+        else:  # SAME_STEP: sub-envs that terminate start over in this step
+            result = self.batch.step(actions)
+            resetting = result.terminated.clone()
+            if resetting.any():
+                final_ids, final_mask = self.batch.input_ids.clone(), self.batch.attention_mask.clone()
+                self._reset_now(resetting)
         return VectorStep(
             self.batch.input_ids, self.batch.attention_mask, result.rewards, result.terminated,
-            resetting, result.ref_logprobs, result.finished,
+            resetting, result.ref_logprobs, result.finished, final_ids, final_mask,
         )
+
+    def _reset_now(self, rows_mask: torch.Tensor) -> None:
+        rows = rows_mask.nonzero().flatten().tolist()
+        self.batch.reset_rows(rows, self._draw_prompts(rows))
 
     def step(self, actions):
         actions = np.asarray(actions)
@@ -134,9 +169,17 @@ class TextGenVectorEnv(VectorEnv):
         """Gymnasium vector infos: ``{key: values, "_key": which sub-envs have the key}``."""
         infos: dict = {}
         finished = out.finished
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         if out.ref_logprobs is not None:
             infos["ref_logprob"] = out.ref_logprobs.cpu().numpy().astype(np.float64)
-            infos["_ref_logprob"] = ~out.reset.cpu().numpy()
+            infos["_ref_logprob"] = np.ones(self.num_envs, dtype=bool) if same_step else ~out.reset.cpu().numpy()
+        if out.final_input_ids is not None:
+            ids, mask = out.final_input_ids.cpu().numpy(), out.final_attention_mask.cpu().numpy()
+            ended = out.reset.cpu().numpy()
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for i in np.flatnonzero(ended):
+                final_obs[i] = {"input_ids": ids[i].copy(), "attention_mask": mask[i].copy()}
+            infos["final_obs"], infos["_final_obs"] = final_obs, ended
         if finished:
             mask = np.zeros(self.num_envs, dtype=bool)
             mask[list(finished)] = True

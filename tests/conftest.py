@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 
 from pretrain import corpus
 from pretrain.tokenizer import train_tokenizer
+from rlhf.reward_model import RewardModel
 
 torch.set_num_threads(2)
 
@@ -54,3 +55,19 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
     return save_tiny_lm("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tiny_gpt2_dir):
+    """A tiny reward model (random score head) on the tiny GPT-2, sharing its tokenizer."""
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_gpt2_dir)
+    torch.nn.init.normal_(rm.model.score.weight, std=0.5)
+    return rm.save(tmp_path_factory.mktemp("tiny-rm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_env_kwargs(tiny_gpt2_dir, tiny_rm_dir):
+    """TextGen env kwargs on the tiny LM and RM: fast enough for many steps in a test."""
+    return dict(model=str(tiny_gpt2_dir), reward_model=str(tiny_rm_dir), max_new_tokens=6,
+                prompts=["This movie was", "I watched it and", "Terrible"])

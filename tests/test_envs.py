@@ -19,20 +19,6 @@ from envs.vector import TextGenVectorEnv
 from rlhf.reward_model import RewardModel
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory, tiny_gpt2_dir):
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_gpt2_dir)
-    torch.nn.init.normal_(rm.model.score.weight, std=0.5)
-    return rm.save(tmp_path_factory.mktemp("tiny-rm"))
-
-
-@pytest.fixture(scope="module")
-def tiny_env_kwargs(tiny_gpt2_dir, tiny_rm_dir):
-    return dict(model=str(tiny_gpt2_dir), reward_model=str(tiny_rm_dir), max_new_tokens=6,
-                prompts=["This movie was", "I watched it and", "Terrible"])
-
-
 @pytest.mark.parametrize("env_id", envs.ENV_IDS)
 def test_registered_envs_pass_both_checkers(env_id):
     env = gym.make(env_id, max_new_tokens=4)

@@ -1,0 +1,566 @@
+"""Stable-Baselines3 agents (PPO, A2C, DQN) whose networks are the pretrained LM.
+
+    import gymnasium as gym, envs
+    from stable_baselines3 import PPO
+    from agents.sb3 import LMActorCriticPolicy
+
+    model = PPO(LMActorCriticPolicy, gym.make("TextGen-v0", kl_coef=0.05), ent_coef=0.05,
+                policy_kwargs={"model": "default"})
+    model.learn(4096)
+
+or ``textgym train sb3-ppo | sb3-a2c | sb3-dqn``. What this file adds to SB3, and nothing more:
+
+* ``LMActorCriticPolicy`` (PPO, A2C): the action distribution is the LM's own next-token
+  categorical (its LM head's logits, invalid tokens at -inf), not a fresh linear layer over
+  features, so training starts from the pretrained LM; the value is a zero-initialised
+  ``Linear(hidden, 1)`` on the last layer's hidden state of the newest token (shared backbone).
+* ``LMQNetworkPolicy`` (DQN): Q(s, .) = the LM's logits, so the Boltzmann policy softmax(Q / 1)
+  starts as the pretrained LM, as in ``agents.dqn``. SB3's own replay buffer and target network.
+  Exploration: SB3's epsilon-greedy samples uniformly from the whole vocabulary (only valid tokens,
+  see ``envs.text_gen.TokenActions``), which on a real LM mostly writes noise; the setting that
+  works is ``exploration_initial_eps = exploration_final_eps = 0`` with Boltzmann sampling from
+  softmax(Q / temperature) (``policy_kwargs={"temperature": 1.0}``), what ``textgym train
+  sb3-dqn`` uses. ``deterministic=True`` (evaluation) is greedy.
+* ``SB3VecEnv``: an SB3 ``VecEnv`` over the batched ``envs.vector.TextGenVectorEnv`` in
+  ``same_step`` autoreset mode, so an SB3 rollout advances all envs in one tensor step (not a
+  ``DummyVecEnv`` looping over N envs), with SB3's ``terminal_observation`` convention.
+* ``TextGenCallback``: ``reward/rm``, ``reward/gold``, ``kl/ref`` and sample texts in SB3's logger.
+
+KL regularisation is the env's route: the env pays beta * log pi_ref(a_t | s_t) per token
+(``kl_coef=beta``) and SB3's entropy bonus is ``ent_coef = beta``; together they optimise
+E[R] - beta KL(pi || pi_ref) (see ``envs.text_gen``). Default beta = 0.05 (the custom PPO's).
+
+Caching. SB3 hands the policy whole observations (the left-padded context) every step, so a plain
+policy re-encodes the full context for every generated token. While *acting* (no gradients),
+our policies keep a KV cache (``envs.kv_cache.CachedLM``) and check each row of the new
+observation against the last one: a row that equals the previous row shifted left by one token
+continues its episode and costs a (B, 1) forward; any other row (a reset, another env) is
+re-encoded. Any optimizer step or weight load drops the cache, since the cached keys/values were
+computed by the old weights. Learning (``evaluate_actions``, the Q-network's TD targets) runs on
+SB3's stored transitions, one full-context forward per transition: that is SB3's design and the
+reason it spends more compute per token than ``agents.ppo``, which re-scores each episode in one
+pass (numbers: ``benchmarks/train_throughput.py``).
+
+Saving: ``model.save`` / ``PPO.load`` are SB3's (a zip with cloudpickled settings: load only
+files you trust); ``export_hf`` writes the policy LM as an HF dir for ``textgym eval``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from safetensors.torch import save_file
+from stable_baselines3 import A2C, DQN, PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.dqn.policies import DQNPolicy
+from torch import nn
+
+import envs  # noqa: F401  (registers the suite)
+from agents.policy import VALUE_HEAD_FILE
+from agents.run import make_env, make_policy_model
+from envs.kv_cache import CachedLM
+from envs.task import valid_action_mask
+from envs.vector import TextGenVectorEnv
+from pretrain import load_lm, save_lm
+from pretrain.config import hparam, require_positive
+from pretrain.model import position_ids_from_mask, resolve_device
+
+ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
+
+
+# -- the LM inside an SB3 policy -------------------------------------------------------------------
+def load_policy_lm(model, tokenizer, action_space: spaces.Space):
+    """(model, tokenizer) from a dir / "default" / an instance, checked against the env's actions."""
+    if not isinstance(action_space, spaces.Discrete):
+        raise ValueError(f"the LM policies need a Discrete token action space, got {action_space}")
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_lm(model)
+    elif tokenizer is None:
+        raise ValueError("pass tokenizer= with a model instance (its special tokens decide the valid actions)")
+    n_logits = model.get_output_embeddings().weight.shape[0]
+    if n_logits != action_space.n:
+        raise ValueError(
+            f"the policy model has {n_logits} logits but the env has {action_space.n} actions: "
+            "the model's vocabulary must match the env's action space (use the env's own model or tokenizer)"
+        )
+    return model, tokenizer
+
+
+def split_obs(obs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SB3 observations (dict of tensors; its buffers store them as float) -> int64 ids and mask."""
+    if not isinstance(obs, dict) or set(obs) != {"input_ids", "attention_mask"}:
+        raise ValueError(f"expected a TextGen observation dict with input_ids and attention_mask, got {type(obs).__name__}")
+    return obs["input_ids"].long(), obs["attention_mask"].long()
+
+
+class ObservationCache:
+    """KV-cached next-token logits (and hidden states) for a stream of full left-padded observations."""
+
+    def __init__(self, model, pad_token_id: int, keep_hidden: bool):
+        self.model, self.pad_token_id, self.keep_hidden = model, pad_token_id, keep_hidden
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self.cache: CachedLM | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch = ids.shape[0]
+        if self.cache is None or self.cache.batch_size != batch:
+            self.cache = CachedLM(self.model, batch, self.pad_token_id, keep_hidden=self.keep_hidden)
+            fresh = torch.ones(batch, dtype=torch.bool, device=ids.device)
+        else:
+            prev_ids, prev_mask = self.last
+            # Row continues its episode iff it is the previous row shifted left by one new token.
+            continued = (
+                (mask[:, -1] == 1) & (prev_mask[:, 0] == 0)
+                & (ids[:, :-1] == prev_ids[:, 1:]).all(1) & (mask[:, :-1] == prev_mask[:, 1:]).all(1)
+            )
+            fresh = ~continued
+            if continued.any():  # one (B, 1) step; rows being re-encoded below are overwritten
+                self.cache.step(ids[:, -1])
+        if fresh.any():
+            rows = fresh.nonzero().flatten().tolist()
+            self.cache.reset_rows(rows, [ids[r][mask[r].bool()].tolist() for r in rows])
+        self.last = (ids.clone(), mask.clone())
+        return self.cache.next_logits, self.cache.next_hidden
+
+
+class _LMModule:
+    """What both LM policies share: the LM, its valid-action mask, full and cached next-token passes."""
+
+    def _init_lm(self, model, tokenizer, action_space, keep_hidden: bool, use_cache: bool) -> None:
+        self.lm, self.tokenizer = model, tokenizer
+        self.register_buffer("valid_actions", valid_action_mask(tokenizer, action_space.n, "cpu"), persistent=False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.use_cache = use_cache
+        self.acting = ObservationCache(model, pad, keep_hidden)
+        self.last_log_policy: torch.Tensor | None = None  # (B, V) log pi(. | s) of the last acting step
+
+    def train(self, mode: bool = True):
+        # Dropout stays off: the rollout's log-probs and the update's must come from the same network.
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def load_state_dict(self, *args, **kwargs):
+        self.acting.invalidate()
+        return super().load_state_dict(*args, **kwargs)
+
+    def full_pass(self, ids: torch.Tensor, mask: torch.Tensor, hidden: bool):
+        """Next-token logits (B, V) and optionally last hidden state (B, H) at the newest token."""
+        out = self.lm(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+            output_hidden_states=hidden, logits_to_keep=1,
+        )
+        return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float() if hidden else None
+
+    def next_token(self, obs, hidden: bool):
+        ids, mask = split_obs(obs)
+        if self.use_cache and not torch.is_grad_enabled():
+            logits, h = self.acting(ids, mask)
+        else:
+            logits, h = self.full_pass(ids, mask, hidden)
+        return logits.masked_fill(~self.valid_actions, float("-inf")), h
+
+
+# -- PPO / A2C --------------------------------------------------------------------------------------
+class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
+    """SB3 actor-critic policy: pi(a|s) = the LM's next-token softmax, V(s) = Linear(hidden state).
+
+    ``policy_kwargs``: ``model`` ("default", an HF causal-LM dir, or an instance with ``tokenizer``),
+    ``use_cache`` (KV cache while acting, default True). SB3's ``net_arch``/``ortho_init`` do not apply.
+    """
+
+    def __init__(self, observation_space, action_space, lr_schedule, model="default", tokenizer=None, use_cache: bool = True, **kwargs):
+        # Plain attributes set before nn.Module.__init__ (a model instance must not register here).
+        object.__setattr__(self, "_model_source", model)
+        self._tokenizer_arg, self._use_cache = tokenizer, use_cache
+        kwargs["ortho_init"] = False  # the LM is pretrained; the value head is zero-initialised below
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build(self, lr_schedule) -> None:
+        model, tokenizer = load_policy_lm(self._model_source, self._tokenizer_arg, self.action_space)
+        self._init_lm(model, tokenizer, self.action_space, keep_hidden=True, use_cache=self._use_cache)
+        self.value_net = nn.Linear(model.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(self.value_net.weight)
+        nn.init.zeros_(self.value_net.bias)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer.register_step_post_hook(lambda *_: self.acting.invalidate())
+
+    def _get_constructor_parameters(self) -> dict:
+        data = super()._get_constructor_parameters()
+        data.update(model=self._model_source if isinstance(self._model_source, (str, Path)) else "default",
+                    use_cache=self._use_cache)
+        return data
+
+    def forward(self, obs, deterministic: bool = False):
+        logits, hidden = self.next_token(obs, hidden=True)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        actions = distribution.get_actions(deterministic=deterministic)
+        self.last_log_policy = F.log_softmax(logits, dim=-1)
+        return actions, self.value_net(hidden), distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions: torch.Tensor):
+        logits, hidden = self.next_token(obs, hidden=True)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        return self.value_net(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs):
+        logits, _ = self.next_token(obs, hidden=False)
+        return self.action_dist.proba_distribution(action_logits=logits)
+
+    def predict_values(self, obs) -> torch.Tensor:
+        ids, mask = split_obs(obs)  # bootstrap values: a full pass, so the acting cache stays in step
+        return self.value_net(self.full_pass(ids, mask, hidden=True)[1])
+
+
+# -- DQN --------------------------------------------------------------------------------------------
+class LMQNetwork(_LMModule, BasePolicy):
+    """Q(s, .) = the LM's logits over valid tokens (-inf elsewhere)."""
+
+    def __init__(self, observation_space, action_space, model, tokenizer, temperature: float, use_cache: bool):
+        super().__init__(observation_space, action_space)
+        self._init_lm(model, tokenizer, action_space, keep_hidden=False, use_cache=use_cache)
+        self.temperature = temperature
+
+    def forward(self, obs) -> torch.Tensor:
+        ids, mask = split_obs(obs)  # TD targets and updates: full passes over replayed transitions
+        return self.full_pass(ids, mask, hidden=False)[0].masked_fill(~self.valid_actions, float("-inf"))
+
+    def _predict(self, obs, deterministic: bool = True) -> torch.Tensor:
+        q, _ = self.next_token(obs, hidden=False)
+        if deterministic:
+            return q.argmax(dim=1)
+        log_policy = F.log_softmax(q / self.temperature, dim=-1)  # Boltzmann exploration
+        self.last_log_policy = log_policy
+        return torch.multinomial(log_policy.exp(), 1).squeeze(1)
+
+
+class LMQNetworkPolicy(DQNPolicy):
+    """SB3 DQN policy whose Q-network (and target network) is the LM; ``policy_kwargs``: ``model``,
+    ``tokenizer`` (with an instance), ``temperature`` (Boltzmann exploration), ``use_cache``."""
+
+    def __init__(self, observation_space, action_space, lr_schedule, model="default", tokenizer=None,
+                 temperature: float = 1.0, use_cache: bool = True, **kwargs):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        object.__setattr__(self, "_model_source", model)
+        self._tokenizer_arg, self._temperature, self._use_cache = tokenizer, temperature, use_cache
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def make_q_net(self) -> LMQNetwork:
+        model, tokenizer = load_policy_lm(self._model_source, self._tokenizer_arg, self.action_space)
+        if hasattr(self, "q_net") and not isinstance(self._model_source, (str, Path)):
+            model = copy.deepcopy(model)  # the target network gets its own copy of an instance
+        return LMQNetwork(self.observation_space, self.action_space, model, tokenizer, self._temperature, self._use_cache).to(self.device)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        self.optimizer.register_step_post_hook(lambda *_: self.q_net.acting.invalidate())
+
+    def _get_constructor_parameters(self) -> dict:
+        data = super()._get_constructor_parameters()
+        data.update(model=self._model_source if isinstance(self._model_source, (str, Path)) else "default",
+                    temperature=self._temperature, use_cache=self._use_cache)
+        return data
+
+
+POLICIES = {"ppo": LMActorCriticPolicy, "a2c": LMActorCriticPolicy, "dqn": LMQNetworkPolicy}
+
+
+def make_sb3_agent(algorithm, env, model="default", **kwargs):
+    """``PPO``/``A2C``/``DQN`` (class or name) with the matching LM policy over ``model``."""
+    name = algorithm.lower() if isinstance(algorithm, str) else next((k for k, v in ALGORITHMS.items() if v is algorithm), None)
+    if name not in ALGORITHMS:
+        label = algorithm if isinstance(algorithm, str) else getattr(algorithm, "__name__", repr(algorithm))
+        raise ValueError(f"SB3 algorithm {label!r} is not supported with the LM policies; supported: {', '.join(ALGORITHMS)}")
+    policy_kwargs = {"model": model, **kwargs.pop("policy_kwargs", {})}
+    if name == "dqn":
+        kwargs.setdefault("exploration_initial_eps", 0.0)  # Boltzmann exploration instead (see above)
+        kwargs.setdefault("exploration_final_eps", 0.0)
+    return ALGORITHMS[name](POLICIES[name], env, policy_kwargs=policy_kwargs, **kwargs)
+
+
+def policy_lm(agent):
+    """The (model, tokenizer) an SB3 agent acts with."""
+    policy = agent.policy
+    net = policy.q_net if isinstance(policy, LMQNetworkPolicy) else policy
+    return net.lm, net.tokenizer
+
+
+def export_hf(agent, path: str | Path) -> Path:
+    """The agent's policy LM as an HF dir (model + tokenizer; plus the value head for actor-critics)."""
+    model, tokenizer = policy_lm(agent)
+    path = save_lm(model, tokenizer, path)
+    if isinstance(agent.policy, LMActorCriticPolicy):
+        head = {k: v.detach().cpu().contiguous() for k, v in agent.policy.value_net.state_dict().items()}
+        save_file(head, str(path / VALUE_HEAD_FILE))
+    return path
+
+
+# -- the batched vector env as an SB3 VecEnv ---------------------------------------------------------
+class SB3VecEnv(VecEnv):
+    """SB3 ``VecEnv`` over a ``TextGenVectorEnv(autoreset_mode="same_step")``: one tensor step for all envs.
+
+    ``infos[i]`` carries ``ref_logprob`` every step (with a reference loaded) and, when episode i
+    ends, ``rm_score``, ``gold_score``, ``text``, ``prompt`` and ``terminal_observation``.
+    """
+
+    def __init__(self, env: TextGenVectorEnv):
+        if env.metadata["autoreset_mode"].name != "SAME_STEP":
+            raise ValueError("SB3VecEnv needs the vector env in same-step autoreset mode: "
+                             "TextGenVectorEnv(..., autoreset_mode='same_step')")
+        self.env = env
+        super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
+
+    def reset(self):
+        seeds = self._seeds if any(s is not None for s in self._seeds) else None
+        options = None
+        if any(self._options):
+            prompts = [o.get("prompt") for o in self._options]
+            if not all(prompts) or any(set(o) - {"prompt"} for o in self._options):
+                raise ValueError(f"SB3VecEnv reset options must give every env a 'prompt' and nothing else, got {self._options}")
+            options = {"prompt": prompts}
+        obs, _ = self.env.reset(seed=seeds, options=options)
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs)
+
+    def step_wait(self):
+        if self._actions.dtype.kind not in "iu":
+            raise ValueError(f"actions must be integer token ids, got dtype {self._actions.dtype}")
+        out = self.env.step_tensor(torch.as_tensor(self._actions))
+        infos = [{"TimeLimit.truncated": False} for _ in range(self.num_envs)]
+        if out.ref_logprobs is not None:
+            for info, lp in zip(infos, out.ref_logprobs.tolist()):
+                info["ref_logprob"] = lp
+        dones = out.terminated.cpu().numpy()
+        if dones.any():
+            final_ids, final_mask = out.final_input_ids.cpu().numpy(), out.final_attention_mask.cpu().numpy()
+            for i in np.flatnonzero(dones):
+                infos[i].update(out.finished[int(i)])
+                infos[i]["terminal_observation"] = {"input_ids": final_ids[i].copy(), "attention_mask": final_mask[i].copy()}
+        return self.env.batch.observation(), out.rewards.cpu().numpy().astype(np.float32), dones, infos
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get_attr(self, attr_name, indices=None):
+        return [getattr(self.env, attr_name)] * len(list(self._get_indices(indices)))
+
+    def set_attr(self, attr_name, value, indices=None) -> None:
+        raise AttributeError(f"the {self.num_envs} sub-envs share one batched env; set {attr_name!r} on SB3VecEnv.env")
+
+    def env_method(self, method_name, *method_args, indices=None, **method_kwargs):
+        if method_name == "action_masks":  # sb3-contrib's MaskablePPO asks each sub-env
+            masks = self.env.action_masks()
+            return [masks[i] for i in self._get_indices(indices)]
+        raise AttributeError(f"SB3VecEnv does not forward {method_name!r} to sub-envs (they are rows of one batched env)")
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False] * len(list(self._get_indices(indices)))
+
+    def get_images(self):
+        return [None] * self.num_envs
+
+
+def make_sb3_vec_env(env_id: str = "TextGen-v0", num_envs: int = 16, seed: int = 0, device="cpu", **env_kwargs) -> VecMonitor:
+    """The registered env's batched version as an SB3 VecEnv, with SB3's episode statistics."""
+    vector = make_env(env_id, num_envs, device, seed, autoreset_mode="same_step", **env_kwargs)
+    venv = SB3VecEnv(vector)
+    venv.seed(seed)
+    return VecMonitor(venv)
+
+
+# -- TensorBoard ------------------------------------------------------------------------------------
+class TextGenCallback(BaseCallback):
+    """Logs reward/rm, reward/gold, kl/ref (means over the last ``window`` episodes) and sample texts.
+
+    kl/ref is the sequence KL estimate sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t) (k1), available
+    when the env loads a reference (``kl_coef > 0``) and the policy chose every action itself.
+    """
+
+    def __init__(self, sample_every: int = 5, window: int = 100):
+        super().__init__()
+        self.sample_every, self.window = sample_every, window
+        self.rollouts = 0
+
+    def _on_training_start(self) -> None:
+        n = self.training_env.num_envs
+        self.kl = np.zeros(n)
+        self.kl_ok = np.ones(n, dtype=bool)
+        self.episodes = {key: deque(maxlen=self.window) for key in ("rm_score", "gold_score", "kl")}
+        self.texts: deque = deque(maxlen=4)
+
+    def _policy_net(self):
+        policy = self.model.policy
+        return policy.q_net if isinstance(policy, LMQNetworkPolicy) else policy
+
+    def _on_step(self) -> bool:
+        infos, dones = self.locals["infos"], self.locals["dones"]
+        net = self._policy_net()
+        log_policy, net.last_log_policy = net.last_log_policy, None
+        actions = np.asarray(self.locals["actions"]).reshape(-1)
+        if log_policy is not None and "ref_logprob" in infos[0]:
+            chosen = log_policy.gather(1, torch.as_tensor(actions, device=log_policy.device).view(-1, 1)).squeeze(1)
+            self.kl += chosen.cpu().numpy() - np.array([info["ref_logprob"] for info in infos])
+        else:
+            self.kl_ok[:] = False
+        for i in np.flatnonzero(dones):
+            info = infos[i]
+            if "rm_score" in info:
+                self.episodes["rm_score"].append(info["rm_score"])
+                self.episodes["gold_score"].append(info["gold_score"])
+                self.texts.append(info["prompt"] + " ->" + info["text"])
+            if self.kl_ok[i]:
+                self.episodes["kl"].append(self.kl[i])
+            self.kl[i], self.kl_ok[i] = 0.0, True
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        for key, tag in (("rm_score", "reward/rm"), ("gold_score", "reward/gold"), ("kl", "kl/ref")):
+            if self.episodes[key]:
+                self.logger.record(tag, float(np.mean(self.episodes[key])))
+        if self.texts and self.rollouts % self.sample_every == 0:
+            self.logger.record("samples", "\n\n".join(f"    {t}" for t in self.texts), exclude=("stdout", "log", "json", "csv"))
+
+    def summary(self) -> dict:
+        return {f"final_{k}": float(np.mean(v)) for k, v in self.episodes.items() if v}
+
+
+# -- textgym train sb3-* ----------------------------------------------------------------------------
+@dataclass
+class SB3Config:
+    """Shared settings of the SB3 agents (defaults: the embedded default task)."""
+
+    env: str = hparam("TextGen-v0", "registered env id (TextGen-v0, TextGenFewShot-v0, TextGenInstruct-v0, TextGenToy-v0)")
+    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
+    num_envs: int = hparam(16, "parallel envs, advanced in one batched step")
+    total_steps: int = hparam(8_192, "env steps (generated tokens) to train for")
+    max_new_tokens: int = hparam(16, "tokens per episode")
+    kl_coef: float = hparam(0.05, "beta: the env pays beta*log pi_ref per token and ent_coef = beta (E[R] - beta KL)")
+    lr: float = hparam(3e-5, "Adam learning rate")
+    gamma: float = hparam(1.0, "discount")
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("runs/sb3", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    sample_every: int = hparam(5, "rollouts between sample texts in TensorBoard")
+
+    def __post_init__(self):
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "lr", "sample_every")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    def algorithm_kwargs(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class SB3PPOConfig(SB3Config):
+    """SB3 PPO with LMActorCriticPolicy."""
+
+    out: str = hparam("runs/sb3-ppo", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    n_steps: int = hparam(32, "steps per env per rollout (rollout = n_steps * num_envs transitions)")
+    batch_size: int = hparam(64, "minibatch size (transitions)")
+    n_epochs: int = hparam(2, "passes over each rollout")
+    gae_lambda: float = hparam(0.95, "GAE lambda")
+    clip_range: float = hparam(0.2, "surrogate clipping epsilon")
+    vf_coef: float = hparam(0.1, "value loss coefficient")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
+    target_kl: float = hparam(0.05, "stop the epochs early past this approx KL (0 = never)")
+
+    def algorithm_kwargs(self) -> dict:
+        return dict(n_steps=self.n_steps, batch_size=self.batch_size, n_epochs=self.n_epochs, gae_lambda=self.gae_lambda,
+                    clip_range=self.clip_range, vf_coef=self.vf_coef, max_grad_norm=self.max_grad_norm,
+                    target_kl=self.target_kl or None, ent_coef=self.kl_coef)
+
+
+@dataclass
+class SB3A2CConfig(SB3Config):
+    """SB3 A2C with LMActorCriticPolicy."""
+
+    out: str = hparam("runs/sb3-a2c", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    lr: float = hparam(1e-5, "learning rate (RMSprop, SB3's A2C default optimizer)")
+    n_steps: int = hparam(16, "steps per env per update")
+    gae_lambda: float = hparam(1.0, "GAE lambda (1 = plain n-step advantages, SB3's default)")
+    vf_coef: float = hparam(0.1, "value loss coefficient")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
+
+    def algorithm_kwargs(self) -> dict:
+        return dict(n_steps=self.n_steps, gae_lambda=self.gae_lambda, vf_coef=self.vf_coef,
+                    max_grad_norm=self.max_grad_norm, ent_coef=self.kl_coef)
+
+
+@dataclass
+class SB3DQNConfig(SB3Config):
+    """SB3 DQN with LMQNetworkPolicy (SB3's replay buffer and target network, Boltzmann exploration)."""
+
+    env: str = hparam("TextGenToy-v0", "registered env id")
+    out: str = hparam("runs/sb3-dqn", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    num_envs: int = hparam(8, "parallel envs, advanced in one batched step")
+    total_steps: int = hparam(4_000, "env steps (transitions) to train for")
+    max_new_tokens: int = hparam(4, "tokens per episode")
+    kl_coef: float = hparam(0.0, "beta of the env's beta*log pi_ref shaping (DQN has no entropy bonus)")
+    lr: float = hparam(1e-3, "Adam learning rate")
+    buffer_size: int = hparam(20_000, "replay capacity (SB3's DictReplayBuffer)")
+    learning_starts: int = hparam(200, "transitions before learning")
+    batch_size: int = hparam(64, "transitions per gradient step")
+    train_freq: int = hparam(4, "env steps (per env) between updates")
+    gradient_steps: int = hparam(4, "gradient steps per update")
+    target_update_interval: int = hparam(200, "env steps between hard target-network updates")
+    exploration_eps: float = hparam(0.0, "epsilon of SB3's epsilon-greedy (uniform over valid tokens); 0 = Boltzmann only")
+    temperature: float = hparam(1.0, "Boltzmann exploration temperature: sample softmax(Q / temperature)")
+
+    def algorithm_kwargs(self) -> dict:
+        return dict(buffer_size=self.buffer_size, learning_starts=self.learning_starts, batch_size=self.batch_size,
+                    train_freq=self.train_freq, gradient_steps=self.gradient_steps,
+                    target_update_interval=self.target_update_interval, exploration_initial_eps=self.exploration_eps,
+                    exploration_final_eps=self.exploration_eps, policy_kwargs={"temperature": self.temperature})
+
+
+def train(cfg: SB3Config, algorithm: str) -> dict:
+    """``textgym train sb3-{ppo,a2c,dqn}``: learn, then save ``sb3_model.zip`` and ``final/`` (HF dir)."""
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    if (out / "sb3_model.zip").exists():
+        raise FileExistsError(f"{out} already holds a run; pick another --out")
+    torch.manual_seed(cfg.seed)
+    venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef)
+    model_dir = make_policy_model(cfg.model, venv.unwrapped.env, out, cfg.seed)
+    agent = make_sb3_agent(algorithm, venv, model=model_dir, learning_rate=cfg.lr, gamma=cfg.gamma, seed=cfg.seed,
+                           device=device, **cfg.algorithm_kwargs())
+    agent.set_logger(configure(str(out), ["tensorboard", "csv"]))
+    agent.logger.record("hparams", "\n".join(f"    {k} = {v!r}" for k, v in asdict(cfg).items()),
+                        exclude=("stdout", "log", "json", "csv"))
+    callback = TextGenCallback(cfg.sample_every)
+    t0 = time.perf_counter()
+    try:
+        agent.learn(cfg.total_steps, callback=callback, progress_bar=True)
+    finally:  # Ctrl-C included: keep what was learned
+        agent.save(out / "sb3_model.zip")
+        final = export_hf(agent, out / "final")
+    seconds = time.perf_counter() - t0
+    summary = {"algorithm": f"sb3-{algorithm}", "env_steps": int(agent.num_timesteps), "seconds": round(seconds, 1),
+               "tokens_per_s": round(agent.num_timesteps / seconds, 1), **callback.summary(), "final": str(final),
+               "initial_model": str(model_dir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return summary
