@@ -180,14 +180,14 @@ class RewardConfig:
     model: str = hparam("default", "backbone initialisation: 'default' or an HF causal-LM dir")
     data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
     out: str = hparam("runs/reward", "output dir: TensorBoard events, final/ (the reward model)")
-    num_prompts: int = hparam(6000, "train prompts when building data")
-    k: int = hparam(4, "completions per prompt when building data")
+    num_prompts: int = hparam(8000, "train prompts when building data")
+    k: int = hparam(6, "completions per prompt when building data (k(k-1)/2 pairs each)")
     tau: float = hparam(0.0, "labeller noise when building data (0 = noiseless)")
     max_new_tokens: int = hparam(32, "completion length when building data")
     eval_prompts: int = hparam(500, "held-out (test split) prompts for accuracy and Spearman")
     epochs: int = hparam(2, "passes over the pairs")
-    batch_size: int = hparam(32, "pairs per step (grouped by prompt)")
-    lr: float = hparam(1e-4, "peak AdamW learning rate (linear warmup and decay)")
+    batch_size: int = hparam(64, "pairs per step (grouped by prompt)")
+    lr: float = hparam(3e-4, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.05, "fraction of steps spent warming up")
     weight_decay: float = hparam(0.0, "AdamW weight decay")
     margin: float = hparam(0.0, "Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)")
@@ -271,15 +271,18 @@ def fit(
     """Minimise the Bradley-Terry loss over ``pairs`` (AdamW, linear warmup/decay); returns steps."""
     if not pairs:
         raise ValueError("no preference pairs to train on")
-    n_steps = cfg.epochs * sum(1 for _ in batches_by_prompt(pairs, cfg.batch_size, np.random.default_rng(0)))
+    # Draw every epoch's batches up front (the same rng draws as drawing them per epoch) so the
+    # schedule's length is exact: batch counts vary with the shuffle, as groups differ in size.
+    epochs = [list(batches_by_prompt(pairs, cfg.batch_size, rng)) for _ in range(cfg.epochs)]
+    n_steps = sum(len(batches) for batches in epochs)
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
     step = 0
     rm.train()
     with progress_bar("reward") as bar:
         task = bar.add_task("reward", total=n_steps, status="")
-        for epoch in range(cfg.epochs):
-            for batch in batches_by_prompt(pairs, cfg.batch_size, rng):
+        for epoch, batches in enumerate(epochs):
+            for batch in batches:
                 chosen, rejected = pair_rewards(rm, batch)
                 loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
                 if not torch.isfinite(loss):
