@@ -2,8 +2,20 @@
 
     textgym train dqn --env TextGenToy-v0
 
-Q(s, .) is the LM itself: the Q-value of token a in context s is the LM's logit, so before any
-update the Boltzmann policy softmax(Q / 1) *is* the pretrained LM (invalid tokens get -inf).
+Q(s, .) comes from the LM itself, in one of two forms (``q_form``), invalid tokens at -inf:
+
+    "logits"       Q(s, a) = logit(s, a)
+    "log_policy"   Q(s, a) = V(s) + beta log pi(a | s),   pi = softmax(logits),  V = s * (zero-init head)
+
+so before any update the Boltzmann policy softmax(Q / beta) *is* the pretrained LM either way. The
+second is the soft-Q form: its soft value beta log sum_a exp(Q(s, a) / beta) is exactly V(s), and
+with the env's beta log pi_ref shaping the initial TD errors are zero everywhere except where the
+reward model pays (Q = V + beta log pi_ref, V = 0 is the fixed point of the shaping alone). Raw
+logits carry an arbitrary per-state offset logsumexp(logits(s)); the TD updates then spend their
+first steps erasing those offsets, which wrecks the LM before the reward can teach it anything.
+The value head's output is scaled by ``value_scale`` s: with one learning rate for the LM and the
+fresh head, s multiplies the head's effective (Adam) step, so V can follow returns of a few nats
+while the LM moves slowly; without it the TD errors land on beta log pi, i.e. on the policy.
 Transitions go to a uniform or prioritized replay buffer (``agents.replay``); each gradient step
 minimises the Huber loss of the TD error
 
@@ -17,7 +29,8 @@ weighted by the importance-sampling weights under prioritized replay (whose prio
 form: its optimal policy softmax(Q / beta) maximises E[R] + beta H, i.e. E[R] - beta KL(pi || pi_ref)
 when the env pays beta log pi_ref (``--env-kl-coef beta``). The target network is a copy updated
 hard every ``target_update_every`` steps, or by Polyak averaging with ``tau < 1``. Exploration:
-epsilon-greedy with epsilon annealed linearly, or Boltzmann sampling at ``temperature``.
+epsilon-greedy with epsilon annealed linearly, or Boltzmann sampling softmax(Q / T) (``temperature``; by
+default T = the Q-form's beta, so exploration starts as the LM itself).
 """
 
 from __future__ import annotations
@@ -62,11 +75,13 @@ class DQNConfig:
     double_dqn: bool = hparam(True, "double DQN targets")
     soft_q: bool = hparam(False, "soft Bellman backup V = beta log sum exp(Q / beta)")
     soft_q_beta: float = hparam(0.1, "temperature beta of the soft backup")
+    value_scale: float = hparam(10.0, "V = value_scale * Linear(h) in the log_policy form (the head's effective lr multiplier)")
+    q_form: str = hparam("log_policy", "'log_policy' (Q = V + beta log pi; beta = soft_q_beta with soft-Q, else 1) or 'logits' (Q = logits)")
     exploration: str = hparam("epsilon", "'epsilon' (epsilon-greedy) or 'boltzmann' (softmax(Q / temperature))")
     epsilon_start: float = hparam(1.0, "initial epsilon")
     epsilon_end: float = hparam(0.05, "final epsilon")
     epsilon_fraction: float = hparam(0.5, "fraction of training over which epsilon anneals")
-    temperature: float = hparam(1.0, "Boltzmann temperature (1 = the LM's own distribution at the start)")
+    temperature: float = hparam(0.0, "Boltzmann temperature; 0 = the Q-scale beta (soft_q_beta with soft-Q, else 1): the LM's own distribution at the start")
     max_grad_norm: float = hparam(10.0, "clip the global gradient norm")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
@@ -76,28 +91,43 @@ class DQNConfig:
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
+        if self.q_form not in ("log_policy", "logits"):
+            raise ValueError(f"unknown q_form {self.q_form!r}; expected 'log_policy' or 'logits'")
         if self.exploration not in ("epsilon", "boltzmann"):
             raise ValueError(f"unknown exploration {self.exploration!r}; expected 'epsilon' or 'boltzmann'")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps")
+        require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps", "soft_q_beta", "value_scale")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = the Q-scale beta), got {self.temperature}")
+
+    @property
+    def q_beta(self) -> float:
+        """The scale beta of the log-policy Q-form: softmax(Q / beta) is the LM's distribution."""
+        return self.soft_q_beta if self.soft_q else 1.0
 
 
-def q_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Q(s, .) for left-padded contexts: the LM's last-position logits, invalid actions at -inf."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask)).logits[:, -1].float()
-    return logits.masked_fill(~valid, float("-inf"))
+def q_values(policy: LMPolicy, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: DQNConfig) -> torch.Tensor:
+    """Q(s, .) for left-padded contexts (see ``q_form``), invalid actions at -inf."""
+    log_policy_form = cfg.q_form == "log_policy"
+    out = policy.model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), output_hidden_states=log_policy_form)
+    logits = out.logits[:, -1].float().masked_fill(~policy.valid_actions, float("-inf"))
+    if not log_policy_form:
+        return logits
+    beta = cfg.q_beta
+    value = cfg.value_scale * policy.value_head(out.hidden_states[-1][:, -1].float())  # (B, 1)
+    return value + beta * F.log_softmax(logits, dim=-1)
 
 
-def td_targets(batch, q_net, target_net, valid, cfg: DQNConfig) -> torch.Tensor:
+def td_targets(batch, q_net, target_net, cfg: DQNConfig) -> torch.Tensor:
     """y = R^(n) + gamma^n (1 - done) V_target(s')."""
     with torch.no_grad():
-        q_next_target = q_values(target_net, batch.next_contexts, batch.next_mask, valid)
+        q_next_target = q_values(target_net, batch.next_contexts, batch.next_mask, cfg)
         if cfg.soft_q:
             v_next = cfg.soft_q_beta * torch.logsumexp(q_next_target / cfg.soft_q_beta, dim=-1)
         elif cfg.double_dqn:
-            best = q_values(q_net, batch.next_contexts, batch.next_mask, valid).argmax(-1, keepdim=True)
+            best = q_values(q_net, batch.next_contexts, batch.next_mask, cfg).argmax(-1, keepdim=True)
             v_next = q_next_target.gather(-1, best).squeeze(-1)
         else:
             v_next = q_next_target.max(-1).values
@@ -116,9 +146,10 @@ def train(cfg: DQNConfig) -> dict:
     run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
     env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
-    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions,
+                           value_head=cfg.q_form == "log_policy")
     check_policy_fits_env(policy, env)
-    q_net, valid = policy.model, policy.valid_actions
+    q_net, valid = policy, policy.valid_actions  # the Q-network: the LM (+ the value head for "log_policy")
     target_net = copy.deepcopy(q_net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
     buffer_cls = PrioritizedReplayBuffer if cfg.prioritized else ReplayBuffer
@@ -161,13 +192,13 @@ def train(cfg: DQNConfig) -> dict:
             eps = epsilon_at(run.env_steps, total_transitions, cfg) if cfg.exploration == "epsilon" else 0.0
             for _t in range(cfg.max_new_tokens):
                 with torch.no_grad():
-                    q = q_values(q_net, ids, attn, valid).cpu()
+                    q = q_values(q_net, ids, attn, cfg).cpu()
                 if cfg.exploration == "epsilon":  # epsilon-greedy over the valid tokens
                     random_actions = torch.multinomial(valid.float().cpu().expand(cfg.num_envs, -1), 1, generator=gen).squeeze(1)
                     explore = torch.rand(cfg.num_envs, generator=gen) < eps
                     actions = torch.where(explore, random_actions, q.argmax(-1))
                 else:  # Boltzmann: softmax(Q / T); at T = 1 and before training this is the LM itself
-                    actions = torch.multinomial(torch.softmax(q / cfg.temperature, -1), 1, generator=gen).squeeze(1)
+                    actions = torch.multinomial(torch.softmax(q / (cfg.temperature or cfg.q_beta), -1), 1, generator=gen).squeeze(1)
                 out = env.step_tensor(actions.to(device))
                 next_ids, next_attn = out.input_ids.clone(), out.attention_mask.clone()
                 terminated = out.terminated.cpu()
@@ -194,8 +225,8 @@ def train(cfg: DQNConfig) -> dict:
                     if cfg.prioritized:
                         buffer.anneal_beta(run.env_steps / total_transitions, cfg.per_beta0)
                     batch = buffer.sample(cfg.batch_size, device)
-                    targets = td_targets(batch, q_net, target_net, valid, cfg)
-                    q_sa = q_values(q_net, batch.contexts, batch.context_mask, valid).gather(-1, batch.actions.view(-1, 1)).squeeze(-1)
+                    targets = td_targets(batch, q_net, target_net, cfg)
+                    q_sa = q_values(q_net, batch.contexts, batch.context_mask, cfg).gather(-1, batch.actions.view(-1, 1)).squeeze(-1)
                     td_error = q_sa - targets
                     loss = (batch.weights * F.smooth_l1_loss(q_sa, targets, reduction="none")).mean()  # Huber
                     check_finite("loss", loss, run.update, run.ckpt_dir)

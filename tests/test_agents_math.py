@@ -150,3 +150,41 @@ def test_replay_state_round_trip():
     other = PrioritizedReplayBuffer(8, max_len=4, seed=1)
     other.load_state_dict(tensors, meta)
     assert other.sample_indices(16)[0].tolist() == buf.sample_indices(16)[0].tolist()
+
+
+def test_dqn_log_policy_q_is_the_lm_and_its_soft_value_is_the_value_head(tiny_gpt2_dir):
+    from agents.dqn import DQNConfig, q_values
+    from agents.policy import LMPolicy
+
+    policy = LMPolicy.load(tiny_gpt2_dir, "cpu", value_head=True)
+    policy.valid_actions[policy.tokenizer.pad_token_id] = False
+    ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cfg = DQNConfig(soft_q=True, soft_q_beta=0.5, q_form="log_policy")
+    with torch.no_grad():
+        q = q_values(policy, ids, mask, cfg)
+        logits = q_values(policy, ids, mask, DQNConfig(q_form="logits"))
+        # Boltzmann at beta is the LM; soft value beta*logsumexp(Q/beta) = V(s) = 0 for the zero-init head
+        torch.testing.assert_close(torch.softmax(q / 0.5, -1), torch.softmax(logits, -1))
+        torch.testing.assert_close(0.5 * torch.logsumexp(q / 0.5, -1), torch.zeros(2), atol=1e-5, rtol=0)
+        torch.nn.init.constant_(policy.value_head.bias, 2.0 / cfg.value_scale)  # V = value_scale * head
+        torch.testing.assert_close(0.5 * torch.logsumexp(q_values(policy, ids, mask, cfg) / 0.5, -1), torch.full((2,), 2.0))
+    assert torch.isinf(q[:, policy.tokenizer.pad_token_id]).all(), "invalid tokens stay at -inf"
+    with pytest.raises(ValueError, match="unknown q_form 'dueling'"):
+        DQNConfig(q_form="dueling")
+
+
+def test_inverse_cdf_sampling_matches_the_probabilities_and_never_draws_masked_tokens():
+    from agents.policy import sample_categorical
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.7, 0.0])  # masked tokens at both ends and inside
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_categorical(probs.expand(1000, -1), gen) for _ in range(100)])
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert freq[[0, 2, 5]].eq(0).all()
+    torch.testing.assert_close(freq, probs, atol=0.005, rtol=0)  # 100k draws: std ~0.0015
+    again = torch.cat([sample_categorical(probs.expand(1000, -1), torch.Generator().manual_seed(0)) for _ in range(1)])
+    assert torch.equal(again, draws[:1000]), "seeded: same generator state, same tokens"
+    one_hot = torch.zeros(3, 8192)
+    one_hot[torch.arange(3), torch.tensor([0, 4000, 8191])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [0, 4000, 8191]
