@@ -4,18 +4,23 @@
     from stable_baselines3 import PPO
     from agents.sb3 import LMActorCriticPolicy
 
-    model = PPO(LMActorCriticPolicy, gym.make("TextGen-v0", kl_coef=0.05), ent_coef=0.05,
-                policy_kwargs={"model": "default"})
-    model.learn(4096)
+    beta = 0.05
+    model = PPO(LMActorCriticPolicy, gym.make("TextGen-v0", kl_coef=beta), policy_kwargs={"model": "default"})
+    model.learn(4096, callback=TextGenCallback(kl_coef=beta))   # + reward -= beta log pi: the KL penalty
 
 or ``textgym train sb3-ppo | sb3-a2c | sb3-dqn``. What this file adds to SB3, and nothing more:
 
 * ``LMActorCriticPolicy`` (PPO, A2C): the action distribution is the LM's own next-token
   categorical (its LM head's logits, invalid tokens at -inf), not a fresh linear layer over
   features, so training starts from the pretrained LM; the value is a zero-initialised
-  ``Linear(hidden, 1)`` on the last layer's hidden state of the newest token (shared backbone).
-* ``LMQNetworkPolicy`` (DQN): Q(s, .) = the LM's logits, so the Boltzmann policy softmax(Q / 1)
-  starts as the pretrained LM, as in ``agents.dqn``. SB3's own replay buffer and target network.
+  ``Linear(hidden, 1)`` on the last layer's hidden state of the newest token (shared backbone),
+  scaled by ``value_scale``: V = s * Linear(h). SB3 has one learning rate for all parameters, and
+  the LM's (~1e-5) leaves a fresh head unable to follow returns of a few nats; under Adam/RMSprop
+  the factor s multiplies the head's effective learning rate by s.
+* ``LMQNetworkPolicy`` (DQN): Q(s, a) = V(s) + T log pi(a | s) with pi the LM's next-token softmax
+  and V a zero-initialised head (``q_form="log_policy"``, as in ``agents.dqn``; or the raw logits,
+  ``q_form="logits"``), so the Boltzmann policy softmax(Q / T) starts as the pretrained LM. SB3's own
+  replay buffer and target network.
   Exploration: SB3's epsilon-greedy samples uniformly from the whole vocabulary (only valid tokens,
   see ``envs.text_gen.TokenActions``), which on a real LM mostly writes noise; the setting that
   works is ``exploration_initial_eps = exploration_final_eps = 0`` with Boltzmann sampling from
@@ -24,11 +29,22 @@ or ``textgym train sb3-ppo | sb3-a2c | sb3-dqn``. What this file adds to SB3, an
 * ``SB3VecEnv``: an SB3 ``VecEnv`` over the batched ``envs.vector.TextGenVectorEnv`` in
   ``same_step`` autoreset mode, so an SB3 rollout advances all envs in one tensor step (not a
   ``DummyVecEnv`` looping over N envs), with SB3's ``terminal_observation`` convention.
-* ``TextGenCallback``: ``reward/rm``, ``reward/gold``, ``kl/ref`` and sample texts in SB3's logger.
+* ``TextGenCallback``: ``reward/rm``, ``reward/gold``, ``kl/ref`` and sample texts in SB3's logger;
+  with ``kl_coef=beta`` it also charges the policy's own log-prob, see below.
 
-KL regularisation is the env's route: the env pays beta * log pi_ref(a_t | s_t) per token
-(``kl_coef=beta``) and SB3's entropy bonus is ``ent_coef = beta``; together they optimise
-E[R] - beta KL(pi || pi_ref) (see ``envs.text_gen``). Default beta = 0.05 (the custom PPO's).
+KL regularisation. The env pays beta * log pi_ref(a_t | s_t) per token (``kl_coef=beta``; default
+beta = 0.05, the custom PPO's). Two ways to supply the missing -beta log pi term of the per-token
+KL penalty r_t = RM [t = T] - beta (log pi(a_t|s_t) - log pi_ref(a_t|s_t)):
+
+* ``kl_route="reward"`` (default): ``TextGenCallback(kl_coef=beta)`` subtracts beta log pi_old(a_t|s_t)
+  (the rollout's log-prob) from each reward before SB3 stores it, so returns and advantages carry
+  the exact KL-penalised reward, as in Ziegler et al. and ``agents.ppo``; ``ent_coef = 0``.
+* ``kl_route="entropy"``: ``ent_coef = beta``, as E_pi[-beta log pi] = beta H(pi). Exact for one
+  token, but SB3's entropy bonus is a loss on the current state only, not part of the return, so an
+  action is never charged for the entropy it removes from *later* states: the policy drifts to
+  low-entropy continuations that the reference likes (measured on TextGen-v0, 8,192 steps: entropy
+  5.2 -> 3.7 nats, KL 4.7, reward-model score unchanged). It also needs ``normalize_advantage=False``
+  (normalisation rescales the shaping but not the bonus; with it, entropy grew 5.2 -> 6.4 instead).
 
 Caching. SB3 hands the policy whole observations (the left-padded context) every step, so a plain
 policy re-encodes the full context for every generated token. While *acting* (no gradients),
@@ -68,7 +84,7 @@ from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
 import envs  # noqa: F401  (registers the suite)
-from agents.policy import VALUE_HEAD_FILE
+from agents.policy import VALUE_HEAD_FILE, sample_categorical
 from agents.run import make_env, make_policy_model
 from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
@@ -119,7 +135,7 @@ class ObservationCache:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch = ids.shape[0]
-        if self.cache is None or self.cache.batch_size != batch:
+        if self.cache is None or self.last[0].shape != ids.shape:  # first call, or another env's stream
             self.cache = CachedLM(self.model, batch, self.pad_token_id, keep_hidden=self.keep_hidden)
             fresh = torch.ones(batch, dtype=torch.bool, device=ids.device)
         else:
@@ -182,13 +198,17 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
     """SB3 actor-critic policy: pi(a|s) = the LM's next-token softmax, V(s) = Linear(hidden state).
 
     ``policy_kwargs``: ``model`` ("default", an HF causal-LM dir, or an instance with ``tokenizer``),
-    ``use_cache`` (KV cache while acting, default True). SB3's ``net_arch``/``ortho_init`` do not apply.
+    ``value_scale`` (V = s * Linear(h), default 10), ``use_cache`` (KV cache while acting, default
+    True). SB3's ``net_arch``/``ortho_init`` do not apply.
     """
 
-    def __init__(self, observation_space, action_space, lr_schedule, model="default", tokenizer=None, use_cache: bool = True, **kwargs):
+    def __init__(self, observation_space, action_space, lr_schedule, model="default", tokenizer=None,
+                 value_scale: float = 10.0, use_cache: bool = True, **kwargs):
+        if value_scale <= 0:
+            raise ValueError(f"value_scale must be positive, got {value_scale}")
         # Plain attributes set before nn.Module.__init__ (a model instance must not register here).
         object.__setattr__(self, "_model_source", model)
-        self._tokenizer_arg, self._use_cache = tokenizer, use_cache
+        self._tokenizer_arg, self._use_cache, self.value_scale = tokenizer, use_cache, value_scale
         kwargs["ortho_init"] = False  # the LM is pretrained; the value head is zero-initialised below
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -203,7 +223,7 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
-        data.update(model=self._model_source if isinstance(self._model_source, (str, Path)) else "default",
+        data.update(model=self._model_source, tokenizer=self._tokenizer_arg, value_scale=self.value_scale,
                     use_cache=self._use_cache)
         return data
 
@@ -212,12 +232,12 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)
         self.last_log_policy = F.log_softmax(logits, dim=-1)
-        return actions, self.value_net(hidden), distribution.log_prob(actions)
+        return actions, self.value(hidden), distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions: torch.Tensor):
         logits, hidden = self.next_token(obs, hidden=True)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
-        return self.value_net(hidden), distribution.log_prob(actions), distribution.entropy()
+        return self.value(hidden), distribution.log_prob(actions), distribution.entropy()
 
     def get_distribution(self, obs):
         logits, _ = self.next_token(obs, hidden=False)
@@ -225,48 +245,68 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
 
     def predict_values(self, obs) -> torch.Tensor:
         ids, mask = split_obs(obs)  # bootstrap values: a full pass, so the acting cache stays in step
-        return self.value_net(self.full_pass(ids, mask, hidden=True)[1])
+        return self.value(self.full_pass(ids, mask, hidden=True)[1])
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_scale * self.value_net(hidden)
 
 
 # -- DQN --------------------------------------------------------------------------------------------
 class LMQNetwork(_LMModule, BasePolicy):
-    """Q(s, .) = the LM's logits over valid tokens (-inf elsewhere)."""
+    """Q(s, .) over valid tokens (-inf elsewhere): V(s) + T log pi(. | s), or the LM's raw logits."""
 
-    def __init__(self, observation_space, action_space, model, tokenizer, temperature: float, use_cache: bool):
+    def __init__(self, observation_space, action_space, model, tokenizer, temperature: float, use_cache: bool, q_form: str,
+                 value_scale: float):
         super().__init__(observation_space, action_space)
-        self._init_lm(model, tokenizer, action_space, keep_hidden=False, use_cache=use_cache)
-        self.temperature = temperature
+        self.q_form, self.temperature, self.value_scale = q_form, temperature, value_scale
+        self._init_lm(model, tokenizer, action_space, keep_hidden=q_form == "log_policy", use_cache=use_cache)
+        if q_form == "log_policy":
+            self.value_net = nn.Linear(model.config.get_text_config().hidden_size, 1)
+            nn.init.zeros_(self.value_net.weight)
+            nn.init.zeros_(self.value_net.bias)
+
+    def q_from(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        if self.q_form == "logits":
+            return logits
+        return self.value_scale * self.value_net(hidden) + self.temperature * F.log_softmax(logits, dim=-1)
 
     def forward(self, obs) -> torch.Tensor:
         ids, mask = split_obs(obs)  # TD targets and updates: full passes over replayed transitions
-        return self.full_pass(ids, mask, hidden=False)[0].masked_fill(~self.valid_actions, float("-inf"))
+        logits, hidden = self.full_pass(ids, mask, hidden=self.q_form == "log_policy")
+        return self.q_from(logits.masked_fill(~self.valid_actions, float("-inf")), hidden)
 
     def _predict(self, obs, deterministic: bool = True) -> torch.Tensor:
-        q, _ = self.next_token(obs, hidden=False)
+        q = self.q_from(*self.next_token(obs, hidden=self.q_form == "log_policy"))
         if deterministic:
             return q.argmax(dim=1)
         log_policy = F.log_softmax(q / self.temperature, dim=-1)  # Boltzmann exploration
         self.last_log_policy = log_policy
-        return torch.multinomial(log_policy.exp(), 1).squeeze(1)
+        return sample_categorical(log_policy.exp())
 
 
 class LMQNetworkPolicy(DQNPolicy):
     """SB3 DQN policy whose Q-network (and target network) is the LM; ``policy_kwargs``: ``model``,
-    ``tokenizer`` (with an instance), ``temperature`` (Boltzmann exploration), ``use_cache``."""
+    ``tokenizer`` (with an instance), ``temperature`` T (Boltzmann exploration), ``q_form``, ``value_scale``
+    (V = s * Linear(h) in the log-policy form, as in ``LMActorCriticPolicy``), ``use_cache``."""
 
     def __init__(self, observation_space, action_space, lr_schedule, model="default", tokenizer=None,
-                 temperature: float = 1.0, use_cache: bool = True, **kwargs):
+                 temperature: float = 1.0, q_form: str = "log_policy", value_scale: float = 10.0, use_cache: bool = True,
+                 **kwargs):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if q_form not in ("log_policy", "logits"):
+            raise ValueError(f"unknown q_form {q_form!r}; expected 'log_policy' or 'logits'")
         object.__setattr__(self, "_model_source", model)
-        self._tokenizer_arg, self._temperature, self._use_cache = tokenizer, temperature, use_cache
+        self._tokenizer_arg, self._temperature, self._use_cache, self._q_form = tokenizer, temperature, use_cache, q_form
+        self._value_scale = value_scale
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def make_q_net(self) -> LMQNetwork:
         model, tokenizer = load_policy_lm(self._model_source, self._tokenizer_arg, self.action_space)
         if hasattr(self, "q_net") and not isinstance(self._model_source, (str, Path)):
             model = copy.deepcopy(model)  # the target network gets its own copy of an instance
-        return LMQNetwork(self.observation_space, self.action_space, model, tokenizer, self._temperature, self._use_cache).to(self.device)
+        return LMQNetwork(self.observation_space, self.action_space, model, tokenizer, self._temperature, self._use_cache,
+                          self._q_form, self._value_scale).to(self.device)
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
@@ -274,9 +314,13 @@ class LMQNetworkPolicy(DQNPolicy):
 
     def _get_constructor_parameters(self) -> dict:
         data = super()._get_constructor_parameters()
-        data.update(model=self._model_source if isinstance(self._model_source, (str, Path)) else "default",
-                    temperature=self._temperature, use_cache=self._use_cache)
+        data.update(model=self._model_source, tokenizer=self._tokenizer_arg, temperature=self._temperature,
+                    q_form=self._q_form, value_scale=self._value_scale, use_cache=self._use_cache)
         return data
+
+    def load_state_dict(self, *args, **kwargs):
+        self.q_net.acting.invalidate()  # new weights: cached keys/values are stale
+        return super().load_state_dict(*args, **kwargs)
 
 
 POLICIES = {"ppo": LMActorCriticPolicy, "a2c": LMActorCriticPolicy, "dqn": LMQNetworkPolicy}
@@ -307,7 +351,8 @@ def export_hf(agent, path: str | Path) -> Path:
     model, tokenizer = policy_lm(agent)
     path = save_lm(model, tokenizer, path)
     if isinstance(agent.policy, LMActorCriticPolicy):
-        head = {k: v.detach().cpu().contiguous() for k, v in agent.policy.value_net.state_dict().items()}
+        # Stored as the plain Linear that agents.policy.LMPolicy reads: the scale folded in.
+        head = {k: (agent.policy.value_scale * v).detach().cpu().contiguous() for k, v in agent.policy.value_net.state_dict().items()}
         save_file(head, str(path / VALUE_HEAD_FILE))
     return path
 
@@ -395,11 +440,17 @@ class TextGenCallback(BaseCallback):
 
     kl/ref is the sequence KL estimate sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t) (k1), available
     when the env loads a reference (``kl_coef > 0``) and the policy chose every action itself.
+
+    ``kl_coef`` = beta > 0 (PPO, A2C): each step's rewards get -beta log pi_old(a_t|s_t) before SB3
+    stores them (the ``rewards`` array SB3 hands its callbacks is the one it then adds to the rollout
+    buffer), which with the env's beta log pi_ref shaping is the per-token KL penalty.
     """
 
-    def __init__(self, sample_every: int = 5, window: int = 100):
+    def __init__(self, sample_every: int = 5, window: int = 100, kl_coef: float = 0.0):
         super().__init__()
-        self.sample_every, self.window = sample_every, window
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.sample_every, self.window, self.kl_coef = sample_every, window, kl_coef
         self.rollouts = 0
 
     def _on_training_start(self) -> None:
@@ -415,6 +466,10 @@ class TextGenCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         infos, dones = self.locals["infos"], self.locals["dones"]
+        if self.kl_coef > 0:
+            if "log_probs" not in self.locals:
+                raise ValueError(f"TextGenCallback(kl_coef>0) needs an on-policy algorithm (PPO, A2C), not {type(self.model).__name__}")
+            self.locals["rewards"] -= self.kl_coef * self.locals["log_probs"].cpu().numpy()
         net = self._policy_net()
         log_policy, net.last_log_policy = net.last_log_policy, None
         actions = np.asarray(self.locals["actions"]).reshape(-1)
@@ -456,8 +511,8 @@ class SB3Config:
     num_envs: int = hparam(16, "parallel envs, advanced in one batched step")
     total_steps: int = hparam(8_192, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
-    kl_coef: float = hparam(0.05, "beta: the env pays beta*log pi_ref per token and ent_coef = beta (E[R] - beta KL)")
-    lr: float = hparam(3e-5, "Adam learning rate")
+    kl_coef: float = hparam(0.05, "beta of the KL penalty: the env pays beta*log pi_ref per token (see kl_route)")
+    lr: float = hparam(5e-5, "Adam learning rate")
     gamma: float = hparam(1.0, "discount")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
@@ -472,15 +527,35 @@ class SB3Config:
     def algorithm_kwargs(self) -> dict:
         raise NotImplementedError
 
+    def callback_kl_coef(self) -> float:
+        return 0.0
+
 
 @dataclass
-class SB3PPOConfig(SB3Config):
+class SB3ActorCriticConfig(SB3Config):
+    kl_route: str = hparam("reward", "where -beta*log pi comes from: 'reward' (the callback charges it per token) "
+                                     "or 'entropy' (ent_coef = beta; see agents/sb3.py for why 'reward' is the default)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_route not in ("reward", "entropy"):
+            raise ValueError(f"unknown kl_route {self.kl_route!r}; expected 'reward' or 'entropy'")
+
+    def callback_kl_coef(self) -> float:
+        return self.kl_coef if self.kl_route == "reward" else 0.0
+
+    def ent_coef(self) -> float:
+        return self.kl_coef if self.kl_route == "entropy" else 0.0
+
+
+@dataclass
+class SB3PPOConfig(SB3ActorCriticConfig):
     """SB3 PPO with LMActorCriticPolicy."""
 
     out: str = hparam("runs/sb3-ppo", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
     n_steps: int = hparam(32, "steps per env per rollout (rollout = n_steps * num_envs transitions)")
-    batch_size: int = hparam(64, "minibatch size (transitions)")
-    n_epochs: int = hparam(2, "passes over each rollout")
+    batch_size: int = hparam(128, "minibatch size (transitions)")
+    n_epochs: int = hparam(4, "passes over each rollout")
     gae_lambda: float = hparam(0.95, "GAE lambda")
     clip_range: float = hparam(0.2, "surrogate clipping epsilon")
     vf_coef: float = hparam(0.1, "value loss coefficient")
@@ -488,13 +563,14 @@ class SB3PPOConfig(SB3Config):
     target_kl: float = hparam(0.05, "stop the epochs early past this approx KL (0 = never)")
 
     def algorithm_kwargs(self) -> dict:
+        # Advantage normalisation rescales the reward but not an entropy bonus: off for the entropy route.
         return dict(n_steps=self.n_steps, batch_size=self.batch_size, n_epochs=self.n_epochs, gae_lambda=self.gae_lambda,
                     clip_range=self.clip_range, vf_coef=self.vf_coef, max_grad_norm=self.max_grad_norm,
-                    target_kl=self.target_kl or None, ent_coef=self.kl_coef)
+                    target_kl=self.target_kl or None, ent_coef=self.ent_coef(), normalize_advantage=self.kl_route == "reward")
 
 
 @dataclass
-class SB3A2CConfig(SB3Config):
+class SB3A2CConfig(SB3ActorCriticConfig):
     """SB3 A2C with LMActorCriticPolicy."""
 
     out: str = hparam("runs/sb3-a2c", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
@@ -506,7 +582,7 @@ class SB3A2CConfig(SB3Config):
 
     def algorithm_kwargs(self) -> dict:
         return dict(n_steps=self.n_steps, gae_lambda=self.gae_lambda, vf_coef=self.vf_coef,
-                    max_grad_norm=self.max_grad_norm, ent_coef=self.kl_coef)
+                    max_grad_norm=self.max_grad_norm, ent_coef=self.ent_coef())
 
 
 @dataclass
@@ -527,13 +603,15 @@ class SB3DQNConfig(SB3Config):
     gradient_steps: int = hparam(4, "gradient steps per update")
     target_update_interval: int = hparam(200, "env steps between hard target-network updates")
     exploration_eps: float = hparam(0.0, "epsilon of SB3's epsilon-greedy (uniform over valid tokens); 0 = Boltzmann only")
-    temperature: float = hparam(1.0, "Boltzmann exploration temperature: sample softmax(Q / temperature)")
+    temperature: float = hparam(1.0, "Boltzmann exploration temperature T: sample softmax(Q / T)")
+    q_form: str = hparam("log_policy", "'log_policy' (Q = V + T log pi, zero-init V head) or 'logits' (Q = the LM's logits)")
 
     def algorithm_kwargs(self) -> dict:
         return dict(buffer_size=self.buffer_size, learning_starts=self.learning_starts, batch_size=self.batch_size,
                     train_freq=self.train_freq, gradient_steps=self.gradient_steps,
                     target_update_interval=self.target_update_interval, exploration_initial_eps=self.exploration_eps,
-                    exploration_final_eps=self.exploration_eps, policy_kwargs={"temperature": self.temperature})
+                    exploration_final_eps=self.exploration_eps,
+                    policy_kwargs={"temperature": self.temperature, "q_form": self.q_form})
 
 
 def train(cfg: SB3Config, algorithm: str) -> dict:
@@ -550,7 +628,7 @@ def train(cfg: SB3Config, algorithm: str) -> dict:
     agent.set_logger(configure(str(out), ["tensorboard", "csv"]))
     agent.logger.record("hparams", "\n".join(f"    {k} = {v!r}" for k, v in asdict(cfg).items()),
                         exclude=("stdout", "log", "json", "csv"))
-    callback = TextGenCallback(cfg.sample_every)
+    callback = TextGenCallback(cfg.sample_every, kl_coef=cfg.callback_kl_coef())
     t0 = time.perf_counter()
     try:
         agent.learn(cfg.total_steps, callback=callback, progress_bar=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.buffers import DictReplayBuffer
+from stable_baselines3.common.vec_env import VecEnvWrapper
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -19,7 +20,9 @@ from agents.sb3 import (
     LMActorCriticPolicy,
     LMQNetworkPolicy,
     SB3DQNConfig,
+    SB3PPOConfig,
     SB3VecEnv,
+    TextGenCallback,
     export_hf,
     make_sb3_agent,
     make_sb3_vec_env,
@@ -182,6 +185,32 @@ def test_ppo_and_a2c_raise_the_toy_reward(tmp_path, algorithm):
     assert before < 0.3 and after > before + 0.4, (before, after)
 
 
+def test_kl_callback_charges_beta_log_pi_on_the_stored_rewards(tmp_path):
+    class RecordRewards(VecEnvWrapper):
+        def __init__(self, venv):
+            super().__init__(venv)
+            self.rewards = []
+
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            self.rewards.append(rewards.copy())
+            return obs, rewards, dones, infos
+
+    beta = 0.1
+    env = RecordRewards(make_sb3_vec_env("TextGenToy-v0", 4, seed=0, max_new_tokens=4, kl_coef=beta))
+    model_dir = make_policy_model("auto", env.unwrapped.env, tmp_path, seed=0)
+    agent = make_sb3_agent("ppo", env, model=model_dir, n_steps=8, batch_size=32, seed=0, device="cpu")
+    agent.learn(32, callback=TextGenCallback(kl_coef=beta))
+    buffer = agent.rollout_buffer
+    env_rewards = np.stack(env.rewards)  # beta log pi_ref(a_t) per step + the reward at episode ends
+    log_probs = buffer.log_probs.reshape(4, 8).T  # SB3's update flattened it env-major: back to (steps, envs)
+    np.testing.assert_allclose(buffer.rewards, env_rewards - beta * log_probs, rtol=1e-5, atol=1e-6)
+    assert (env_rewards != 0).all(), "the env paid its beta log pi_ref shaping on every step"
+
+
 def test_sb3_dqn_with_its_replay_buffer_reaches_the_optimal_toy_policy(tmp_path):
     summary = train(SB3DQNConfig(out=str(tmp_path / "dqn"), device="cpu"), "dqn")
     agent = DQN.load(tmp_path / "dqn" / "sb3_model.zip", device="cpu")
@@ -214,7 +243,7 @@ def test_save_load_round_trip_and_hf_export(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
-def test_bad_input_is_a_clear_error(tiny_gpt2_dir, tiny_env_kwargs):
+def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, tiny_env_kwargs):
     env = toy_env()
     with pytest.raises(ValueError, match="the policy model has 512 logits but the env has 8 actions"):
         PPO(LMActorCriticPolicy, env, policy_kwargs={"model": str(tiny_gpt2_dir)}, device="cpu")
@@ -225,6 +254,13 @@ def test_bad_input_is_a_clear_error(tiny_gpt2_dir, tiny_env_kwargs):
             make_sb3_agent(algorithm, env)
     with pytest.raises(ValueError, match="same-step autoreset"):
         SB3VecEnv(TextGenVectorEnv(num_envs=2, **tiny_env_kwargs))
+    with pytest.raises(ValueError, match="unknown kl_route 'bonus'; expected 'reward' or 'entropy'"):
+        SB3PPOConfig(kl_route="bonus")
+    entropy_route = SB3PPOConfig(kl_route="entropy", kl_coef=0.1).algorithm_kwargs()
+    assert entropy_route["ent_coef"] == 0.1 and entropy_route["normalize_advantage"] is False
+    with pytest.raises(ValueError, match="needs an on-policy algorithm"):
+        DQN(LMQNetworkPolicy, env, policy_kwargs={"model": make_policy_model("auto", env.unwrapped.env, tmp_path, 0)},
+            learning_starts=0, device="cpu").learn(16, callback=TextGenCallback(kl_coef=0.1))
     with pytest.raises(ValueError, match="temperature must be positive"):
         DQN(LMQNetworkPolicy, env, policy_kwargs={"model": str(tiny_gpt2_dir), "temperature": 0.0}, device="cpu")
 
