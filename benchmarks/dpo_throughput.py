@@ -10,13 +10,16 @@ Prints one JSON object:
 * ``rm``: (prompt, completion) pairs scored per second by ``RewardModel.score`` (batched) and by a
   plain loop over examples, and the ratio.
 
-(A side-by-side with TRL's ``DPOTrainer`` is not included: ``trl`` is not a dependency.)
+* ``trl`` (only when ``trl`` is installed; it is not a dependency): pairs per second of TRL's
+  ``DPOTrainer`` on the same model, reference, pairs, batch, beta and learning rate (sigmoid loss,
+  AdamW), timed over its training steps after a warm-up step, and our step's ratio to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -54,6 +57,37 @@ def time_it(fn, steps, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def trl_pairs_per_s(policy, reference, tokenizer, pairs, steps: int, device) -> float | None:
+    """TRL's DPOTrainer on the same model/reference/pairs/batch; None when trl is not installed."""
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+    except ImportError:
+        return None
+
+    class StepTimer(TrainerCallback):
+        times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(
+            output_dir=out, per_device_train_batch_size=len(pairs), max_steps=steps + 1, learning_rate=1e-6, beta=0.1,
+            loss_type=["sigmoid"], report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            use_cpu=device.type == "cpu", dataloader_drop_last=True, gradient_checkpointing=False,  # as ours: no recompute
+        )
+        timer = StepTimer()
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=data.repeat(steps + 1),
+                             processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    return len(pairs) * steps / (timer.times[-1] - timer.times[0])
 
 
 def main():
@@ -95,6 +129,10 @@ def main():
     t_ours, t_naive = time_it(ours, args.steps, device), time_it(naive, args.steps, device)
     result["dpo"] = {"ours_pairs_per_s": round(args.batch / t_ours, 1), "naive_pairs_per_s": round(args.batch / t_naive, 1),
                      "ratio": round(t_naive / t_ours, 3)}
+
+    trl = trl_pairs_per_s(policy, reference, tokenizer, pairs, args.steps, device)
+    if trl is not None:
+        result["trl"] = {"trl_dpo_trainer_pairs_per_s": round(trl, 1), "ours_ratio_vs_trl": round(args.batch / t_ours / trl, 3)}
 
     rm = RewardModel.load("default", device=device)
     prompts, completions = [p.prompt for p in pairs] * 4, [p.chosen for p in pairs] * 4

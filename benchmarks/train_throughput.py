@@ -3,7 +3,10 @@
     python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 5] [--batch 32]
 
 Prints one JSON object: updates/s and generated tokens/s of our PPO and REINFORCE (RLOO) on
-TextGen-v0, and of a naive REINFORCE written with plain transformers (``model.generate`` for the
+TextGen-v0, of Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy`` on the same env and
+budget (one rollout of num_envs x max_new_tokens transitions per update, the same epochs and
+minibatch count, KL through the env's shaping + ent_coef), plus SB3's acting throughput with and
+without the policy's KV cache, and of a naive REINFORCE written with plain transformers (``model.generate`` for the
 rollout, decode, ``RewardModel.score`` on the texts, re-tokenize, one forward for the log-probs,
 loss, step) at the same batch size, length and learning rate, with the ratios. Gold gain per minute
 (the gold score gained over the run divided by its wall time) is reported for each as well.
@@ -12,14 +15,17 @@ loss, step) at the same batch size, length and learning rate, with the ratios. G
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import tempfile
 import time
 
 import numpy as np
 import torch
+from stable_baselines3.common.logger import configure
 
 from agents import ppo, reinforce
+from agents.sb3 import TextGenCallback, make_sb3_agent, make_sb3_vec_env
 from pretrain import load_lm
 from pretrain.model import resolve_device
 from pretrain.sample import generate_ids
@@ -72,6 +78,39 @@ def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, **kw) -> d
             "gold_gain_per_min": (rows[-1]["reward/gold"] - rows[0]["reward/gold"]) / (seconds / 60)}
 
 
+def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        env = make_sb3_vec_env("TextGen-v0", batch, seed=0, device=device, max_new_tokens=max_new_tokens, kl_coef=kl_coef)
+        agent = make_sb3_agent("ppo", env, n_steps=max_new_tokens, batch_size=batch * max_new_tokens // minibatches,
+                               n_epochs=epochs, learning_rate=lr, gamma=1.0, ent_coef=kl_coef, vf_coef=0.1,
+                               target_kl=0.05, normalize_advantage=False, seed=0, device=device)
+        agent.set_logger(configure(out, ["csv"]))
+        start = time.perf_counter()
+        agent.learn(updates * batch * max_new_tokens, callback=TextGenCallback())
+        seconds = time.perf_counter() - start
+        rows = [r for r in csv.DictReader(open(f"{out}/progress.csv")) if r.get("reward/gold")]
+    gold = [float(r["reward/gold"]) for r in rows]
+    return {"updates_per_s": len(rows) / seconds, "tokens_per_s": agent.num_timesteps / seconds,
+            "gold_gain_per_min": (gold[-1] - gold[0]) / (seconds / 60)}
+
+
+def sb3_acting(batch, max_new_tokens, device, steps=128) -> dict:
+    """Tokens/s of SB3-style acting (policy forward on the full observation + env step), cache on/off."""
+    result = {}
+    for use_cache in (True, False):
+        env = make_sb3_vec_env("TextGen-v0", batch, seed=0, device=device, max_new_tokens=max_new_tokens)
+        agent = make_sb3_agent("ppo", env, n_steps=max_new_tokens, batch_size=batch, seed=0, device=device,
+                               policy_kwargs={"use_cache": use_cache})
+        obs = env.reset()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.no_grad():
+                actions, _, _ = agent.policy(agent.policy.obs_to_tensor(obs)[0])
+            obs, _, _, _ = env.step(actions.cpu().numpy())
+        result["cached" if use_cache else "uncached"] = steps * batch / (time.perf_counter() - start)
+    return {"acting_tokens_per_s": result, "cache_speedup": round(result["cached"] / result["uncached"], 3)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -87,7 +126,10 @@ def main():
     result["naive_reinforce"] = naive_reinforce(*common)
     result["ppo"] = ours(ppo, ppo.PPOConfig, *common)
     result["reinforce_rloo"] = ours(reinforce, reinforce.ReinforceConfig, *common)
-    for name in ("ppo", "reinforce_rloo"):
+    result["sb3_ppo"] = sb3_ppo(*common)
+    result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
+    result["ppo_tokens_per_s_ratio_vs_sb3_ppo"] = round(result["ppo"]["tokens_per_s"] / result["sb3_ppo"]["tokens_per_s"], 3)
+    for name in ("ppo", "reinforce_rloo", "sb3_ppo"):
         result[f"{name}_tokens_per_s_ratio_vs_naive"] = round(result[name]["tokens_per_s"] / result["naive_reinforce"]["tokens_per_s"], 3)
     print(json.dumps(result))
 
