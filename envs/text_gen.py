@@ -28,8 +28,13 @@ completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std be
 
     E_pi[ R - beta log(pi / pi_ref) ] = E_pi[ R + beta log pi_ref ] + beta * H(pi),
 
-an agent that adds an entropy bonus with coefficient beta (SB3's ``ent_coef=beta``, or ours)
-optimises exactly the KL-regularised RLHF objective without ever evaluating the reference itself.
+an agent that adds an entropy bonus with coefficient beta optimises the KL-regularised RLHF
+objective without ever evaluating the reference itself, provided the entropy is part of its
+*return* (soft RL: entropy-regularised returns, a soft-Q backup, or charging -beta log pi(a_t|s_t)
+per token as ``agents.sb3.TextGenCallback(kl_coef=beta)`` does). A per-state entropy bonus in the
+loss (SB3's ``ent_coef``) is exact for one token only: it never credits an action with the
+entropy it removes from later states, and on TextGen-v0 it let the policy drift to low-entropy
+text (measured in ``agents/sb3.py``).
 
 ## Episode End
 Terminated when the action is EOS or ``max_new_tokens`` tokens have been generated (the reward is
