@@ -18,6 +18,8 @@ Prints one JSON object:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 import time
@@ -86,7 +88,8 @@ def trl_pairs_per_s(policy, reference, tokenizer, pairs, steps: int, device) -> 
         timer = StepTimer()
         trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=data.repeat(steps + 1),
                              processing_class=tokenizer, callbacks=[timer])
-        trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its own summary; we print JSON only
+            trainer.train()
     return len(pairs) * steps / (timer.times[-1] - timer.times[0])
 
 
