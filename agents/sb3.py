@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +83,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
+from tqdm import TqdmExperimentalWarning
 
 import envs  # noqa: F401  (registers the suite)
 from agents.policy import VALUE_HEAD_FILE, sample_categorical
@@ -630,6 +632,7 @@ def train(cfg: SB3Config, algorithm: str) -> dict:
                         exclude=("stdout", "log", "json", "csv"))
     callback = TextGenCallback(cfg.sample_every, kl_coef=cfg.callback_kl_coef())
     t0 = time.perf_counter()
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
     try:
         agent.learn(cfg.total_steps, callback=callback, progress_bar=True)
     finally:  # Ctrl-C included: keep what was learned

@@ -268,7 +268,8 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, tiny_env_kwargs):
 def test_cli_trains_logs_exports_and_evaluates(tmp_path):
     out = tmp_path / "sb3-ppo"
     assert main(["train", "sb3-ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4", "--n-steps", "8",
-                 "--total-steps", "256", "--kl-coef", "0.05", "--sample-every", "1", "--device", "cpu", "--out", str(out)]) == 0
+                 "--batch-size", "64", "--total-steps", "256", "--kl-coef", "0.05", "--sample-every", "1", "--device", "cpu",
+                 "--out", str(out)]) == 0
     events = EventAccumulator(str(out))
     events.Reload()
     assert {"reward/rm", "reward/gold", "kl/ref", "train/entropy_loss", "rollout/ep_rew_mean"} <= set(events.Tags()["scalars"])
