@@ -153,21 +153,12 @@ def toy_env(n=8):
     return make_sb3_vec_env("TextGenToy-v0", n, seed=0, max_new_tokens=4)
 
 
-def greedy_return(agent, episodes=16):
-    env = make_sb3_vec_env("TextGenToy-v0", 8, seed=123, max_new_tokens=4)
+def mean_return(agent, deterministic: bool, episodes: int, num_envs: int = 8, seed: int = 123) -> float:
+    """Mean toy-env return of the agent's greedy (deterministic) or sampling policy on fresh episodes."""
+    env = make_sb3_vec_env("TextGenToy-v0", num_envs, seed=seed, max_new_tokens=4)
     obs, returns = env.reset(), []
     while len(returns) < episodes:
-        actions, _ = agent.predict(obs, deterministic=True)
-        obs, _, dones, infos = env.step(actions)
-        returns += [info["rm_score"] for info, done in zip(infos, dones) if done]
-    return float(np.mean(returns))
-
-
-def sampled_return(agent, episodes=64):
-    env = make_sb3_vec_env("TextGenToy-v0", 16, seed=321, max_new_tokens=4)
-    obs, returns = env.reset(), []
-    while len(returns) < episodes:
-        actions, _ = agent.predict(obs, deterministic=False)
+        actions, _ = agent.predict(obs, deterministic=deterministic)
         obs, _, dones, infos = env.step(actions)
         returns += [info["rm_score"] for info, done in zip(infos, dones) if done]
     return float(np.mean(returns))
@@ -179,9 +170,9 @@ def test_ppo_and_a2c_raise_the_toy_reward(tmp_path, algorithm):
     model_dir = make_policy_model("auto", env.unwrapped.env, tmp_path, seed=0)
     kwargs = dict(n_steps=16, batch_size=64) if algorithm == "ppo" else dict(n_steps=8)
     agent = make_sb3_agent(algorithm, env, model=model_dir, learning_rate=1e-3, gamma=1.0, seed=0, device="cpu", **kwargs)
-    before = sampled_return(agent)
+    before = mean_return(agent, deterministic=False, episodes=64, num_envs=16)
     agent.learn(2048)
-    after = sampled_return(agent)
+    after = mean_return(agent, deterministic=False, episodes=64, num_envs=16)
     assert before < 0.3 and after > before + 0.4, (before, after)
 
 
@@ -217,7 +208,7 @@ def test_sb3_dqn_with_its_replay_buffer_reaches_the_optimal_toy_policy(tmp_path)
     assert isinstance(agent.policy, LMQNetworkPolicy)
     assert agent.replay_buffer_class is DictReplayBuffer
     assert agent.policy.q_net_target is not agent.policy.q_net
-    assert greedy_return(agent) == 1.0, "greedy policy writes 'good' at every step"
+    assert mean_return(agent, deterministic=True, episodes=16) == 1.0, "greedy policy writes 'good' at every step"
     assert summary["env_steps"] == 4000
 
 
