@@ -526,11 +526,8 @@ class SB3Config:
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
-    def algorithm_kwargs(self) -> dict:
-        raise NotImplementedError
-
     def callback_kl_coef(self) -> float:
-        return 0.0
+        return 0.0  # DQN: the env's shaping only (a hard-max Q-learner has no log pi to charge)
 
 
 @dataclass
@@ -616,7 +613,7 @@ class SB3DQNConfig(SB3Config):
                     policy_kwargs={"temperature": self.temperature, "q_form": self.q_form})
 
 
-def train(cfg: SB3Config, algorithm: str) -> dict:
+def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> dict:
     """``textgym train sb3-{ppo,a2c,dqn}``: learn, then save ``sb3_model.zip`` and ``final/`` (HF dir)."""
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
