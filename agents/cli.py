@@ -51,10 +51,10 @@ COMMANDS: dict[str, Command] = {
 TRAIN: dict[str, Command] = {
     "ppo": Command(ppo.PPOConfig, ppo.train, "PPO-clip (or PPO-penalty) with GAE, value head and KL to the reference"),
     "reinforce": Command(reinforce.ReinforceConfig, reinforce.train, "REINFORCE with a baseline (none, moving average, RLOO)"),
-    "dqn": Command(dqn.DQNConfig, dqn.train, "DQN on LM logits: replay (uniform/prioritized), double/soft-Q, n-step"),
+    "dqn": Command(dqn.DQNConfig, dqn.train, "DQN with Q = V + beta log pi from the LM: replay (uniform/prioritized), double/soft-Q, n-step"),
     "sb3-ppo": Command(sb3.SB3PPOConfig, partial(sb3.train, algorithm="ppo"), "Stable-Baselines3 PPO with the LM as its actor-critic policy"),
     "sb3-a2c": Command(sb3.SB3A2CConfig, partial(sb3.train, algorithm="a2c"), "Stable-Baselines3 A2C with the LM as its actor-critic policy"),
-    "sb3-dqn": Command(sb3.SB3DQNConfig, partial(sb3.train, algorithm="dqn"), "Stable-Baselines3 DQN with the LM's logits as Q-values"),
+    "sb3-dqn": Command(sb3.SB3DQNConfig, partial(sb3.train, algorithm="dqn"), "Stable-Baselines3 DQN with Q = V + T log pi from the LM"),
 }
 
 
