@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.policy import LMPolicy, check_policy_fits_env
+from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model
 from pretrain.config import hparam, require_positive
@@ -111,7 +111,8 @@ def q_values(policy: LMPolicy, input_ids: torch.Tensor, attention_mask: torch.Te
     """Q(s, .) for left-padded contexts (see ``q_form``), invalid actions at -inf."""
     log_policy_form = cfg.q_form == "log_policy"
     out = policy.model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), output_hidden_states=log_policy_form)
+                       position_ids=position_ids_from_mask(attention_mask), output_hidden_states=log_policy_form,
+                       logits_to_keep=1)  # Q(s, .) needs the last position only
     logits = out.logits[:, -1].float().masked_fill(~policy.valid_actions, float("-inf"))
     if not log_policy_form:
         return logits
@@ -198,7 +199,7 @@ def train(cfg: DQNConfig) -> dict:
                     explore = torch.rand(cfg.num_envs, generator=gen) < eps
                     actions = torch.where(explore, random_actions, q.argmax(-1))
                 else:  # Boltzmann: softmax(Q / T); at T = 1 and before training this is the LM itself
-                    actions = torch.multinomial(torch.softmax(q / (cfg.temperature or cfg.q_beta), -1), 1, generator=gen).squeeze(1)
+                    actions = sample_categorical(torch.softmax(q / (cfg.temperature or cfg.q_beta), -1), gen)
                 out = env.step_tensor(actions.to(device))
                 next_ids, next_attn = out.input_ids.clone(), out.attention_mask.clone()
                 terminated = out.terminated.cpu()

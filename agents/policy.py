@@ -47,10 +47,7 @@ class LMPolicy(nn.Module):
                 "the policy's vocabulary must match the env's action space"
             )
         self.register_buffer("valid_actions", valid_actions.clone(), persistent=False)
-        self.value_head = nn.Linear(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd, 1) if value_head else None
-        if self.value_head is not None:
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
+        self.value_head = zero_value_head(model) if value_head else None
         self._cache: CachedLM | None = None
 
     @classmethod
@@ -125,6 +122,14 @@ class LMPolicy(nn.Module):
         if self.value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
         return path
+
+
+def zero_value_head(model) -> nn.Linear:
+    """``Linear(hidden, 1)`` for the model's last hidden state, zero-initialised (V = 0 at the start)."""
+    head = nn.Linear(model.config.get_text_config().hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -82,11 +82,10 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.dqn.policies import DQNPolicy
-from torch import nn
 from tqdm import TqdmExperimentalWarning
 
 import envs  # noqa: F401  (registers the suite)
-from agents.policy import VALUE_HEAD_FILE, sample_categorical
+from agents.policy import VALUE_HEAD_FILE, sample_categorical, zero_value_head
 from agents.run import make_env, make_policy_model
 from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
@@ -217,9 +216,7 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
     def _build(self, lr_schedule) -> None:
         model, tokenizer = load_policy_lm(self._model_source, self._tokenizer_arg, self.action_space)
         self._init_lm(model, tokenizer, self.action_space, keep_hidden=True, use_cache=self._use_cache)
-        self.value_net = nn.Linear(model.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.value_net.weight)
-        nn.init.zeros_(self.value_net.bias)
+        self.value_net = zero_value_head(model)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
         self.optimizer.register_step_post_hook(lambda *_: self.acting.invalidate())
 
@@ -233,7 +230,7 @@ class LMActorCriticPolicy(_LMModule, ActorCriticPolicy):
         logits, hidden = self.next_token(obs, hidden=True)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)
-        self.last_log_policy = F.log_softmax(logits, dim=-1)
+        self.last_log_policy = distribution.distribution.logits  # torch's Categorical keeps them normalised
         return actions, self.value(hidden), distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions: torch.Tensor):
@@ -263,9 +260,7 @@ class LMQNetwork(_LMModule, BasePolicy):
         self.q_form, self.temperature, self.value_scale = q_form, temperature, value_scale
         self._init_lm(model, tokenizer, action_space, keep_hidden=q_form == "log_policy", use_cache=use_cache)
         if q_form == "log_policy":
-            self.value_net = nn.Linear(model.config.get_text_config().hidden_size, 1)
-            nn.init.zeros_(self.value_net.weight)
-            nn.init.zeros_(self.value_net.bias)
+            self.value_net = zero_value_head(model)
 
     def q_from(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.q_form == "logits":
@@ -341,10 +336,14 @@ def make_sb3_agent(algorithm, env, model="default", **kwargs):
     return ALGORITHMS[name](POLICIES[name], env, policy_kwargs=policy_kwargs, **kwargs)
 
 
+def acting_net(agent) -> LMActorCriticPolicy | LMQNetwork:
+    """The LM module an SB3 agent acts with (the Q-network for DQN)."""
+    return agent.policy.q_net if isinstance(agent.policy, LMQNetworkPolicy) else agent.policy
+
+
 def policy_lm(agent):
     """The (model, tokenizer) an SB3 agent acts with."""
-    policy = agent.policy
-    net = policy.q_net if isinstance(policy, LMQNetworkPolicy) else policy
+    net = acting_net(agent)
     return net.lm, net.tokenizer
 
 
@@ -462,17 +461,13 @@ class TextGenCallback(BaseCallback):
         self.episodes = {key: deque(maxlen=self.window) for key in ("rm_score", "gold_score", "kl")}
         self.texts: deque = deque(maxlen=4)
 
-    def _policy_net(self):
-        policy = self.model.policy
-        return policy.q_net if isinstance(policy, LMQNetworkPolicy) else policy
-
     def _on_step(self) -> bool:
         infos, dones = self.locals["infos"], self.locals["dones"]
         if self.kl_coef > 0:
             if "log_probs" not in self.locals:
                 raise ValueError(f"TextGenCallback(kl_coef>0) needs an on-policy algorithm (PPO, A2C), not {type(self.model).__name__}")
             self.locals["rewards"] -= self.kl_coef * self.locals["log_probs"].cpu().numpy()
-        net = self._policy_net()
+        net = acting_net(self.model)
         log_policy, net.last_log_policy = net.last_log_policy, None
         actions = np.asarray(self.locals["actions"]).reshape(-1)
         if log_policy is not None and "ref_logprob" in infos[0]:

@@ -71,7 +71,8 @@ def trl_pairs_per_s(policy, reference, tokenizer, pairs, steps: int, device) -> 
         return None
 
     class StepTimer(TrainerCallback):
-        times: list[float] = []
+        def __init__(self):
+            self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":

@@ -49,6 +49,8 @@ class CachedLM:
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self._cache_arg = _cache_kwarg(model)
+        # Only the last position's logits are used: skip the LM head elsewhere where the model allows it.
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, S)
         self.next_logits = torch.zeros(batch_size, 0, device=self.device)  # (B, V): logits of the next token
@@ -56,15 +58,15 @@ class CachedLM:
 
     @torch.no_grad()
     def _forward(self, input_ids, attention_mask, position_ids, kv=None):
+        """(next-token logits, last hidden state or None, per-layer keys/values) of the newest position."""
         kwargs = {self._cache_arg: DynamicCache(ddp_cache_data=kv)} if kv is not None else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-            output_hidden_states=self.keep_hidden, **kwargs
+            output_hidden_states=self.keep_hidden, **self._last_only, **kwargs
         )
         cache = _returned_cache(out)
-        if self.keep_hidden:
-            self._hidden = out.hidden_states[-1][:, -1].float()
-        return out.logits[:, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
+        hidden = out.hidden_states[-1][:, -1].float() if self.keep_hidden else None
+        return out.logits[:, -1].float(), hidden, [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.no_grad()
     def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -81,7 +83,7 @@ class CachedLM:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=self.device)
             mask[i, width - len(p) :] = 1
-        logits, new_kv = self._forward(ids, mask, position_ids_from_mask(mask))
+        logits, hidden, new_kv = self._forward(ids, mask, position_ids_from_mask(mask))
 
         if self.kv is None:  # first reset: allocate the whole batch at this width
             self.kv = [
@@ -90,8 +92,8 @@ class CachedLM:
             ]
             self.mask = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.device)
             self.next_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
-            if self.keep_hidden:
-                self.next_hidden = self._hidden.new_zeros((self.batch_size, self._hidden.shape[-1]))
+            if hidden is not None:
+                self.next_hidden = hidden.new_zeros((self.batch_size, hidden.shape[-1]))
         self._left_pad_to(width)
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
@@ -103,8 +105,8 @@ class CachedLM:
         self.mask[index] = 0
         self.mask[index, seq - width :] = mask
         self.next_logits[index] = logits
-        if self.keep_hidden:
-            self.next_hidden[index] = self._hidden
+        if hidden is not None:
+            self.next_hidden[index] = hidden
         self._trim()
         return logits
 
@@ -116,9 +118,7 @@ class CachedLM:
         tokens = tokens.to(self.device).long().view(self.batch_size, 1)
         positions = self.mask.sum(1, keepdim=True)  # the new token's position in each row
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        self.next_logits, self.kv = self._forward(tokens, self.mask, positions, self.kv)
-        if self.keep_hidden:
-            self.next_hidden = self._hidden
+        self.next_logits, self.next_hidden, self.kv = self._forward(tokens, self.mask, positions, self.kv)
         return self.next_logits
 
     def _left_pad_to(self, width: int) -> None:
