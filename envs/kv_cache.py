@@ -5,8 +5,9 @@ vector env auto-resets each sub-env on its own). Each row is left-padded inside 
 
     cache columns:  [ pad pad | prompt tokens ... generated tokens ]   mask 0 on pads, 1 elsewhere
 
-* ``reset_rows(rows, prompts)`` encodes only the new prompts (one small forward) and writes their
-  keys/values right-aligned into those rows; other rows are untouched.
+* ``reset_rows(rows, prompts)`` encodes only the new prompts and writes their keys/values
+  right-aligned into those rows; other rows are untouched. Prompts are prefilled in up to four
+  batches of similar length, so short prompts are not padded to the longest one.
 * ``step(tokens)`` feeds one token per row: one forward of shape (B, 1) against the cache, so a
   step costs O(context) attention, never a re-encoding of the context.
 * Columns that are padding in every row are trimmed from the left, so the cache never grows past
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from pretrain.model import position_ids_from_mask
+from pretrain.model import length_buckets, position_ids_from_mask
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
@@ -40,6 +41,8 @@ def _returned_cache(output) -> DynamicCache:
 
 class CachedLM:
     """Batched incremental decoding with per-row resets. All tensors live on the model's device."""
+
+    max_prefill_buckets = 4  # prompt-length groups per reset_rows prefill (see pretrain.model.length_buckets)
 
     def __init__(self, model: PreTrainedModel, batch_size: int, pad_token_id: int, keep_hidden: bool = False):
         """``keep_hidden``: also keep ``next_hidden`` (B, hidden), the last layer's state at the newest token."""
@@ -77,18 +80,34 @@ class CachedLM:
             return self.next_logits[:0]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt must hold at least one token")
+        # Prefill in a few batches of similar prompt length (``length_buckets``), not one batch
+        # padded to the longest prompt: a batch of review openings is mostly padding otherwise.
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=self.device)
-            mask[i, width - len(p) :] = 1
-        logits, hidden, new_kv = self._forward(ids, mask, position_ids_from_mask(mask))
+        logits = hidden = None
+        parts = []
+        for bucket in length_buckets([len(p) for p in prompts], self.max_prefill_buckets):
+            w = max(len(prompts[j]) for j in bucket)
+            ids = torch.full((len(bucket), w), self.pad_token_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(bucket), w), dtype=torch.long, device=self.device)
+            for i, j in enumerate(bucket):
+                p = prompts[j]
+                ids[i, w - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=self.device)
+                mask[i, w - len(p) :] = 1
+            b_logits, b_hidden, b_kv = self._forward(ids, mask, position_ids_from_mask(mask))
+            if logits is None:
+                logits = b_logits.new_empty((len(rows), b_logits.shape[-1]))
+                if b_hidden is not None:
+                    hidden = b_hidden.new_empty((len(rows), b_hidden.shape[-1]))
+            parts.append((bucket, w, mask, b_kv))
+            logits[bucket] = b_logits
+            if hidden is not None:
+                hidden[bucket] = b_hidden
 
         if self.kv is None:  # first reset: allocate the whole batch at this width
             self.kv = [
-                (k.new_zeros((self.batch_size, *k.shape[1:])), v.new_zeros((self.batch_size, *v.shape[1:])))
-                for k, v in new_kv
+                (k.new_zeros((self.batch_size, k.shape[1], width, k.shape[3])),
+                 v.new_zeros((self.batch_size, v.shape[1], width, v.shape[3])))
+                for k, v in parts[0][3]
             ]
             self.mask = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.device)
             self.next_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
@@ -97,13 +116,16 @@ class CachedLM:
         self._left_pad_to(width)
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
-        for (k, v), (nk, nv) in zip(self.kv, new_kv):
+        for k, v in self.kv:
             k[index] = 0
             v[index] = 0
-            k[index, :, seq - width :] = nk
-            v[index, :, seq - width :] = nv
         self.mask[index] = 0
-        self.mask[index, seq - width :] = mask
+        for bucket, w, mask, b_kv in parts:  # each bucket right-aligned in its rows
+            b_index = index[bucket]
+            for (k, v), (nk, nv) in zip(self.kv, b_kv):
+                k[b_index, :, seq - w :] = nk
+                v[b_index, :, seq - w :] = nv
+            self.mask[b_index, seq - w :] = mask
         self.next_logits[index] = logits
         if hidden is not None:
             self.next_hidden[index] = hidden

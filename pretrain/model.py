@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -170,3 +171,42 @@ def count_parameters(model: torch.nn.Module) -> int:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over attended tokens only, so left padding does not shift them: (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 4) -> list[list[int]]:
+    """Split row indices into at most ``max_buckets`` groups of similar length, padding the fewest tokens.
+
+    A padded batch costs rows x longest row; running each group as its own batch costs the sum of
+    the groups' (rows x longest row). Rows are sorted by length and cut into contiguous groups by
+    dynamic programming over the distinct lengths (exact for the sorted order). Prefilling review
+    openings (mean 7 tokens, longest up to 32) this way does a third to a half of the padded work.
+    """
+    if max_buckets < 1:
+        raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if not order:
+        return []
+    distinct = sorted(set(lengths))
+    counts = [sum(1 for n in lengths if n == d) for d in distinct]
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    m, k_max = len(distinct), min(max_buckets, len(distinct))
+    # best[k][j]: least padded tokens covering the j shortest distinct lengths with k groups.
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (m + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0
+    for k in range(1, k_max + 1):
+        for j in range(1, m + 1):
+            for i in range(k - 1, j):  # the k-th group holds distinct lengths i..j-1
+                cost = best[k - 1][i] + (prefix[j] - prefix[i]) * distinct[j - 1]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, k_max + 1), key=lambda kk: best[kk][m])
+    bounds, j = [], m
+    while k > 0:
+        i = cut[k][j]
+        bounds.append((prefix[i], prefix[j]))
+        j, k = i, k - 1
+    return [order[a:b] for a, b in reversed(bounds)]

@@ -37,6 +37,7 @@ from pretrain import load_lm
 from pretrain.config import hparam, require_positive
 from pretrain.model import (
     check_vocab_fits,
+    length_buckets,
     position_ids_from_mask,
     resolve_device,
     resolve_model_path,
@@ -144,6 +145,27 @@ class RewardModel(nn.Module):
         rewards = (self(input_ids, attention_mask) - self.mean) / self.std
         if not torch.isfinite(rewards).all():
             raise FloatingPointError(f"reward model produced non-finite scores: {rewards[~torch.isfinite(rewards)][:3].tolist()}")
+        return rewards
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: Sequence[Sequence[int]], max_buckets: int = 4) -> torch.Tensor:
+        """Normalised rewards (on the device) of token-id sequences [prompt | completion], each non-empty.
+
+        Scored in up to ``max_buckets`` left-padded batches of similar length
+        (``pretrain.model.length_buckets``), so a batch of short episodes is not padded to its longest.
+        """
+        if any(len(seq) == 0 for seq in sequences):
+            raise ValueError("every sequence to score must hold at least one token")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rewards = torch.empty(len(sequences), device=self.device)
+        for bucket in length_buckets([len(seq) for seq in sequences], max_buckets):
+            width = max(len(sequences[j]) for j in bucket)
+            ids = torch.full((len(bucket), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(bucket), width), dtype=torch.long)
+            for i, j in enumerate(bucket):
+                ids[i, width - len(sequences[j]) :] = torch.as_tensor(list(sequences[j]), dtype=torch.long)
+                mask[i, width - len(sequences[j]) :] = 1
+            rewards[bucket] = self.score_ids(ids.to(self.device), mask.to(self.device))
         return rewards
 
     @torch.no_grad()

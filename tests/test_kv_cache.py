@@ -33,3 +33,18 @@ def test_incremental_logits_match_full_forward_with_staggered_resets(tiny_model_
         for row in range(3):
             torch.testing.assert_close(logits[row], full_forward_logits(model, contexts[row]), atol=1e-4, rtol=1e-4)
     assert lm.mask.shape[1] <= max(len(c) for c in contexts), "fully padded columns are trimmed"
+
+
+def test_prefill_in_length_buckets_matches_full_forward(tiny_model_dir):
+    """More distinct prompt lengths than prefill buckets: groups hold mixed lengths, padded within."""
+    model, tokenizer = load_lm(tiny_model_dir)
+    contexts = [[7] * n for n in (1, 9, 2, 4, 3, 8, 5, 6, 2)]
+    contexts = [[3 + (i * 7 + j) % 400 for j in range(len(c))] for i, c in enumerate(contexts)]
+    lm = CachedLM(model, batch_size=len(contexts), pad_token_id=tokenizer.pad_token_id)
+    logits = lm.reset_rows(list(range(len(contexts))), contexts)
+    for _ in range(2):
+        for row, context in enumerate(contexts):
+            torch.testing.assert_close(logits[row], full_forward_logits(model, context), atol=1e-4, rtol=1e-4)
+        tokens = torch.arange(len(contexts)) + 40
+        logits = lm.step(tokens)
+        contexts = [c + [int(t)] for c, t in zip(contexts, tokens)]

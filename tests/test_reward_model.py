@@ -87,3 +87,15 @@ def test_non_finite_scores_stop_with_a_clear_error(tiny_gpt2_dir):
     rm.model.config.reward_std = 0.0
     with pytest.raises(FloatingPointError, match="non-finite"):
         rm.score(["x"], [" y"])
+
+
+def test_score_sequences_in_length_buckets_equals_scoring_each_alone(tiny_model_dir):
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_model_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    sequences = [[5 + (i * 3 + j) % 300 for j in range(n)] for i, n in enumerate((1, 7, 3, 12, 2, 9, 4, 6))]
+    together = rm.score_sequences(sequences, max_buckets=3)
+    alone = torch.cat([rm.score_sequences([seq]) for seq in sequences])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="at least one token"):
+        rm.score_sequences([[5], []])

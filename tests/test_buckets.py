@@ -1,0 +1,41 @@
+"""length_buckets: a partition of the rows into few groups that pads the fewest tokens."""
+
+import itertools
+import random
+
+import pytest
+
+from pretrain.model import length_buckets
+
+
+def padded_cost(lengths, groups):
+    return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def brute_force_cost(lengths, max_buckets):
+    """Best cost over every way to cut the sorted lengths into at most max_buckets runs."""
+    s = sorted(lengths)
+    best = len(s) * s[-1]
+    for k in range(1, max_buckets):
+        for cuts in itertools.combinations(range(1, len(s)), k):
+            bounds = (0, *cuts, len(s))
+            best = min(best, sum((b - a) * s[b - 1] for a, b in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_buckets_partition_rows_and_pad_the_fewest_tokens(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 9))]
+    max_buckets = rng.randint(1, 4)
+    groups = length_buckets(lengths, max_buckets)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert 1 <= len(groups) <= max_buckets
+    assert padded_cost(lengths, groups) == brute_force_cost(lengths, max_buckets)
+
+
+def test_one_bucket_is_the_padded_batch_and_bad_counts_are_refused():
+    assert length_buckets([3, 1, 2], 1) == [[1, 2, 0]]
+    assert length_buckets([], 4) == []
+    with pytest.raises(ValueError, match="max_buckets must be at least 1, got 0"):
+        length_buckets([1], 0)
