@@ -6,8 +6,8 @@ produces exactly what N single envs produce. All state lives in tensors on the t
     input_ids, attention_mask   (B, max_len)  the observation, LEFT-padded: the newest token is
                                               always at index -1, and ``input_ids[mask.bool()]`` is
                                               the current context
-    generated                   (B, max_new_tokens) the completion so far (right-padded)
-    n_generated, done           (B,)
+    n_generated, done           (B,)         the completion so far is the last n_generated
+                                              tokens of input_ids (see ``generated_ids``)
 
 Per step and row, with a_t the action and beta = ``kl_coef``:
 
@@ -47,13 +47,13 @@ class TextGenBatch:
         L, N = task.max_len, task.max_new_tokens
         self.input_ids = torch.full((batch_size, L), self.pad_id, dtype=torch.long, device=device)
         self.attention_mask = torch.zeros((batch_size, L), dtype=torch.long, device=device)
-        self.generated = torch.full((batch_size, N), self.pad_id, dtype=torch.long, device=device)
         self.n_generated = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.done = torch.ones(batch_size, dtype=torch.bool, device=device)  # nothing started yet
+        self.done_rows = set(range(batch_size))  # the same, known on the host without a device sync
         self.episodes = [None] * batch_size
         self.rm_prompt_ids = [[] for _ in range(batch_size)]
         self.reference = task.make_reference(batch_size)
-        self.rows = torch.arange(batch_size, device=device)
+        self.invalid_actions = ~task.valid_actions
 
     # -- resets -----------------------------------------------------------------------------------
     def reset_rows(self, rows: list[int], prompt_indices: list[int], prompts: list[str] | None = None) -> None:
@@ -79,9 +79,9 @@ class TextGenBatch:
             self.input_ids[row, -len(ids) :] = torch.as_tensor(ids, device=task.device)
             self.attention_mask[row, -len(ids) :] = 1
         index = torch.as_tensor(rows, dtype=torch.long, device=task.device)
-        self.generated[index] = self.pad_id
         self.n_generated[index] = 0
         self.done[index] = False
+        self.done_rows.difference_update(rows)
         if self.reference is not None:
             self.reference.reset_rows(rows, contexts)
 
@@ -106,6 +106,11 @@ class TextGenBatch:
         return mask
 
     # -- step ------------------------------------------------------------------------------------
+    @property
+    def restricts_per_state(self) -> bool:
+        """Whether the valid actions depend on the state (the reference's top-k / top-p), not just the vocabulary."""
+        return self.reference is not None and (self.task.top_k > 0 or self.task.top_p < 1)
+
     def validate(self, actions: torch.Tensor) -> None:
         if actions.shape != (self.batch_size,):
             raise ValueError(f"expected {self.batch_size} actions of shape ({self.batch_size},), got shape {tuple(actions.shape)}")
@@ -114,57 +119,96 @@ class TextGenBatch:
         n = self.task.n_actions
         out_of_range = (actions < 0) | (actions >= n)
         if out_of_range.any():
-            bad = actions[out_of_range][0].item()
-            raise ValueError(f"action {bad} is out of range: valid token ids are 0..{n - 1}")
-        if self.reference is not None and (self.task.top_k > 0 or self.task.top_p < 1):
+            self.reject(int(actions[out_of_range][0]))
+        if self.restricts_per_state:
             allowed = self.action_masks().gather(1, actions.view(-1, 1)).squeeze(1)
         else:  # no per-state restriction: a (V,) lookup, not a (B, V) mask per step
             allowed = self.task.valid_actions[actions]
         invalid = ~allowed & ~self.done
         if invalid.any():
-            bad = actions[invalid][0].item()
-            token = self.task.tokenizer.convert_ids_to_tokens(bad) if bad < len(self.task.tokenizer) else "<unused>"
-            raise ValueError(f"action {bad} ({token!r}) is masked: special/pad tokens (or tokens outside the allowed set) are not valid actions")
+            self.reject(int(actions[invalid][0]))
+
+    def validate_one(self, action: int) -> None:
+        """``validate`` for one row and a host int, with no device round trip (the single env's hot path)."""
+        if not 0 <= action < self.task.n_actions or self.restricts_per_state or not self.task.valid_actions_host[action]:
+            self.validate(torch.tensor([action], device=self.task.device))
+
+    def reject(self, action: int) -> None:
+        """Raise the ValueError that names a bad action and why it is bad."""
+        n = self.task.n_actions
+        if not 0 <= action < n:
+            raise ValueError(f"action {action} is out of range: valid token ids are 0..{n - 1}")
+        token = self.task.tokenizer.convert_ids_to_tokens(action) if action < len(self.task.tokenizer) else "<unused>"
+        raise ValueError(f"action {action} ({token!r}) is masked: special/pad tokens (or tokens outside the allowed set) are not valid actions")
 
     def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
         """Advance every row in ``active`` (default: all not-done rows) by its action."""
         task = self.task
-        active = ~self.done if active is None else active
+        every_row = active is None and not self.done_rows  # known on the host: no torch.where needed
+        if active is None:
+            active = ~self.done
         ref_logprobs = None
-        rewards = torch.zeros(self.batch_size, dtype=torch.float32, device=task.device)
         if self.reference is not None:
             # The reference distribution over the valid actions (pad/special tokens excluded).
-            ref_logits = self.reference.next_logits.masked_fill(~task.valid_actions, float("-inf"))
+            ref_logits = self.reference.next_logits.masked_fill(self.invalid_actions, float("-inf"))
             ref_logprobs = F.log_softmax(ref_logits, dim=-1).gather(1, actions.view(-1, 1)).squeeze(1)
-            rewards += task.kl_coef * torch.where(active, ref_logprobs, torch.zeros_like(ref_logprobs))
+            rewards = task.kl_coef * ref_logprobs
+            if not every_row:
+                rewards = torch.where(active, rewards, 0.0)  # inactive rows: no reward
+        else:
+            rewards = torch.zeros(self.batch_size, dtype=torch.float32, device=task.device)
 
         # Append the token: shift the left-padded window by one, write the action at the end.
-        keep_ids = torch.where(active.view(-1, 1), self.input_ids.roll(-1, dims=1), self.input_ids)
-        keep_mask = torch.where(active.view(-1, 1), self.attention_mask.roll(-1, dims=1), self.attention_mask)
-        keep_ids[active, -1] = actions[active]
-        keep_mask[active, -1] = 1
-        self.input_ids, self.attention_mask = keep_ids, keep_mask
-        position = self.n_generated.clamp(max=task.max_new_tokens - 1)
-        self.generated[self.rows[active], position[active]] = actions[active]
-        self.n_generated += active.long()
+        # (No boolean indexing, so no host sync; and few ops, because a single env's step costs
+        # exactly these beyond its reference forward.)
+        if every_row:
+            self.input_ids = self.input_ids.roll(-1, dims=1)
+            self.attention_mask = self.attention_mask.roll(-1, dims=1)
+            self.input_ids[:, -1] = actions
+            self.attention_mask[:, -1] = 1
+            self.n_generated += 1
+        else:
+            shift = active.view(-1, 1)
+            self.input_ids = torch.where(shift, self.input_ids.roll(-1, dims=1), self.input_ids)
+            self.attention_mask = torch.where(shift, self.attention_mask.roll(-1, dims=1), self.attention_mask)
+            self.input_ids[:, -1] = torch.where(active, actions, self.input_ids[:, -1])
+            appended = active.long()
+            self.attention_mask[:, -1] |= appended
+            self.n_generated += appended
         if self.reference is not None:
-            self.reference.step(actions.masked_fill(~active, self.pad_id))
+            self.reference.step(actions if every_row else torch.where(active, actions, self.pad_id))
 
-        ended = active & ((actions == self.eos_id) | (self.n_generated >= task.max_new_tokens))
+        ended = (actions == self.eos_id) | (self.n_generated >= task.max_new_tokens)
+        if not every_row:
+            ended &= active
         self.done |= ended
         finished = {}
         if ended.any():  # one host sync per step: which rows finished
             rows = ended.nonzero().flatten()
+            self.done_rows.update(rows.tolist())
             scores, finished = self.score_finished(rows)
             rewards[rows] += scores
         return StepResult(rewards, ended, ref_logprobs, finished)
+
+    def generated_ids(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The completions of ``rows`` so far, right-padded: ids (R, max_new_tokens) and their mask.
+
+        They are the last ``n_generated`` tokens of each observation (the window always holds the
+        whole context plus every generated token), so no separate buffer is written per step.
+        """
+        width, horizon = self.input_ids.shape[1], self.task.max_new_tokens
+        n = self.n_generated[rows].view(-1, 1)
+        offsets = torch.arange(horizon, device=self.input_ids.device).view(1, -1)
+        mask = offsets < n
+        columns = (width - n + offsets).clamp(max=width - 1)
+        ids = self.input_ids[rows].gather(1, columns).masked_fill(~mask, self.pad_id)
+        return ids, mask
 
     # -- episode end -----------------------------------------------------------------------------
     def score_finished(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """RM scores (device tensor) of finished rows in one batch, plus their monitoring info."""
         task = self.task
-        gen = self.generated[rows]
-        gen_mask = torch.arange(task.max_new_tokens, device=task.device).view(1, -1) < self.n_generated[rows].view(-1, 1)
+        gen, gen_mask = self.generated_ids(rows)
         gen_mask &= gen != self.eos_id  # the EOS that ended an episode is not part of the text
         row_list = rows.tolist()
         completions = [
@@ -190,22 +234,12 @@ class TextGenBatch:
         rm = self.task.reward_model
         if not self.task.rm_shares_tokenizer:
             return torch.tensor(rm.score(rm_prompts, completions), device=self.task.device)
-        # Token-id fast path: [left-padded RM prompt | right-padded completion], read at the last real token.
-        width = max((len(self.rm_prompt_ids[r]) for r in rows), default=0)
-        prompt_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.task.device)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.task.device)
-        for j, r in enumerate(rows):
-            ids = self.rm_prompt_ids[r]
-            if ids:
-                prompt_ids[j, width - len(ids) :] = torch.as_tensor(ids, device=self.task.device)
-                prompt_mask[j, width - len(ids) :] = 1
-        input_ids = torch.cat([prompt_ids, gen.masked_fill(~gen_mask, self.pad_id)], dim=1)
-        attention_mask = torch.cat([prompt_mask, gen_mask.long()], dim=1)
-        empty = attention_mask.sum(1) == 0
-        if empty.any():  # an immediate EOS with no RM prompt: score the EOS token itself
-            attention_mask[empty, -self.task.max_new_tokens] = 1
-            input_ids[empty, -self.task.max_new_tokens] = self.eos_id
-        return rm.score_ids(input_ids, attention_mask)
+        # Token-id fast path: [RM prompt | completion] per row, no detokenise/retokenise round trip.
+        sequences = []
+        for r, g, m in zip(rows, gen.tolist(), gen_mask.tolist()):
+            seq = self.rm_prompt_ids[r] + [t for t, keep in zip(g, m) if keep]
+            sequences.append(seq or [self.eos_id])  # an immediate EOS with no RM prompt: score the EOS itself
+        return rm.score_sequences(sequences)
 
     # -- numpy views for the Gymnasium API ---------------------------------------------------------
     def observation(self) -> dict[str, np.ndarray]:

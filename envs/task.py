@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,13 @@ class TextGenTask:
     toy_ref_logits: torch.Tensor | None = None  # envs.toy: the fixed next-token logits of its reference
     valid_actions: torch.Tensor = field(default=None)  # (n_actions,) bool
     rm_shares_tokenizer: bool = False  # RM scores token ids directly (same vocabulary as the env)
+
+    @cached_property
+    def valid_actions_host(self) -> np.ndarray:
+        """``valid_actions`` as a read-only numpy array (host-side checks without a device round trip)."""
+        mask = self.valid_actions.cpu().numpy().copy()
+        mask.setflags(write=False)
+        return mask
 
     def make_reference(self, batch_size: int):
         """The reference LM advanced alongside B episodes (KV-cached), or None when not needed."""

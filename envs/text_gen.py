@@ -175,22 +175,24 @@ class TextGenEnv(gym.Env):
             raise RuntimeError("step() called before reset()")
         if bool(self.batch.done[0]):
             raise RuntimeError("step() called after the episode ended; call reset() first")
-        actions = torch.tensor([as_action(action)], device=self.task.device)
-        self.batch.validate(actions)
-        result = self.batch.step(actions)
+        action = as_action(action)
+        self.batch.validate_one(action)
+        result = self.batch.step(torch.tensor([action], device=self.task.device))
         info = {}
         if result.ref_logprobs is not None:
-            info["ref_logprob"] = float(result.ref_logprobs[0])
-        terminated = bool(result.terminated[0])
+            info["ref_logprob"] = result.ref_logprobs.item()
+        terminated = bool(result.terminated.item())
         if terminated:
             info.update(result.finished[0])
         info["action_mask"] = self.action_masks()
         if self.render_mode == "human":
             self.render()
-        return self._observation(), float(result.rewards[0]), terminated, False, info
+        return self._observation(), result.rewards.item(), terminated, False, info
 
     def action_masks(self) -> np.ndarray:
-        """(V,) bool: the tokens that are valid actions now."""
+        """(V,) bool: the tokens that are valid actions now (a new array on every call)."""
+        if not self.batch.restricts_per_state:  # the vocabulary's mask, without a device round trip
+            return self.task.valid_actions_host.copy()
         return self.batch.action_masks()[0].cpu().numpy()
 
     def render(self):
@@ -205,8 +207,8 @@ class TextGenEnv(gym.Env):
         """The prompt followed by the completion so far."""
         if not self._started:
             return ""
-        n = int(self.batch.n_generated[0])
-        ids = self.batch.generated[0, :n].tolist()
+        ids, mask = self.batch.generated_ids(torch.tensor([0], device=self.task.device))
+        ids = ids[0][mask[0]].tolist()
         return self.batch.episodes[0].prompt + self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _observation(self) -> dict[str, np.ndarray]:

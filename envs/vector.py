@@ -202,7 +202,7 @@ class TextGenVectorEnv(VectorEnv):
     def render(self):
         texts = []
         for i in range(self.num_envs):
-            n = int(self.batch.n_generated[i])
-            completion = self.tokenizer.decode(self.batch.generated[i, :n].tolist(), skip_special_tokens=True)
+            ids, mask = self.batch.generated_ids(torch.tensor([i], device=self.task.device))
+            completion = self.tokenizer.decode(ids[0][mask[0]].tolist(), skip_special_tokens=True)
             texts.append(self.batch.episodes[i].prompt + completion)
         return texts
