@@ -3,7 +3,8 @@
     python benchmarks/rollout.py [--device cpu|cuda] [--batches 64 256] [--max-new-tokens 24]
 
 For the shipped LM and for a GPT-2-small-size random-init model (same tokenizer), prints one JSON
-object with, per batch size:
+object with, per batch size (both sides get the same IMDb review openings from the task's prompt
+list, seed 0; each number is the median of ``--repeats`` timed runs after one warm-up run):
 
 * ``generate_tokens_per_s``: the naive baseline, ``model.generate(do_sample=True)`` for the batch
   (no environment, no reward, nothing else);
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import tempfile
 import time
 
@@ -27,6 +30,7 @@ import torch
 from agents.policy import LMPolicy
 from agents.rollout import collect_rollout
 from envs.kv_cache import CachedLM
+from envs.task import read_prompts
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 from pretrain import default_model_dir, load_lm, save_lm
@@ -38,50 +42,68 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(model, tokenizer, prompts, max_new_tokens, device) -> float:
+def median_rate(run, repeats: int, device) -> float:
+    """Median tokens/s of ``repeats`` timed calls of ``run()`` (which returns its token count), after a warm-up."""
+    run()
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        n_tokens = run()
+        sync(device)
+        rates.append(n_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: int) -> float:
+    tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    sync(device)
-    start = time.perf_counter()
-    model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None)
-    sync(device)
-    return len(prompts) * max_new_tokens / (time.perf_counter() - start)
+
+    def run():
+        model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None)
+        return len(prompts) * max_new_tokens
+
+    return median_rate(run, repeats, device)
 
 
-def time_rollout(model_dir, batch, max_new_tokens, kl_coef, device) -> float:
-    env = TextGenVectorEnv(num_envs=batch, model=model_dir, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
+def time_rollout(model_dir, prompts, max_new_tokens, kl_coef, device, repeats: int) -> float:
+    env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
                            device=str(device), gold=False)
     env.reset(seed=0)
     policy = LMPolicy.load(model_dir, device, valid_actions=env.task.valid_actions, value_head=False)
     policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
-    collect_rollout(env, policy)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    rollout = collect_rollout(env, policy)
-    sync(device)
-    return rollout.n_tokens / (time.perf_counter() - start)
+    return median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
 
 
-def single_env_overhead(model_dir, device, steps: int = 64) -> float:
-    env = TextGenEnv(model=model_dir, kl_coef=0.05, max_new_tokens=steps, device=str(device), gold=False)
-    env.reset(seed=0, options={"prompt": "This movie was"})
+def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 7) -> float:
+    """Median over ``repeats`` of (time of ``steps`` env steps) / (time of ``steps`` bare forwards) - 1.
+
+    The env is ``TextGenEnv`` with kl_coef > 0, so each step runs its KV-cached reference LM; the
+    bare side is that same model advanced by ``CachedLM.step`` from the same prompt, alone.
+    """
+    env = TextGenEnv(model=model_dir, kl_coef=0.05, max_new_tokens=steps + 1, device=str(device), gold=False)
+    prompt = "This movie was"
+    prompt_ids = env.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     token = int(env.tokenizer(" good", add_special_tokens=False)["input_ids"][0])
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps - 1):
-        env.step(token)
-    sync(device)
-    env_step = (time.perf_counter() - start) / (steps - 1)
     bare = CachedLM(env.task.reference, 1, env.tokenizer.pad_token_id)
-    bare.reset_rows([0], [env.tokenizer("This movie was", add_special_tokens=False)["input_ids"]])
     tokens = torch.tensor([token], device=device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps - 1):
-        bare.step(tokens)
-    sync(device)
-    forward = (time.perf_counter() - start) / (steps - 1)
-    return env_step / forward - 1
+
+    def timed(start_episode, step) -> float:
+        start_episode()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        return time.perf_counter() - start
+
+    ratios = []
+    for _ in range(repeats + 1):  # the first pair warms up
+        env_time = timed(lambda: env.reset(seed=0, options={"prompt": prompt}), lambda: env.step(token))
+        bare_time = timed(lambda: bare.reset_rows([0], [prompt_ids]), lambda: bare.step(tokens))
+        ratios.append(env_time / bare_time - 1)
+    return statistics.median(ratios[1:])
 
 
 def main():
@@ -90,11 +112,13 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--models", nargs="+", default=["default", "gpt2-small"])
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "max_new_tokens": args.max_new_tokens, "models": {}}
+    all_prompts = read_prompts(None, "train")  # the task's review openings
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if name == "default":
@@ -105,12 +129,11 @@ def main():
                 model_dir = str(save_lm(big, tokenizer, f"{tmp}/gpt2-small"))
             model, tokenizer = load_lm(model_dir, device=device)
             entry = {"parameters": count_parameters(model), "batches": {}}
-            prompts_all = ["This movie was", "I expected a lot more from", "The acting", "Honestly, the plot"]
             for batch in args.batches:
-                prompts = [prompts_all[i % len(prompts_all)] for i in range(batch)]
-                gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device)
-                r0 = time_rollout(model_dir, batch, args.max_new_tokens, 0.0, device)
-                r1 = time_rollout(model_dir, batch, args.max_new_tokens, 0.05, device)
+                prompts = random.Random(0).sample(all_prompts, batch)
+                gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device, args.repeats)
+                r0 = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
+                r1 = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats)
                 entry["batches"][batch] = {
                     "generate_tokens_per_s": round(gen, 1),
                     "rollout_kl0_tokens_per_s": round(r0, 1),
