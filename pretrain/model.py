@@ -179,7 +179,8 @@ def length_buckets(lengths: Sequence[int], max_buckets: int = 4) -> list[list[in
     A padded batch costs rows x longest row; running each group as its own batch costs the sum of
     the groups' (rows x longest row). Rows are sorted by length and cut into contiguous groups by
     dynamic programming over the distinct lengths (exact for the sorted order). Prefilling review
-    openings (mean 7 tokens, longest up to 32) this way does a third to a half of the padded work.
+    openings (mean 7 tokens, longest up to 32) this way does 49% (64 prompts) and 40% (256) of the
+    padded work.
     """
     if max_buckets < 1:
         raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
