@@ -84,12 +84,15 @@ class LMPolicy(nn.Module):
         return sample_categorical(torch.softmax(logits / temperature, dim=-1), generator)
 
     # -- learning -------------------------------------------------------------------------------
-    def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int):
+    def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                 entropy_grad: bool = True):
         """Teacher-forced pass over [context | response] sequences.
 
         ``input_ids`` (B, S) holds the left-padded context in columns ``< response_start`` and the
         right-padded response after it. Returns (logprobs, entropy, values), each (B, T) for the
         T = S - response_start response positions: log pi(a_t | s_t), H(pi(. | s_t)), V(s_t).
+        ``entropy_grad=False`` computes the entropy without a graph (for logging only: no
+        backward through the (B, T, vocab) entropy when the loss has no entropy bonus).
         """
         out = self.model(
             input_ids=input_ids,
@@ -102,8 +105,9 @@ class LMPolicy(nn.Module):
         log_probs = F.log_softmax(logits.masked_fill(~self.valid_actions, float("-inf")), dim=-1)
         live = attention_mask[:, response_start:].bool()  # generated tokens; the rest is padding
         logprobs = response_logprobs(log_probs, input_ids[:, response_start:], live)
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
         values = None
         if self.value_head is not None:
             hidden = out.hidden_states[-1][:, response_start - 1 : -1]

@@ -177,7 +177,7 @@ def train(cfg: PPOConfig) -> dict:
                 for mb_start in range(0, batch_size, minibatch_size):
                     idx = order[mb_start : mb_start + minibatch_size]
                     mb_mask = mask[idx]
-                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start)
+                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start, entropy_grad=cfg.ent_coef != 0)
                     log_ratio = logprobs - old_logprobs[idx]
                     approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)  # k3 of KL(pi_old || pi)
                     if cfg.loss_type == "clip":

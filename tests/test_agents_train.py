@@ -162,6 +162,18 @@ def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):
     assert logprobs[0, 0] < 0 and logprobs[1].lt(0).all()
 
 
+def test_entropy_without_a_graph_has_the_same_values(tiny_gpt2_dir):
+    """entropy_grad=False: the same entropies, logged but outside the loss's graph."""
+    policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=None)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [7, 6, 5, 4, 3]])
+    attn = torch.ones_like(ids)
+    logprobs, entropy, _ = policy.evaluate(ids, attn, response_start=2)
+    logprobs_nograd, entropy_nograd, _ = policy.evaluate(ids, attn, response_start=2, entropy_grad=False)
+    assert entropy.requires_grad and not entropy_nograd.requires_grad and logprobs_nograd.requires_grad
+    torch.testing.assert_close(entropy_nograd, entropy.detach())
+    torch.testing.assert_close(logprobs_nograd, logprobs)
+
+
 def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="the env has 8 actions but the policy model has 8192 logits"):
         ppo.train(ppo.PPOConfig(**{**TOY, "out": str(tmp_path / "x")}, model="default"))
