@@ -84,7 +84,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[
     gold, rm, kls, texts, ref_nll, n_tokens = [], [], [], [], 0.0, 0
     while len(gold) < episodes:
         rollout = collect_rollout(env, policy)
-        logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.response_start)
+        logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.response_start, entropy="none")
         ref = reference_logprobs(reference, rollout.input_ids, rollout.attention_mask, rollout.response_start, policy.valid_actions)
         mask = rollout.response_mask.float()
         kls += ((logprobs - ref) * mask).sum(1).tolist()

@@ -85,34 +85,42 @@ class LMPolicy(nn.Module):
 
     # -- learning -------------------------------------------------------------------------------
     def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-                 entropy_grad: bool = True):
+                 entropy: str = "grad"):
         """Teacher-forced pass over [context | response] sequences.
 
         ``input_ids`` (B, S) holds the left-padded context in columns ``< response_start`` and the
         right-padded response after it. Returns (logprobs, entropy, values), each (B, T) for the
         T = S - response_start response positions: log pi(a_t | s_t), H(pi(. | s_t)), V(s_t).
-        ``entropy_grad=False`` computes the entropy without a graph (for logging only: no
-        backward through the (B, T, vocab) entropy when the loss has no entropy bonus).
+        The entropy costs a few (B, T, vocab) passes: ``entropy="grad"`` keeps it in the graph (for
+        an entropy bonus), ``"detached"`` computes it without one (for logging), ``"none"`` skips it
+        (returns None).
         """
+        if entropy not in ("grad", "detached", "none"):
+            raise ValueError(f"entropy must be 'grad', 'detached' or 'none', got {entropy!r}")
+        # The state before response token t is the sequence up to column response_start + t - 1, so
+        # only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
+        n_keep = input_ids.shape[1] - response_start + 1
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=self.value_head is not None,
+            logits_to_keep=n_keep,
         )
-        # The state before response token t is the sequence up to column response_start + t - 1.
-        logits = out.logits[:, response_start - 1 : -1].float()
+        logits = out.logits[:, -n_keep:-1].float()
         log_probs = F.log_softmax(logits.masked_fill(~self.valid_actions, float("-inf")), dim=-1)
         live = attention_mask[:, response_start:].bool()  # generated tokens; the rest is padding
         logprobs = response_logprobs(log_probs, input_ids[:, response_start:], live)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            probs = log_probs.exp()
-            entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
+        entropies = None
+        if entropy != "none":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
+                probs = log_probs.exp()
+                entropies = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
         values = None
         if self.value_head is not None:
             hidden = out.hidden_states[-1][:, response_start - 1 : -1]
             values = self.value_head(hidden.float()).squeeze(-1) * live
-        return logprobs, entropy, values
+        return logprobs, entropies, values
 
     def reference(self):
         """A frozen copy of the current model (call before training to get pi_ref)."""
@@ -159,9 +167,11 @@ def check_policy_fits_env(policy: LMPolicy, env) -> None:
 @torch.no_grad()
 def reference_logprobs(reference, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, valid_actions) -> torch.Tensor:
     """log pi_ref(a_t | s_t) for the response tokens, (B, T), with the same action mask as the policy."""
+    n_keep = input_ids.shape[1] - response_start + 1  # the LM head only where a response token is predicted
     logits = reference(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).logits[:, response_start - 1 : -1].float()
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n_keep,
+    ).logits[:, -n_keep:-1].float()
     log_probs = F.log_softmax(logits.masked_fill(~valid_actions, float("-inf")), dim=-1)
     return response_logprobs(log_probs, input_ids[:, response_start:], attention_mask[:, response_start:].bool())
 

@@ -159,7 +159,7 @@ def train(cfg: PPOConfig) -> dict:
             ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
             mask = rollout.response_mask.float()
             with torch.no_grad():
-                old_logprobs, _, old_values = policy.evaluate(ids, attn, start)
+                old_logprobs, old_entropy, old_values = policy.evaluate(ids, attn, start, entropy="detached")
                 ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
                 kl = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
                 rewards = rollout.env_rewards - kl_ctl.value * kl  # r_t = r_env - beta (log pi - log pi_ref)
@@ -171,13 +171,14 @@ def train(cfg: PPOConfig) -> dict:
 
             # ---- update: epochs x minibatches of episodes ------------------------------------------
             policy.train()
-            stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": [], "entropy": []}
+            stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": []}
             for epoch in range(cfg.update_epochs):
                 order = torch.from_numpy(run.np_rng.permutation(batch_size)).to(device)
                 for mb_start in range(0, batch_size, minibatch_size):
                     idx = order[mb_start : mb_start + minibatch_size]
                     mb_mask = mask[idx]
-                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start, entropy_grad=cfg.ent_coef != 0)
+                    # The entropy bonus needs H(pi) in the graph; without one, skip its (B, T, vocab) passes.
+                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start, entropy="grad" if cfg.ent_coef else "none")
                     log_ratio = logprobs - old_logprobs[idx]
                     approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)  # k3 of KL(pi_old || pi)
                     if cfg.loss_type == "clip":
@@ -186,15 +187,15 @@ def train(cfg: PPOConfig) -> dict:
                         pg_loss = masked_mean(-advantages[idx] * log_ratio.exp(), mb_mask) + penalty_coef * approx_kl
                         clipfrac = masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_coef).float(), mb_mask)
                     v_loss = clipped_value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.vf_clip)
-                    ent = masked_mean(entropy, mb_mask)
-                    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                    loss = pg_loss + cfg.vf_coef * v_loss
+                    if cfg.ent_coef:
+                        loss = loss - cfg.ent_coef * masked_mean(entropy, mb_mask)
                     check_finite("loss", loss, run.update, run.ckpt_dir)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                     optimizer.step()
-                    for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss),
-                                       ("value", v_loss), ("entropy", ent)):
+                    for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss), ("value", v_loss)):
                         stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 if cfg.target_kl and np.mean(stats["approx_kl"][-cfg.num_minibatches:]) > 1.5 * cfg.target_kl:
                     break
@@ -210,7 +211,7 @@ def train(cfg: PPOConfig) -> dict:
                 "reward/total": float((rewards * mask).sum(1).mean()),
                 "kl/ref": seq_kl,
                 "kl/coef": kl_ctl.value,
-                "policy/entropy": float(np.mean(stats["entropy"])),
+                "policy/entropy": float(masked_mean(old_entropy, mask)),  # of pi_old, on the rollout
                 "loss/policy": float(np.mean(stats["policy"])),
                 "loss/value": float(np.mean(stats["value"])),
                 "ppo/clipfrac": float(np.mean(stats["clipfrac"])),

@@ -110,7 +110,7 @@ def train(cfg: ReinforceConfig) -> dict:
             ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.response_start, rollout.response_mask.float()
 
             policy.train()
-            logprobs, entropy, _ = policy.evaluate(ids, attn, start, entropy_grad=cfg.ent_coef != 0)
+            logprobs, entropy, _ = policy.evaluate(ids, attn, start, entropy="grad" if cfg.ent_coef else "detached")
             with torch.no_grad():
                 ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
                 kl = kl_estimate(logprobs.detach(), ref_logprobs, "k1") * mask

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from agents import dqn, ppo, reinforce
 from agents.cli import main
-from agents.policy import LMPolicy
+from agents.policy import LMPolicy, reference_logprobs
 from agents.run import NonFiniteError
 from envs.toy import GOOD, TextGenToyEnv
 from pretrain.model import position_ids_from_mask
@@ -162,16 +162,41 @@ def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):
     assert logprobs[0, 0] < 0 and logprobs[1].lt(0).all()
 
 
-def test_entropy_without_a_graph_has_the_same_values(tiny_gpt2_dir):
-    """entropy_grad=False: the same entropies, logged but outside the loss's graph."""
+def test_evaluate_logprobs_equal_unpadded_forwards_for_each_architecture(tiny_model_dir):
+    """Left-padded contexts, right-padded responses: each response token's log-prob is the one a
+    lone, unpadded forward gives (only the response positions go through the LM head)."""
+    policy = LMPolicy.load(tiny_model_dir, "cpu", valid_actions=None, value_head=False)
+    pad = policy.tokenizer.pad_token_id
+    contexts, responses = [[11, 12], [13, 14, 15, 16]], [[20, 21, 22], [23, 24]]
+    width = max(map(len, contexts))
+    ids = torch.tensor([[pad] * (width - len(c)) + c + r + [pad] * (3 - len(r)) for c, r in zip(contexts, responses)])
+    attn = torch.tensor([[0] * (width - len(c)) + [1] * (len(c) + len(r)) + [0] * (3 - len(r)) for c, r in zip(contexts, responses)])
+    logprobs, _, _ = policy.evaluate(ids, attn, width, entropy="none")
+    for row, (c, r) in enumerate(zip(contexts, responses)):
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([c + r])).logits[0].float()
+        expected = torch.log_softmax(logits[len(c) - 1 : -1], -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs[row, : len(r)], expected, atol=1e-4, rtol=1e-4)
+        assert logprobs[row, len(r) :].eq(0).all()
+    ref = reference_logprobs(policy.reference(), ids, attn, width, policy.valid_actions)
+    torch.testing.assert_close(ref, logprobs.detach())
+
+
+def test_entropy_modes_give_the_same_values_with_and_without_a_graph(tiny_gpt2_dir):
+    """entropy="detached": the same entropies outside the graph; "none": skipped; logprobs unchanged."""
     policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=None)
     ids = torch.tensor([[5, 6, 7, 8, 9], [7, 6, 5, 4, 3]])
     attn = torch.ones_like(ids)
     logprobs, entropy, _ = policy.evaluate(ids, attn, response_start=2)
-    logprobs_nograd, entropy_nograd, _ = policy.evaluate(ids, attn, response_start=2, entropy_grad=False)
-    assert entropy.requires_grad and not entropy_nograd.requires_grad and logprobs_nograd.requires_grad
-    torch.testing.assert_close(entropy_nograd, entropy.detach())
-    torch.testing.assert_close(logprobs_nograd, logprobs)
+    logprobs_detached, entropy_detached, _ = policy.evaluate(ids, attn, response_start=2, entropy="detached")
+    logprobs_none, entropy_none, _ = policy.evaluate(ids, attn, response_start=2, entropy="none")
+    assert entropy.requires_grad and not entropy_detached.requires_grad and entropy_none is None
+    torch.testing.assert_close(entropy_detached, entropy.detach())
+    assert (entropy.detach() > 0).all()
+    torch.testing.assert_close(logprobs_detached, logprobs)
+    torch.testing.assert_close(logprobs_none, logprobs)
+    with pytest.raises(ValueError, match="entropy must be 'grad', 'detached' or 'none', got 'yes'"):
+        policy.evaluate(ids, attn, response_start=2, entropy="yes")
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
