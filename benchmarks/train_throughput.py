@@ -1,24 +1,32 @@
-"""Agent training throughput on the embedded default vs the naive loop a user would write.
+"""Agent training throughput on the embedded default vs the loops a user would write instead.
 
-    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 16] [--batch 32]
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 32] [--batch 32] [--no-sb3]
 
-Prints one JSON object: updates/s and generated tokens/s of our PPO and REINFORCE (RLOO) on
-TextGen-v0, of Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy`` on the same env and
-budget (one rollout of num_envs x max_new_tokens transitions per update, the same epochs and
-minibatch count, the same per-token KL penalty charged in the reward), plus SB3's acting
-throughput with and without the policy's KV cache, and of a naive KL-regularised REINFORCE written
-with plain transformers (``model.generate`` for the rollout, decode, ``RewardModel.score`` on the
-texts, one forward for the log-probs, one reference forward for the per-token KL penalty
-beta (log pi - log pi_ref), beta = 0.05 as ours, loss, step) at the same batch size, length and
-learning rate, with the ratios (``--no-sb3`` skips the slow SB3 part). Gold gain per minute
-(the mean training-episode gold score of the last quarter of updates minus the first quarter's,
-divided by the run's wall time) is reported for each as well.
+Prints one JSON object with updates/s, generated tokens/s and gold gain per minute of, all on the
+same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed and KL penalty
+(beta = 0.05 per token, in the reward):
+
+* ``ppo`` and ``reinforce_rloo``: our agents on TextGen-v0 (``agents.ppo``, ``agents.reinforce``);
+* ``naive_reinforce``: KL-regularised REINFORCE with plain transformers (``model.generate``,
+  decode, ``RewardModel.score`` on the texts, one forward for the log-probs, one reference
+  forward, loss, step);
+* ``naive_ppo``: PPO with plain transformers, the same work per update as ours (generate, score,
+  old/ref log-probs and values, GAE, 4 epochs x 4 minibatches of clipped surrogate + clipped
+  value loss, the same approx-KL early stop);
+* ``trl_rloo`` (when ``trl`` is installed): TRL's RLOOTrainer, k = 4 completions per prompt like
+  ours, its KL in the sequence reward;
+* ``sb3_ppo`` (unless ``--no-sb3``): Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy``
+  on the same env and budget, plus SB3's acting throughput with and without the policy's KV cache;
+
+and the ratios of ours to each. Gold gain per minute = the mean training-episode gold score of the
+last quarter of updates minus the first quarter's, divided by the run's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import tempfile
 import time
@@ -81,15 +89,133 @@ def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, de
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
 
 
+def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, epochs: int = 4, minibatches: int = 4,
+              kl_coef: float = 0.05, clip: float = 0.2, vf_coef: float = 0.1, lam: float = 0.95,
+              target_kl: float = 0.05) -> dict:
+    """What a user writes for PPO without the library: ``generate``, score the texts, then epochs of
+    clipped-surrogate minibatch steps with a value head, GAE and the per-token KL penalty (the same
+    hyperparameters and work per update as ``agents.ppo``)."""
+    model, tokenizer = load_lm("default", device=device)
+    reference, _ = load_lm("default", device=device)
+    reference.requires_grad_(False)
+    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    rm = RewardModel.load("default", device=device)
+    gold = VaderGold()
+    from pretrain.corpus import load_prompts
+
+    prompts = [p.text for p in load_prompts("train")]
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.Adam([*model.parameters(), *value_head.parameters()], lr=lr, eps=1e-5)
+    T = max_new_tokens
+    golds, tokens = [], 0
+    start = time.perf_counter()
+    for update in range(updates):
+        batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
+        model.eval()
+        out = generate_ids(model, tokenizer, batch_prompts, T, seed=update)
+        ids, attn, mask = out["input_ids"], out["attention_mask"], out["completion_mask"][:, -T:].float()
+        texts = tokenizer.batch_decode(ids[:, -T:], skip_special_tokens=True)
+        scores = torch.tensor(rm.score(batch_prompts, texts), device=device)
+        golds.append(float(np.mean(gold([p + t for p, t in zip(batch_prompts, texts)]))))
+
+        def forward(net, rows):
+            o = net(input_ids=ids[rows], attention_mask=attn[rows], output_hidden_states=True)
+            logp = torch.log_softmax(o.logits[:, -T - 1 : -1].float(), -1).gather(-1, ids[rows, -T:, None]).squeeze(-1)
+            return logp, o.hidden_states[-1][:, -T - 1 : -1]
+
+        every = torch.arange(batch, device=device)
+        with torch.no_grad():
+            old_logp, hidden = forward(model, every)
+            old_values = value_head(hidden).squeeze(-1) * mask
+            ref_logp, _ = forward(reference, every)
+            rewards = -kl_coef * (old_logp - ref_logp) * mask
+            rewards[every, mask.sum(1).long() - 1] += scores
+            advantages, last = torch.zeros_like(rewards), torch.zeros(batch, device=device)
+            for t in reversed(range(T)):
+                next_value = old_values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+                last = (rewards[:, t] + next_value - old_values[:, t] + lam * last) * mask[:, t]
+                advantages[:, t] = last
+            returns = advantages + old_values
+            mean = (advantages * mask).sum() / mask.sum()
+            std = (((advantages - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8) * mask
+        model.train()
+        for _ in range(epochs):
+            approx_kls = []
+            for rows in torch.randperm(batch, device=device).chunk(minibatches):
+                logp, hidden = forward(model, rows)
+                values = value_head(hidden).squeeze(-1)
+                m = mask[rows]
+                ratio = (logp - old_logp[rows]).exp()
+                pg = torch.max(-advantages[rows] * ratio, -advantages[rows] * ratio.clamp(1 - clip, 1 + clip))
+                v_clipped = old_values[rows] + (values - old_values[rows]).clamp(-clip, clip)
+                v_loss = 0.5 * torch.max((values - returns[rows]) ** 2, (v_clipped - returns[rows]) ** 2)
+                loss = ((pg + vf_coef * v_loss) * m).sum() / m.sum()
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*model.parameters(), *value_head.parameters()], 1.0)
+                optimizer.step()
+                log_ratio = (logp - old_logp[rows]).detach()
+                approx_kls.append(float(((log_ratio.exp() - 1 - log_ratio) * m).sum() / m.sum()))
+            if np.mean(approx_kls) > 1.5 * target_kl:  # the same early stop as agents.ppo
+                break
+        tokens += int(mask.sum())
+    seconds = time.perf_counter() - start
+    return {"updates_per_s": updates / seconds, "tokens_per_s": tokens / seconds,
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+
+
+def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05) -> dict:
+    """TRL's RLOOTrainer on the same model, reward model, batch (k completions of batch / k prompts),
+    length, learning rate and KL coefficient (TRL charges it in the sequence reward, as ours does)."""
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from pretrain.corpus import load_prompts
+
+    model, tokenizer = load_lm("default", device=device)
+    tokenizer.padding_side = "left"
+    rm = RewardModel.load("default", device=device)
+    gold = VaderGold()
+    prompts = [p.text for p in load_prompts("train")]
+    rng = np.random.default_rng(0)
+    dataset = Dataset.from_dict({"prompt": [prompts[i] for i in rng.choice(len(prompts), updates * batch // k)]})
+    golds, tokens = [], [0]
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        golds.append(float(np.mean(gold([p + c for p, c in zip(prompts, completions)]))))
+        tokens[0] += sum(len(ids) for ids in completion_ids)
+        return rm.score(prompts, completions)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = RLOOConfig(
+            output_dir=out, per_device_train_batch_size=batch, num_generations=k, max_completion_length=max_new_tokens,
+            learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, max_steps=updates, num_iterations=1,
+            temperature=1.0, logging_strategy="no", report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
+            use_cpu=device.type == "cpu", bf16=False, fp16=False, dataloader_num_workers=0,
+        )
+        trainer = RLOOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return {"updates_per_s": updates / seconds, "tokens_per_s": tokens[0] / seconds,
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+
+
 def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, **kw) -> dict:
+    """Our agent's training loop, timed like the naive loops: from its first update to its last
+    (model and env loading and the final save excluded; periodic checkpoints included). Each
+    metrics row's ``perf/tokens_per_s`` is that update's tokens over its wall time."""
     with tempfile.TemporaryDirectory() as out:
         cfg = cfg_cls(num_envs=batch, max_new_tokens=max_new_tokens, total_steps=updates * batch * max_new_tokens,
                       lr=lr, device=str(device), out=out, **kw)
-        start = time.perf_counter()
         module.train(cfg)
-        seconds = time.perf_counter() - start
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-    return {"updates_per_s": len(rows) / seconds, "tokens_per_s": rows[-1]["env_steps"] / seconds,
+    steps = [0] + [r["env_steps"] for r in rows]
+    seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(steps, steps[1:], rows))
+    return {"updates_per_s": len(rows) / seconds, "tokens_per_s": steps[-1] / seconds,
             "gold_gain_per_min": gold_gain([r["reward/gold"] for r in rows]) / (seconds / 60)}
 
 
@@ -129,7 +255,7 @@ def sb3_acting(batch, max_new_tokens, device, steps=128) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--updates", type=int, default=16)
+    parser.add_argument("--updates", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -140,9 +266,15 @@ def main():
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates}
     result["naive_reinforce"] = naive_reinforce(*common)
+    result["naive_ppo"] = naive_ppo(*common)
     result["ppo"] = ours(ppo, ppo.PPOConfig, *common)
     result["reinforce_rloo"] = ours(reinforce, reinforce.ReinforceConfig, *common)
     names = ["ppo", "reinforce_rloo"]
+    if importlib.util.find_spec("trl") is not None:
+        result["trl_rloo"] = trl_rloo(*common)
+        result["reinforce_rloo_tokens_per_s_ratio_vs_trl_rloo"] = round(
+            result["reinforce_rloo"]["tokens_per_s"] / result["trl_rloo"]["tokens_per_s"], 3)
+    result["ppo_tokens_per_s_ratio_vs_naive_ppo"] = round(result["ppo"]["tokens_per_s"] / result["naive_ppo"]["tokens_per_s"], 3)
     if not args.no_sb3:
         result["sb3_ppo"] = sb3_ppo(*common)
         result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
