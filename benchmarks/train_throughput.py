@@ -25,9 +25,11 @@ last quarter of updates minus the first quarter's, divided by the run's wall tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
+import sys
 import tempfile
 import time
 
@@ -198,7 +200,8 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
         )
         trainer = RLOOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
         start = time.perf_counter()
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its summary; stdout is for our JSON
+            trainer.train()
         seconds = time.perf_counter() - start
     return {"updates_per_s": updates / seconds, "tokens_per_s": tokens[0] / seconds,
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
