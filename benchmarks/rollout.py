@@ -76,7 +76,7 @@ def time_rollout(model_dir, prompts, max_new_tokens, kl_coef, device, repeats: i
     return median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
 
 
-def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 7) -> float:
+def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 15) -> float:
     """Median over ``repeats`` of (time of ``steps`` env steps) / (time of ``steps`` bare forwards) - 1.
 
     The env is ``TextGenEnv`` with kl_coef > 0, so each step runs its KV-cached reference LM; the

@@ -54,6 +54,7 @@ class TextGenBatch:
         self.rm_prompt_ids = [[] for _ in range(batch_size)]
         self.reference = task.make_reference(batch_size)
         self.invalid_actions = ~task.valid_actions
+        self.ones = torch.ones((batch_size, 1), dtype=torch.long, device=device)
 
     # -- resets -----------------------------------------------------------------------------------
     def reset_rows(self, rows: list[int], prompt_indices: list[int], prompts: list[str] | None = None) -> None:
@@ -145,13 +146,14 @@ class TextGenBatch:
         """Advance every row in ``active`` (default: all not-done rows) by its action."""
         task = self.task
         every_row = active is None and not self.done_rows  # known on the host: no torch.where needed
-        if active is None:
+        if active is None and not every_row:
             active = ~self.done
         ref_logprobs = None
         if self.reference is not None:
             # The reference distribution over the valid actions (pad/special tokens excluded).
             ref_logits = self.reference.next_logits.masked_fill(self.invalid_actions, float("-inf"))
-            ref_logprobs = F.log_softmax(ref_logits, dim=-1).gather(1, actions.view(-1, 1)).squeeze(1)
+            # log pi_ref(a_t | s_t) = -cross-entropy of a_t: log-softmax and gather in one kernel.
+            ref_logprobs = -F.cross_entropy(ref_logits, actions.long(), reduction="none")
             rewards = task.kl_coef * ref_logprobs
             if not every_row:
                 rewards = torch.where(active, rewards, 0.0)  # inactive rows: no reward
@@ -162,10 +164,8 @@ class TextGenBatch:
         # (No boolean indexing, so no host sync; and few ops, because a single env's step costs
         # exactly these beyond its reference forward.)
         if every_row:
-            self.input_ids = self.input_ids.roll(-1, dims=1)
-            self.attention_mask = self.attention_mask.roll(-1, dims=1)
-            self.input_ids[:, -1] = actions
-            self.attention_mask[:, -1] = 1
+            self.input_ids = torch.cat([self.input_ids[:, 1:], actions.view(-1, 1).long()], dim=1)
+            self.attention_mask = torch.cat([self.attention_mask[:, 1:], self.ones], dim=1)
             self.n_generated += 1
         else:
             shift = active.view(-1, 1)
@@ -178,7 +178,8 @@ class TextGenBatch:
         if self.reference is not None:
             self.reference.step(actions if every_row else torch.where(active, actions, self.pad_id))
 
-        ended = (actions == self.eos_id) | (self.n_generated >= task.max_new_tokens)
+        ended = actions == self.eos_id
+        ended |= self.n_generated >= task.max_new_tokens
         if not every_row:
             ended &= active
         self.done |= ended

@@ -212,5 +212,6 @@ class TextGenEnv(gym.Env):
         return self.batch.episodes[0].prompt + self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _observation(self) -> dict[str, np.ndarray]:
-        obs = self.batch.observation()
-        return {key: value[0] for key, value in obs.items()}
+        # New arrays each call: the caller owns them, later steps must not change them.
+        return {"input_ids": self.batch.input_ids[0].cpu().numpy().copy(),
+                "attention_mask": self.batch.attention_mask[0].cpu().numpy().copy()}
