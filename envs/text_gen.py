@@ -173,7 +173,7 @@ class TextGenEnv(gym.Env):
     def step(self, action):
         if not self._started:
             raise RuntimeError("step() called before reset()")
-        if bool(self.batch.done[0]):
+        if self.batch.done_rows:  # the host-side copy of done: no device read
             raise RuntimeError("step() called after the episode ended; call reset() first")
         action = as_action(action)
         self.batch.validate_one(action)
