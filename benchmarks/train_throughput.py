@@ -52,7 +52,8 @@ def gold_gain(golds: list[float]) -> float:
     return float(np.mean(golds[-k:]) - np.mean(golds[:k]))
 
 
-def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, device, kl_coef: float = 0.05) -> dict:
+def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, device, kl_coef: float = 0.05,
+                    seed: int = 0) -> dict:
     """What a user writes without the library's env: generate, score texts, one policy-gradient step."""
     model, tokenizer = load_lm("default", device=device)
     reference, _ = load_lm("default", device=device)
@@ -62,14 +63,14 @@ def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, de
     from pretrain.corpus import load_prompts
 
     prompts = [p.text for p in load_prompts("train")]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     golds, tokens = [], 0
     start = time.perf_counter()
     for update in range(updates):
         batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
         model.eval()
-        out = generate_ids(model, tokenizer, batch_prompts, max_new_tokens, seed=update)
+        out = generate_ids(model, tokenizer, batch_prompts, max_new_tokens, seed=seed * 100_003 + update)
         texts = tokenizer.batch_decode(out["input_ids"][:, -max_new_tokens:], skip_special_tokens=True)
         rewards = torch.tensor(rm.score(batch_prompts, texts), device=device)
         golds.append(float(np.mean(gold([p + t for p, t in zip(batch_prompts, texts)]))))
@@ -93,7 +94,7 @@ def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, de
 
 def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, epochs: int = 4, minibatches: int = 4,
               kl_coef: float = 0.05, clip: float = 0.2, vf_coef: float = 0.1, lam: float = 0.95,
-              target_kl: float = 0.05) -> dict:
+              target_kl: float = 0.05, seed: int = 0) -> dict:
     """What a user writes for PPO without the library: ``generate``, score the texts, then epochs of
     clipped-surrogate minibatch steps with a value head, GAE and the per-token KL penalty (the same
     hyperparameters and work per update as ``agents.ppo``)."""
@@ -108,7 +109,7 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
     from pretrain.corpus import load_prompts
 
     prompts = [p.text for p in load_prompts("train")]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam([*model.parameters(), *value_head.parameters()], lr=lr, eps=1e-5)
     T = max_new_tokens
     golds, tokens = [], 0
@@ -116,7 +117,7 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
     for update in range(updates):
         batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
         model.eval()
-        out = generate_ids(model, tokenizer, batch_prompts, T, seed=update)
+        out = generate_ids(model, tokenizer, batch_prompts, T, seed=seed * 100_003 + update)
         ids, attn, mask = out["input_ids"], out["attention_mask"], out["completion_mask"][:, -T:].float()
         texts = tokenizer.batch_decode(ids[:, -T:], skip_special_tokens=True)
         scores = torch.tensor(rm.score(batch_prompts, texts), device=device)
@@ -169,7 +170,8 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
 
 
-def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05) -> dict:
+def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05,
+             seed: int = 0) -> dict:
     """TRL's RLOOTrainer on the same model, reward model, batch (k completions of batch / k prompts),
     length, learning rate and KL coefficient (TRL charges it in the sequence reward, as ours does)."""
     from datasets import Dataset
@@ -182,7 +184,7 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
     rm = RewardModel.load("default", device=device)
     gold = VaderGold()
     prompts = [p.text for p in load_prompts("train")]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     dataset = Dataset.from_dict({"prompt": [prompts[i] for i in rng.choice(len(prompts), updates * batch // k)]})
     golds, tokens = [], [0]
 
@@ -195,7 +197,7 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
         args = RLOOConfig(
             output_dir=out, per_device_train_batch_size=batch, num_generations=k, max_completion_length=max_new_tokens,
             learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, max_steps=updates, num_iterations=1,
-            temperature=1.0, logging_strategy="no", report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
+            temperature=1.0, logging_strategy="no", report_to="none", save_strategy="no", seed=seed, disable_tqdm=True,
             use_cpu=device.type == "cpu", bf16=False, fp16=False, dataloader_num_workers=0,
         )
         trainer = RLOOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -207,13 +209,13 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
 
 
-def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, **kw) -> dict:
+def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, seed: int = 0, **kw) -> dict:
     """Our agent's training loop, timed like the naive loops: from its first update to its last
     (model and env loading and the final save excluded; periodic checkpoints included). Each
     metrics row's ``perf/tokens_per_s`` is that update's tokens over its wall time."""
     with tempfile.TemporaryDirectory() as out:
         cfg = cfg_cls(num_envs=batch, max_new_tokens=max_new_tokens, total_steps=updates * batch * max_new_tokens,
-                      lr=lr, device=str(device), out=out, **kw)
+                      lr=lr, device=str(device), out=out, seed=seed, **kw)
         module.train(cfg)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     steps = [0] + [r["env_steps"] for r in rows]
@@ -222,11 +224,11 @@ def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, **kw) -> d
             "gold_gain_per_min": gold_gain([r["reward/gold"] for r in rows]) / (seconds / 60)}
 
 
-def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05) -> dict:
+def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        env = make_sb3_vec_env("TextGen-v0", batch, seed=0, device=device, max_new_tokens=max_new_tokens, kl_coef=kl_coef)
+        env = make_sb3_vec_env("TextGen-v0", batch, seed=seed, device=device, max_new_tokens=max_new_tokens, kl_coef=kl_coef)
         agent = make_sb3_agent("ppo", env, n_steps=max_new_tokens, batch_size=batch * max_new_tokens // minibatches,
-                               n_epochs=epochs, learning_rate=lr, gamma=1.0, vf_coef=0.1, target_kl=0.05, seed=0,
+                               n_epochs=epochs, learning_rate=lr, gamma=1.0, vf_coef=0.1, target_kl=0.05, seed=seed,
                                device=device)
         agent.set_logger(configure(out, ["csv"]))
         start = time.perf_counter()
@@ -262,24 +264,25 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-sb3", action="store_true", help="skip SB3 PPO (its updates take minutes on a CPU)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     common = (args.updates, args.batch, args.max_new_tokens, args.lr, device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates}
-    result["naive_reinforce"] = naive_reinforce(*common)
-    result["naive_ppo"] = naive_ppo(*common)
-    result["ppo"] = ours(ppo, ppo.PPOConfig, *common)
-    result["reinforce_rloo"] = ours(reinforce, reinforce.ReinforceConfig, *common)
+              "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "seed": args.seed}
+    result["naive_reinforce"] = naive_reinforce(*common, seed=args.seed)
+    result["naive_ppo"] = naive_ppo(*common, seed=args.seed)
+    result["ppo"] = ours(ppo, ppo.PPOConfig, *common, seed=args.seed)
+    result["reinforce_rloo"] = ours(reinforce, reinforce.ReinforceConfig, *common, seed=args.seed)
     names = ["ppo", "reinforce_rloo"]
     if importlib.util.find_spec("trl") is not None:
-        result["trl_rloo"] = trl_rloo(*common)
+        result["trl_rloo"] = trl_rloo(*common, seed=args.seed)
         result["reinforce_rloo_tokens_per_s_ratio_vs_trl_rloo"] = round(
             result["reinforce_rloo"]["tokens_per_s"] / result["trl_rloo"]["tokens_per_s"], 3)
     result["ppo_tokens_per_s_ratio_vs_naive_ppo"] = round(result["ppo"]["tokens_per_s"] / result["naive_ppo"]["tokens_per_s"], 3)
     if not args.no_sb3:
-        result["sb3_ppo"] = sb3_ppo(*common)
+        result["sb3_ppo"] = sb3_ppo(*common, seed=args.seed)
         result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
         result["ppo_tokens_per_s_ratio_vs_sb3_ppo"] = round(result["ppo"]["tokens_per_s"] / result["sb3_ppo"]["tokens_per_s"], 3)
         names.append("sb3_ppo")

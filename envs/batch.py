@@ -44,7 +44,7 @@ class TextGenBatch:
         device = task.device
         self.pad_id = task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else task.tokenizer.eos_token_id
         self.eos_id = task.tokenizer.eos_token_id
-        L, N = task.max_len, task.max_new_tokens
+        L = task.max_len
         self.input_ids = torch.full((batch_size, L), self.pad_id, dtype=torch.long, device=device)
         self.attention_mask = torch.zeros((batch_size, L), dtype=torch.long, device=device)
         self.n_generated = torch.zeros(batch_size, dtype=torch.long, device=device)
