@@ -129,6 +129,8 @@ def main():
                 model_dir = str(save_lm(big, tokenizer, f"{tmp}/gpt2-small"))
             model, tokenizer = load_lm(model_dir, device=device)
             entry = {"parameters": count_parameters(model), "batches": {}}
+            # First, in a fresh process state (as a single-env user has it), before the batched runs.
+            entry["single_env_step_overhead"] = round(single_env_overhead(model_dir, device), 3)
             for batch in args.batches:
                 prompts = random.Random(0).sample(all_prompts, batch)
                 gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device, args.repeats)
@@ -142,7 +144,6 @@ def main():
                     "rollout_kl_ratio_vs_generate": round(r1 / gen, 3),
                 }
                 print(json.dumps({name: entry["batches"][batch], "batch": batch}), flush=True)
-            entry["single_env_step_overhead"] = round(single_env_overhead(model_dir, device), 3)
             result["models"][name] = entry
     print(json.dumps(result))
 

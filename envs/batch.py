@@ -182,10 +182,10 @@ class TextGenBatch:
         ended |= self.n_generated >= task.max_new_tokens
         if not every_row:
             ended &= active
-        self.done |= ended
         finished = {}
         if ended.any():  # one host sync per step: which rows finished
             rows = ended.nonzero().flatten()
+            self.done[rows] = True
             self.done_rows.update(rows.tolist())
             scores, finished = self.score_finished(rows)
             rewards[rows] += scores

@@ -145,6 +145,7 @@ class TextGenEnv(gym.Env):
             cot=cot, top_k=top_k, top_p=top_p, gold=gold,
         )
         self.batch = TextGenBatch(self.task, 1)
+        self._action = torch.zeros(1, dtype=torch.long, device=self.task.device)
         self.observation_space = observation_space(self.task)
         self.action_space = action_space(self.task)
         self._started = False
@@ -177,7 +178,7 @@ class TextGenEnv(gym.Env):
             raise RuntimeError("step() called after the episode ended; call reset() first")
         action = as_action(action)
         self.batch.validate_one(action)
-        result = self.batch.step(torch.tensor([action], device=self.task.device))
+        result = self.batch.step(self._action.fill_(action))  # a reused (1,) tensor: the batch keeps no reference
         info = {}
         if result.ref_logprobs is not None:
             info["ref_logprob"] = result.ref_logprobs.item()
