@@ -40,6 +40,7 @@ from stable_baselines3.common.logger import configure
 from agents import ppo, reinforce
 from agents.sb3 import TextGenCallback, make_sb3_agent, make_sb3_vec_env
 from pretrain import load_lm
+from pretrain.corpus import load_prompts
 from pretrain.model import resolve_device
 from pretrain.sample import generate_ids
 from rlhf.gold import VaderGold
@@ -52,28 +53,37 @@ def gold_gain(golds: list[float]) -> float:
     return float(np.mean(golds[-k:]) - np.mean(golds[:k]))
 
 
-def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, device, kl_coef: float = 0.05,
-                    seed: int = 0) -> dict:
-    """What a user writes without the library's env: generate, score texts, one policy-gradient step."""
+def naive_setup(device):
+    """What both naive loops load: the policy, a frozen reference, the reward model, the gold scorer, prompts."""
     model, tokenizer = load_lm("default", device=device)
     reference, _ = load_lm("default", device=device)
     reference.requires_grad_(False)
-    rm = RewardModel.load("default", device=device)
-    gold = VaderGold()
-    from pretrain.corpus import load_prompts
-
     prompts = [p.text for p in load_prompts("train")]
+    return model, tokenizer, reference, RewardModel.load("default", device=device), VaderGold(), prompts
+
+
+def naive_sample(model, tokenizer, rm, gold, prompts, rng, batch: int, max_new_tokens: int, seed: int):
+    """``model.generate`` on random prompts, decode, score: (generate output, RM scores, mean gold)."""
+    batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
+    model.eval()
+    out = generate_ids(model, tokenizer, batch_prompts, max_new_tokens, seed=seed)
+    texts = tokenizer.batch_decode(out["input_ids"][:, -max_new_tokens:], skip_special_tokens=True)
+    scores = torch.tensor(rm.score(batch_prompts, texts), device=next(model.parameters()).device)
+    return out, scores, float(np.mean(gold([p + t for p, t in zip(batch_prompts, texts)])))
+
+
+def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, device, kl_coef: float = 0.05,
+                    seed: int = 0) -> dict:
+    """What a user writes without the library's env: generate, score texts, one policy-gradient step."""
+    model, tokenizer, reference, rm, gold, prompts = naive_setup(device)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     golds, tokens = [], 0
     start = time.perf_counter()
     for update in range(updates):
-        batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
-        model.eval()
-        out = generate_ids(model, tokenizer, batch_prompts, max_new_tokens, seed=seed * 100_003 + update)
-        texts = tokenizer.batch_decode(out["input_ids"][:, -max_new_tokens:], skip_special_tokens=True)
-        rewards = torch.tensor(rm.score(batch_prompts, texts), device=device)
-        golds.append(float(np.mean(gold([p + t for p, t in zip(batch_prompts, texts)]))))
+        out, rewards, mean_gold = naive_sample(model, tokenizer, rm, gold, prompts, rng, batch, max_new_tokens,
+                                               seed * 100_003 + update)
+        golds.append(mean_gold)
         model.train()
         logits = model(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits[:, -max_new_tokens - 1 : -1]
         logp = torch.log_softmax(logits.float(), -1).gather(-1, out["input_ids"][:, -max_new_tokens:, None]).squeeze(-1)
@@ -98,30 +108,19 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
     """What a user writes for PPO without the library: ``generate``, score the texts, then epochs of
     clipped-surrogate minibatch steps with a value head, GAE and the per-token KL penalty (the same
     hyperparameters and work per update as ``agents.ppo``)."""
-    model, tokenizer = load_lm("default", device=device)
-    reference, _ = load_lm("default", device=device)
-    reference.requires_grad_(False)
+    model, tokenizer, reference, rm, gold, prompts = naive_setup(device)
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
-    rm = RewardModel.load("default", device=device)
-    gold = VaderGold()
-    from pretrain.corpus import load_prompts
-
-    prompts = [p.text for p in load_prompts("train")]
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam([*model.parameters(), *value_head.parameters()], lr=lr, eps=1e-5)
     T = max_new_tokens
     golds, tokens = [], 0
     start = time.perf_counter()
     for update in range(updates):
-        batch_prompts = [prompts[i] for i in rng.choice(len(prompts), batch)]
-        model.eval()
-        out = generate_ids(model, tokenizer, batch_prompts, T, seed=seed * 100_003 + update)
+        out, scores, mean_gold = naive_sample(model, tokenizer, rm, gold, prompts, rng, batch, T, seed * 100_003 + update)
+        golds.append(mean_gold)
         ids, attn, mask = out["input_ids"], out["attention_mask"], out["completion_mask"][:, -T:].float()
-        texts = tokenizer.batch_decode(ids[:, -T:], skip_special_tokens=True)
-        scores = torch.tensor(rm.score(batch_prompts, texts), device=device)
-        golds.append(float(np.mean(gold([p + t for p, t in zip(batch_prompts, texts)]))))
 
         def forward(net, rows):
             o = net(input_ids=ids[rows], attention_mask=attn[rows], output_hidden_states=True)
@@ -177,8 +176,6 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    from pretrain.corpus import load_prompts
-
     model, tokenizer = load_lm("default", device=device)
     tokenizer.padding_side = "left"
     rm = RewardModel.load("default", device=device)
@@ -198,7 +195,7 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
             output_dir=out, per_device_train_batch_size=batch, num_generations=k, max_completion_length=max_new_tokens,
             learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, max_steps=updates, num_iterations=1,
             temperature=1.0, logging_strategy="no", report_to="none", save_strategy="no", seed=seed, disable_tqdm=True,
-            use_cpu=device.type == "cpu", bf16=False, fp16=False, dataloader_num_workers=0,
+            use_cpu=device.type == "cpu", bf16=False, fp16=False, dataloader_num_workers=0, log_level="error",
         )
         trainer = RLOOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
         start = time.perf_counter()
