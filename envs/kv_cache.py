@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from pretrain.model import length_buckets, position_ids_from_mask
+from pretrain.model import left_pad, length_buckets, position_ids_from_mask
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
@@ -86,13 +86,8 @@ class CachedLM:
         logits = hidden = None
         parts = []
         for bucket in length_buckets([len(p) for p in prompts], self.max_prefill_buckets):
-            w = max(len(prompts[j]) for j in bucket)
-            ids = torch.full((len(bucket), w), self.pad_token_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(bucket), w), dtype=torch.long, device=self.device)
-            for i, j in enumerate(bucket):
-                p = prompts[j]
-                ids[i, w - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=self.device)
-                mask[i, w - len(p) :] = 1
+            ids, mask = left_pad([prompts[j] for j in bucket], self.pad_token_id, self.device)
+            w = ids.shape[1]
             b_logits, b_hidden, b_kv = self._forward(ids, mask, position_ids_from_mask(mask))
             if logits is None:
                 logits = b_logits.new_empty((len(rows), b_logits.shape[-1]))

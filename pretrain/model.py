@@ -173,6 +173,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one left-padded batch: ``input_ids`` and ``attention_mask``, (B, longest), long."""
+    width = max(len(seq) for seq in sequences)
+    ids = [[pad_id] * (width - len(seq)) + list(seq) for seq in sequences]
+    mask = [[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
+
+
 def length_buckets(lengths: Sequence[int], max_buckets: int = 4) -> list[list[int]]:
     """Split row indices into at most ``max_buckets`` groups of similar length, padding the fewest tokens.
 

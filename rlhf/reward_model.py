@@ -37,6 +37,7 @@ from pretrain import load_lm
 from pretrain.config import hparam, require_positive
 from pretrain.model import (
     check_vocab_fits,
+    left_pad,
     length_buckets,
     position_ids_from_mask,
     resolve_device,
@@ -159,13 +160,7 @@ class RewardModel(nn.Module):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rewards = torch.empty(len(sequences), device=self.device)
         for bucket in length_buckets([len(seq) for seq in sequences], max_buckets):
-            width = max(len(sequences[j]) for j in bucket)
-            ids = torch.full((len(bucket), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(bucket), width), dtype=torch.long)
-            for i, j in enumerate(bucket):
-                ids[i, width - len(sequences[j]) :] = torch.as_tensor(list(sequences[j]), dtype=torch.long)
-                mask[i, width - len(sequences[j]) :] = 1
-            rewards[bucket] = self.score_ids(ids.to(self.device), mask.to(self.device))
+            rewards[bucket] = self.score_ids(*left_pad([sequences[j] for j in bucket], pad, self.device))
         return rewards
 
     @torch.no_grad()

@@ -4,8 +4,9 @@ import itertools
 import random
 
 import pytest
+import torch
 
-from pretrain.model import length_buckets
+from pretrain.model import left_pad, length_buckets
 
 
 def padded_cost(lengths, groups):
@@ -39,3 +40,9 @@ def test_one_bucket_is_the_padded_batch_and_bad_counts_are_refused():
     assert length_buckets([], 4) == []
     with pytest.raises(ValueError, match="max_buckets must be at least 1, got 0"):
         length_buckets([1], 0)
+
+
+def test_left_pad_right_aligns_each_row_and_masks_the_padding():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
