@@ -212,14 +212,13 @@ class TextGenBatch:
         gen, gen_mask = self.generated_ids(rows)
         gen_mask &= gen != self.eos_id  # the EOS that ended an episode is not part of the text
         row_list = rows.tolist()
-        completions = [
-            task.tokenizer.decode(g[m].tolist(), skip_special_tokens=True) for g, m in zip(gen, gen_mask)
-        ]
+        completion_ids = [[t for t, keep in zip(g, m) if keep] for g, m in zip(gen.tolist(), gen_mask.tolist())]
+        completions = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         rm_prompts = [self.episodes[r].rm_prompt for r in row_list]
         if task.toy_reward is not None:
             scores = task.toy_reward(gen, gen_mask)
         else:
-            scores = self.rm_scores(row_list, gen, gen_mask, rm_prompts, completions)
+            scores = self.rm_scores(row_list, completion_ids, rm_prompts, completions)
         gold = task.gold([p + c for p, c in zip(rm_prompts, completions)]) if task.gold is not None else None
         finished = {}
         for j, r in enumerate(row_list):
@@ -231,15 +230,13 @@ class TextGenBatch:
             }
         return scores, finished
 
-    def rm_scores(self, rows, gen, gen_mask, rm_prompts, completions) -> torch.Tensor:
+    def rm_scores(self, rows, completion_ids, rm_prompts, completions) -> torch.Tensor:
         rm = self.task.reward_model
         if not self.task.rm_shares_tokenizer:
             return torch.tensor(rm.score(rm_prompts, completions), device=self.task.device)
         # Token-id fast path: [RM prompt | completion] per row, no detokenise/retokenise round trip.
-        sequences = []
-        for r, g, m in zip(rows, gen.tolist(), gen_mask.tolist()):
-            seq = self.rm_prompt_ids[r] + [t for t, keep in zip(g, m) if keep]
-            sequences.append(seq or [self.eos_id])  # an immediate EOS with no RM prompt: score the EOS itself
+        # An immediate EOS with no RM prompt leaves nothing: score the EOS token itself.
+        sequences = [self.rm_prompt_ids[r] + ids or [self.eos_id] for r, ids in zip(rows, completion_ids)]
         return rm.score_sequences(sequences)
 
     # -- numpy views for the Gymnasium API ---------------------------------------------------------
