@@ -151,7 +151,9 @@ class TextGenBatch:
         ref_logprobs = None
         if self.reference is not None:
             # The reference distribution over the valid actions (pad/special tokens excluded).
-            ref_logits = self.reference.next_logits.masked_fill(self.invalid_actions, float("-inf"))
+            # In place: the reference's next logits are read only here and by action_masks (which
+            # masks the same tokens); the next reference step replaces them.
+            ref_logits = self.reference.next_logits.masked_fill_(self.invalid_actions, float("-inf"))
             # log pi_ref(a_t | s_t) = -cross-entropy of a_t: log-softmax and gather in one kernel.
             ref_logprobs = -F.cross_entropy(ref_logits, actions.long(), reduction="none")
             rewards = task.kl_coef * ref_logprobs
