@@ -14,7 +14,7 @@ from agents import dqn, ppo, reinforce
 from agents.cli import main
 from agents.policy import LMPolicy, reference_logprobs
 from agents.run import NonFiniteError
-from envs.toy import GOOD, TextGenToyEnv
+from envs.toy import TextGenToyEnv
 from pretrain.model import position_ids_from_mask
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")

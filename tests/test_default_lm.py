@@ -5,7 +5,6 @@ import math
 import re
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pretrain import corpus, default_model_dir, load_lm
