@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam, require_positive
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.model import position_ids_from_mask
 
 
@@ -91,6 +91,7 @@ class DQNConfig:
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.q_form not in ("log_policy", "logits"):
             raise ValueError(f"unknown q_form {self.q_form!r}; expected 'log_policy' or 'logits'")
         if self.exploration not in ("epsilon", "boltzmann"):
@@ -100,6 +101,9 @@ class DQNConfig:
         require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps", "soft_q_beta", "value_scale")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the Q-scale beta), got {self.temperature}")
+        require_positive(self, "max_new_tokens", "target_update_every", "checkpoint_every", "sample_every")
+        require_non_negative(self, "env_kl_coef", "lr", "per_alpha", "learning_starts", "max_grad_norm")
+        require_unit_interval(self, "gamma", "per_beta0", "epsilon_start", "epsilon_end", "epsilon_fraction")
 
     @property
     def q_beta(self) -> float:
@@ -151,6 +155,7 @@ def train(cfg: DQNConfig) -> dict:
                            value_head=cfg.q_form == "log_policy")
     check_policy_fits_env(policy, env)
     q_net, valid = policy, policy.valid_actions  # the Q-network: the LM (+ the value head for "log_policy")
+    valid_host = valid.cpu()
     target_net = copy.deepcopy(q_net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
     buffer_cls = PrioritizedReplayBuffer if cfg.prioritized else ReplayBuffer
@@ -194,6 +199,7 @@ def train(cfg: DQNConfig) -> dict:
             for _t in range(cfg.max_new_tokens):
                 with torch.no_grad():
                     q = q_values(q_net, ids, attn, cfg).cpu()
+                check_finite("the Q-values of the valid actions", q[:, valid_host])
                 if cfg.exploration == "epsilon":  # epsilon-greedy over the valid tokens
                     random_actions = torch.multinomial(valid.float().cpu().expand(cfg.num_envs, -1), 1, generator=gen).squeeze(1)
                     explore = torch.rand(cfg.num_envs, generator=gen) < eps
@@ -230,11 +236,7 @@ def train(cfg: DQNConfig) -> dict:
                     q_sa = q_values(q_net, batch.contexts, batch.context_mask, cfg).gather(-1, batch.actions.view(-1, 1)).squeeze(-1)
                     td_error = q_sa - targets
                     loss = (batch.weights * F.smooth_l1_loss(q_sa, targets, reduction="none")).mean()  # Huber
-                    check_finite("loss", loss, run.update, run.ckpt_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                    optimizer_step(loss, optimizer, q_net.parameters(), cfg.max_grad_norm)
                     grad_steps += 1
                     if cfg.prioritized:
                         buffer.update_priorities(batch.indices, td_error.detach().cpu().numpy())
@@ -262,7 +264,7 @@ def train(cfg: DQNConfig) -> dict:
                 tensors, replay_meta = buffer.state_dict()
                 tensors.update({f"target.{k}": v.detach().cpu().clone() for k, v in target_net.state_dict().items()})  # clone: tied weights
                 tensors["explore_rng"] = gen.get_state()
-                run.checkpoint(policy, optimizer, env, {"replay": replay_meta, "grad_steps": grad_steps}, tensors)
+                run.checkpoint(policy, optimizer, env, (ids[:4], attn[:4]), {"replay": replay_meta, "grad_steps": grad_steps}, tensors)
         final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"]})
     if run.should_stop():
         raise KeyboardInterrupt

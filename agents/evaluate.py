@@ -28,9 +28,10 @@ import torch
 from agents.policy import LMPolicy, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, sha256_file
 from rlhf.evaluate import distinct_n
+from rlhf.kl import warn_if_negative_kl
 
 
 @dataclass
@@ -48,9 +49,10 @@ class EvalConfig:
     out: str = hparam("runs/eval", "output dir for eval.json and eval.png")
 
     def __post_init__(self):
+        validate_fields(self)
         if not self.runs:
             raise ValueError("give at least one run or model dir with --runs")
-        require_positive(self, "episodes", "num_envs")
+        require_positive(self, "episodes", "num_envs", "max_new_tokens")
 
 
 def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
@@ -94,6 +96,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[
         rm += rollout.rm_scores.tolist()
         texts += rollout.texts
     k = episodes
+    warn_if_negative_kl(torch.tensor(kls[:k]), f"KL of {model_dir} to its reference")
     return {
         "gold": float(np.mean(gold[:k])),
         "rm": float(np.mean(rm[:k])),

@@ -32,9 +32,9 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam, require_positive
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 
 @dataclass
@@ -73,9 +73,13 @@ class PPOConfig:
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
-        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches",
+                         "clip_coef", "penalty_coef", "kl_target", "kl_horizon", "checkpoint_every", "sample_every")
+        require_non_negative(self, "env_kl_coef", "lr", "vf_clip", "vf_coef", "ent_coef", "kl_coef", "target_kl", "max_grad_norm")
+        require_unit_interval(self, "gamma", "gae_lambda")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches={self.num_minibatches}")
 
@@ -167,7 +171,8 @@ def train(cfg: PPOConfig) -> dict:
                 advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
                 if cfg.whiten_advantages:
                     advantages = whiten(advantages, mask)
-            check_finite("reward", rewards, run.update, run.ckpt_dir)
+            check_finite("the rollout's log-probs", old_logprobs)
+            check_finite("the reward", rewards)
 
             # ---- update: epochs x minibatches of episodes ------------------------------------------
             policy.train()
@@ -190,11 +195,7 @@ def train(cfg: PPOConfig) -> dict:
                     loss = pg_loss + cfg.vf_coef * v_loss
                     if cfg.ent_coef:
                         loss = loss - cfg.ent_coef * masked_mean(entropy, mb_mask)
-                    check_finite("loss", loss, run.update, run.ckpt_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                    optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm)
                     for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss), ("value", v_loss)):
                         stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 if cfg.target_kl and np.mean(stats["approx_kl"][-cfg.num_minibatches:]) > 1.5 * cfg.target_kl:
@@ -203,6 +204,7 @@ def train(cfg: PPOConfig) -> dict:
                 d = np.mean(stats["approx_kl"])
                 penalty_coef *= 2.0 if d > 1.5 * cfg.target_kl else 0.5 if d < cfg.target_kl / 1.5 else 1.0
 
+            warn_if_negative_kl(kl.sum(1))
             seq_kl = float(kl.sum(1).mean())
             kl_ctl.update(seq_kl, cfg.num_envs)
             metrics = {
@@ -223,7 +225,8 @@ def train(cfg: PPOConfig) -> dict:
             }
             run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
             if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
-                run.checkpoint(policy, optimizer, env, {"kl_coef": kl_ctl.value, "penalty_coef": penalty_coef})
+                run.checkpoint(policy, optimizer, env, (ids[:4, :start], attn[:4, :start]),
+                               {"kl_coef": kl_ctl.value, "penalty_coef": penalty_coef})
         final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"], "kl/ref": metrics["kl/ref"]})
     if run.should_stop():
         raise KeyboardInterrupt

@@ -27,9 +27,9 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model
-from pretrain.config import hparam, require_positive
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 BASELINES = ("none", "moving_average", "rloo")
 
@@ -62,11 +62,14 @@ class ReinforceConfig:
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
             raise ValueError(f"rloo needs rloo_k >= 2 dividing num_envs, got rloo_k={self.rloo_k}, num_envs={self.num_envs}")
-        require_positive(self, "num_envs", "total_steps", "max_new_tokens")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "kl_target", "kl_horizon", "checkpoint_every", "sample_every")
+        require_non_negative(self, "env_kl_coef", "lr", "kl_coef", "ent_coef", "max_grad_norm")
+        require_unit_interval(self, "baseline_decay")
 
 
 def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
@@ -115,7 +118,7 @@ def train(cfg: ReinforceConfig) -> dict:
                 ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
                 kl = kl_estimate(logprobs.detach(), ref_logprobs, "k1") * mask
                 returns = (rollout.env_rewards * mask - kl_ctl.value * kl).sum(1)  # R = sum_t r_t
-            check_finite("return", returns, run.update, run.ckpt_dir)
+            check_finite("the return", returns)
             if cfg.baseline == "rloo":
                 baseline = rloo_baseline(returns, cfg.rloo_k)
             elif cfg.baseline == "moving_average":
@@ -125,12 +128,9 @@ def train(cfg: ReinforceConfig) -> dict:
                 baseline = torch.zeros_like(returns)
             ent = (entropy * mask).sum() / mask.sum()
             loss = reinforce_loss(logprobs, mask, returns, baseline) - cfg.ent_coef * ent
-            check_finite("loss", loss, run.update, run.ckpt_dir)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm)
 
+            warn_if_negative_kl(kl.sum(1))
             seq_kl = float(kl.sum(1).mean())
             kl_ctl.update(seq_kl, cfg.num_envs)
             metrics = {
@@ -147,7 +147,8 @@ def train(cfg: ReinforceConfig) -> dict:
             }
             run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
             if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
-                run.checkpoint(policy, optimizer, env, {"kl_coef": kl_ctl.value, "moving_baseline": moving_baseline})
+                run.checkpoint(policy, optimizer, env, (ids[:4, :start], attn[:4, :start]),
+                               {"kl_coef": kl_ctl.value, "moving_baseline": moving_baseline})
         final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"], "kl/ref": metrics["kl/ref"]})
     if run.should_stop():
         raise KeyboardInterrupt

@@ -11,7 +11,9 @@ holds the machinery around them:
   an HF dir for the policy plus optimizer / RNG / env-RNG / counters in safetensors + JSON
   (never pickle). ``resume`` restores all of it so the continued metric stream equals an
   uninterrupted run's. Ctrl-C finishes the current update, checkpoints and exits.
-* A non-finite loss or reward stops the run with a message; the last good checkpoint stays.
+* A non-finite value (logits, loss, gradient, reward) stops the run with a ``NonFiniteError`` that
+  names it, the update, and the last checkpoint that exists (or that there is none); a checkpoint
+  is written only after the policy's weights and outputs are checked finite.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 import envs  # noqa: F401  (registers the suite)
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.model import build_gpt2, resolve_device, save_lm
+from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from pretrain.progress import progress_bar
 from pretrain.train import StopOnInterrupt
 
@@ -54,16 +57,7 @@ def make_policy_model(model: str, env, out: Path, seed: int) -> str:
     return "default"
 
 
-class NonFiniteError(FloatingPointError):
-    pass
-
-
-def check_finite(name: str, value: torch.Tensor, step: int, ckpt: Path) -> None:
-    if not torch.isfinite(value).all():
-        raise NonFiniteError(
-            f"{name} became non-finite at update {step}; stopping. The last good checkpoint is {ckpt} "
-            "(lower the learning rate or check the reward model)."
-        )
+__all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step"]
 
 
 class Run:
@@ -134,12 +128,28 @@ class Run:
         self.t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc):
-        self.interrupt.__exit__(*exc)
-        self.progress.__exit__(*exc)
+    def __exit__(self, exc_type, exc, tb):
+        self.interrupt.__exit__(exc_type, exc, tb)
+        self.progress.__exit__(exc_type, exc, tb)
         self.metrics_file.close()
         self.writer.close()
+        if isinstance(exc, NonFiniteError):  # say when, and what is left to resume from
+            when = "" if getattr(exc, "located", False) else f" in update {self.update + 1}"
+            raise NonFiniteError(f"{exc}{when}; stopping. {self._last_checkpoint_hint()}") from exc
         return False
+
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint dir a resume would use, if one has been written completely."""
+        done = (self.ckpt_dir / STATE).is_file() and (self.ckpt_dir / "model.safetensors").is_file()
+        return self.ckpt_dir if done else None
+
+    def _last_checkpoint_hint(self) -> str:
+        last = self.last_checkpoint()
+        advice = "Lower the learning rate or check the reward."
+        if last is None:
+            return f"No checkpoint has been written yet. {advice}"
+        update = json.loads((last / STATE).read_text())["state"]["update"]
+        return f"The last good checkpoint is {last} (update {update}; continue with --resume {self.out}). {advice}"
 
     def seconds_since_last_log(self) -> float:
         now = time.perf_counter()
@@ -161,7 +171,12 @@ class Run:
         status = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in ("reward/rm", "reward/gold", "kl/ref") if k in metrics)
         self.progress.update(self.task, completed=self.update, status=status)
 
-    def checkpoint(self, policy, optimizer, env, extra_state: dict | None = None, extra_tensors: dict | None = None) -> None:
+    def checkpoint(self, policy, optimizer, env, probe: tuple[torch.Tensor, torch.Tensor], extra_state: dict | None = None,
+                   extra_tensors: dict | None = None) -> None:
+        """Save policy, optimizer, RNGs and counters, after checking the policy is finite on ``probe``
+        (a few left-padded contexts ``(input_ids, attention_mask)``): never a checkpoint of a blown-up model."""
+        self._check_finite_model(policy, probe)
+        self._probe = probe
         policy.save(self.ckpt_dir)
         save_training_state(
             self.ckpt_dir,
@@ -178,10 +193,20 @@ class Run:
             extra_tensors=extra_tensors,
         )
 
+    def _check_finite_model(self, policy, probe) -> None:
+        try:
+            policy.check_finite(*probe)
+        except NonFiniteError as err:
+            located = NonFiniteError(f"{err} after update {self.update}, so it was not saved")
+            located.located = True
+            raise located from err
+
     def should_stop(self) -> bool:
         return self.interrupt.requested
 
     def finish(self, policy, hparams: dict, final_metrics: dict) -> Path:
+        if getattr(self, "_probe", None) is not None:
+            self._check_finite_model(policy, self._probe)
         final = policy.save(self.out / "final")
         self.writer.add_hparams(
             {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},

@@ -91,8 +91,8 @@ from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
 from envs.vector import TextGenVectorEnv
 from pretrain import load_lm, save_lm
-from pretrain.config import hparam, require_positive
-from pretrain.model import position_ids_from_mask, resolve_device
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from pretrain.model import disable_dropout, position_ids_from_mask, resolve_device
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 
@@ -160,18 +160,13 @@ class _LMModule:
     """What both LM policies share: the LM, its valid-action mask, full and cached next-token passes."""
 
     def _init_lm(self, model, tokenizer, action_space, keep_hidden: bool, use_cache: bool) -> None:
-        self.lm, self.tokenizer = model, tokenizer
+        # Dropout off: the rollout's log-probs and the update's must come from the same network.
+        self.lm, self.tokenizer = disable_dropout(model), tokenizer
         self.register_buffer("valid_actions", valid_action_mask(tokenizer, action_space.n, "cpu"), persistent=False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.use_cache = use_cache
         self.acting = ObservationCache(model, pad, keep_hidden)
         self.last_log_policy: torch.Tensor | None = None  # (B, V) log pi(. | s) of the last acting step
-
-    def train(self, mode: bool = True):
-        # Dropout stays off: the rollout's log-probs and the update's must come from the same network.
-        super().train(mode)
-        self.lm.eval()
-        return self
 
     def load_state_dict(self, *args, **kwargs):
         self.acting.invalidate()
@@ -517,9 +512,10 @@ class SB3Config:
     sample_every: int = hparam(5, "rollouts between sample texts in TensorBoard")
 
     def __post_init__(self):
+        validate_fields(self)
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "lr", "sample_every")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        require_non_negative(self, "kl_coef")
+        require_unit_interval(self, "gamma")
 
     def callback_kl_coef(self) -> float:
         return 0.0  # DQN: the env's shaping only (a hard-max Q-learner has no log pi to charge)

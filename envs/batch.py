@@ -13,9 +13,10 @@ Per step and row, with a_t the action and beta = ``kl_coef``:
 
     reward_t = beta * log pi_ref(a_t | s_t)  +  [episode ends at t] * RM(prompt, completion)
 
-The episode ends when a_t is EOS or ``max_new_tokens`` tokens have been generated. The reward
-model scores all rows that finish in a step in one batch; the gold scorer (monitoring only, never
-in the reward) sees their decoded text.
+The episode ends when a_t is EOS or ``max_new_tokens`` tokens have been generated. The completion
+is the *text* of the generated tokens (EOS excluded): the reward model scores (prompt, completion)
+texts, canonically re-tokenised (``RewardModel.rewards``), all rows that finish in a step in one
+batch; the gold scorer (monitoring only, never in the reward) sees prompt + completion.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class TextGenBatch:
         self.done = torch.ones(batch_size, dtype=torch.bool, device=device)  # nothing started yet
         self.done_rows = set(range(batch_size))  # the same, known on the host without a device sync
         self.episodes = [None] * batch_size
-        self.rm_prompt_ids = [[] for _ in range(batch_size)]
         self.reference = task.make_reference(batch_size)
         self.invalid_actions = ~task.valid_actions
         self.ones = torch.ones((batch_size, 1), dtype=torch.long, device=device)
@@ -73,7 +73,6 @@ class TextGenBatch:
                     f"{task.max_context_tokens} tokens (observation length {task.max_len} = context + max_new_tokens)"
                 )
             self.episodes[row] = episode
-            self.rm_prompt_ids[row] = task.encode(episode.rm_prompt) if episode.rm_prompt else []
             contexts.append(ids)
             self.input_ids[row] = self.pad_id
             self.attention_mask[row] = 0
@@ -216,12 +215,12 @@ class TextGenBatch:
         row_list = rows.tolist()
         completion_ids = [[t for t, keep in zip(g, m) if keep] for g, m in zip(gen.tolist(), gen_mask.tolist())]
         completions = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
-        rm_prompts = [self.episodes[r].rm_prompt for r in row_list]
+        prompts = [self.episodes[r].prompt for r in row_list]
         if task.toy_reward is not None:
             scores = task.toy_reward(gen, gen_mask)
-        else:
-            scores = self.rm_scores(row_list, completion_ids, rm_prompts, completions)
-        gold = task.gold([p + c for p, c in zip(rm_prompts, completions)]) if task.gold is not None else None
+        else:  # a function of the text: (prompt, completion) re-tokenised, whatever the policy's segmentation
+            scores = task.reward_model.rewards(prompts, completions).to(task.device)
+        gold = task.gold([p + c for p, c in zip(prompts, completions)]) if task.gold is not None else None
         finished = {}
         for j, r in enumerate(row_list):
             finished[r] = {
@@ -231,15 +230,6 @@ class TextGenBatch:
                 "prompt": self.episodes[r].prompt,
             }
         return scores, finished
-
-    def rm_scores(self, rows, completion_ids, rm_prompts, completions) -> torch.Tensor:
-        rm = self.task.reward_model
-        if not self.task.rm_shares_tokenizer:
-            return torch.tensor(rm.score(rm_prompts, completions), device=self.task.device)
-        # Token-id fast path: [RM prompt | completion] per row, no detokenise/retokenise round trip.
-        # An immediate EOS with no RM prompt leaves nothing: score the EOS token itself.
-        sequences = [self.rm_prompt_ids[r] + ids or [self.eos_id] for r, ids in zip(rows, completion_ids)]
-        return rm.score_sequences(sequences)
 
     # -- numpy views for the Gymnasium API ---------------------------------------------------------
     def observation(self) -> dict[str, np.ndarray]:

@@ -2,19 +2,24 @@
 
 A :class:`TextGenTask` is built once (models loaded, prompts tokenized) and shared by the single env
 and the vector env, which both run the same batched episode logic in ``envs.batch``. The variants
-of the suite differ only in how a prompt becomes the LM's context and what the reward model sees:
+of the suite differ only in how a prompt becomes the LM's context:
 
-* ``plain``     context = prompt; the RM scores (prompt, completion).
+* ``plain``     context = the prompt (a review opening).
 * ``few_shot``  context = k positive demonstration reviews, each followed by EOS, then the prompt
-                (the LM saw reviews separated by EOS in pretraining); the RM scores (prompt,
-                completion) only, without the demonstrations.
-* ``instruct``  context = an instruction ("Write a glowing review of a film about <topic>: ")
-                plus, optionally, a chain-of-thought style preface; the RM scores ("", completion):
-                the review alone.
+                (the LM saw reviews separated by EOS in pretraining).
+* ``instruct``  context = an instruction ("Write a glowing review of a film about <topic>: "),
+                optionally after a chain-of-thought style preface, then the prompt.
+
+What is judged is the same in every variant: *the review*, i.e. the prompt followed by the
+completion, as text. The reward model scores (prompt, completion) (``RewardModel.rewards``: each
+text canonically tokenised, so the reward is a function of the text, not of the policy's
+segmentation) and the gold scorer scores prompt + completion. Demonstrations, instruction and
+preface are context for the LM only; neither the reward model nor the gold scorer ever sees them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -41,11 +46,10 @@ TOPICS = (
 
 @dataclass
 class Episode:
-    """The text side of one prompt: what the LM is conditioned on and what the RM/gold see."""
+    """The text side of one prompt: what the LM is conditioned on, and the prompt that is judged."""
 
-    prompt: str  # the task prompt (a review opening, or the instruction's topic)
-    context: str  # what the LM continues
-    rm_prompt: str  # what the reward model and gold scorer see before the completion
+    prompt: str  # the task prompt (a review opening): the RM scores (prompt, completion), gold prompt + completion
+    context: str  # what the LM continues (the prompt, after demonstrations or an instruction)
 
 
 @dataclass
@@ -68,7 +72,6 @@ class TextGenTask:
     toy_reward: object | None = None  # envs.toy: a reward function of token ids (replaces the RM)
     toy_ref_logits: torch.Tensor | None = None  # envs.toy: the fixed next-token logits of its reference
     valid_actions: torch.Tensor = field(default=None)  # (n_actions,) bool
-    rm_shares_tokenizer: bool = False  # RM scores token ids directly (same vocabulary as the env)
 
     @cached_property
     def valid_actions_host(self) -> np.ndarray:
@@ -93,12 +96,12 @@ class TextGenTask:
     def episode(self, prompt: str, topic_index: int = 0) -> Episode:
         if self.variant == "few_shot":
             eos = self.tokenizer.eos_token
-            return Episode(prompt, "".join(s + eos for s in self.shots) + prompt, prompt)
+            return Episode(prompt, "".join(s + eos for s in self.shots) + prompt)
         if self.variant == "instruct":
             topic = TOPICS[topic_index % len(TOPICS)]
             context = (COT_PREFACE if self.cot else "") + INSTRUCTION.format(topic=topic) + prompt
-            return Episode(prompt, context, prompt)
-        return Episode(prompt, prompt, prompt)
+            return Episode(prompt, context)
+        return Episode(prompt, prompt)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -158,8 +161,7 @@ def build_lm_task(
     """Load everything an LM-backed TextGen env needs (validates every argument)."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    check_kl_coef(kl_coef)
     if top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
     if variant not in ("plain", "few_shot", "instruct"):
@@ -198,7 +200,6 @@ def build_lm_task(
         top_p=top_p,
     )
     task.valid_actions = valid_action_mask(tokenizer, n_actions, device)
-    task.rm_shares_tokenizer = rm.tokenizer.get_vocab() == tokenizer.get_vocab()
     task.max_context_tokens = max(
         len(task.encode(task.episode(p, i).context)) for i, p in enumerate(task.prompts)
     )
@@ -209,6 +210,12 @@ def build_lm_task(
             f"exceeds the model's context of {n_positions} tokens"
         )
     return task
+
+
+def check_kl_coef(kl_coef: float) -> None:
+    """``kl_coef`` must be a finite number >= 0 (NaN would silently switch the KL shaping off)."""
+    if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
 
 
 def valid_action_mask(tokenizer, n_actions: int, device) -> torch.Tensor:

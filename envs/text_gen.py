@@ -24,7 +24,12 @@ KV cache only needs ``input_ids[-1]`` per step (the token it just chose) after t
 ## Rewards
 With beta = ``kl_coef``, each step pays ``beta * log pi_ref(a_t | s_t)`` (the frozen reference =
 the pretrained LM, KV-cached), and the last step adds the reward model's score of (prompt,
-completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std better). Because
+completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std better). The
+completion is the decoded *text* of the generated tokens (EOS excluded), re-tokenised canonically
+for the reward model, so the reward is a function of the text: exactly ``rm.score([prompt],
+[completion])``, whatever segmentation the policy sampled; an immediate EOS is the empty
+completion. In every variant the judged text is the review, prompt + completion: few-shot
+demonstrations and instructions are context for the LM only. Because
 
     E_pi[ R - beta log(pi / pi_ref) ] = E_pi[ R + beta log pi_ref ] + beta * H(pi),
 
@@ -44,6 +49,7 @@ final then, so this is termination, not truncation). ``step`` after the end rais
 Every step: ``action_mask`` and, when a reference is loaded (``kl_coef > 0`` or top-k/top-p),
 ``ref_logprob``. At the end: ``rm_score``, ``gold_score`` (VADER compound of prompt + completion;
 monitoring only, never in the reward), ``text`` (the completion) and ``prompt``.
+``kl_coef`` must be a finite number >= 0 (a ``ValueError`` otherwise).
 
 ## Arguments
 ``model`` ("default" or an HF causal-LM dir: tokenizer + reference), ``reward_model`` ("default",

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from envs.task import TextGenTask, valid_action_mask
+from envs.task import TextGenTask, check_kl_coef, valid_action_mask
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 
@@ -73,8 +73,7 @@ class ToyGold:
 def build_toy_task(max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None) -> TextGenTask:
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    check_kl_coef(kl_coef)
     tokenizer = toy_tokenizer()
     device = torch.device(device)
     task = TextGenTask(

@@ -2,12 +2,15 @@
 
 Each algorithm has one ``@dataclass`` config whose fields carry their help text; the ``textgym``
 CLI is generated from these dataclasses (``transformers.HfArgumentParser`` reads the help from
-``field(metadata={"help": ...})``), so a field's help is written exactly once.
+``field(metadata={"help": ...})``), so a field's help is written exactly once. Every config's
+``__post_init__`` starts with :func:`validate_fields`: a float hyper-parameter that is NaN or
+infinite (``--kl-coef nan``) is an error naming the field, never a silent change of behaviour.
 """
 
 from __future__ import annotations
 
-from dataclasses import field
+import math
+from dataclasses import field, fields
 from typing import Any
 
 
@@ -16,9 +19,33 @@ def hparam(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's n
     return field(default=default, metadata={"help": help})
 
 
+def validate_fields(cfg: Any) -> None:
+    """Raise ``ValueError`` naming the first float field of ``cfg`` that is NaN or infinite."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
 def require_positive(cfg: Any, *names: str) -> None:
     """Raise ``ValueError("<name> must be positive, got <value>")`` for the first field that is not."""
     for name in names:
         value = getattr(cfg, name)
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
+
+
+def require_non_negative(cfg: Any, *names: str) -> None:
+    """Raise ``ValueError("<name> must be >= 0, got <value>")`` for the first field that is negative (or NaN)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def require_unit_interval(cfg: Any, *names: str) -> None:
+    """Raise ``ValueError("<name> must be in [0, 1], got <value>")`` for the first field outside [0, 1]."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")

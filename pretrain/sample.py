@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import load_lm
 
 
@@ -25,6 +25,7 @@ class SampleConfig:
     device: str = hparam("cpu", "'cpu', 'cuda' or 'auto'")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         require_positive(self, "num_samples", "max_new_tokens")

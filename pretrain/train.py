@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from pretrain import corpus
 from pretrain.checkpoint import load_training_state, save_training_state
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from pretrain.model import (
     MANIFEST,
@@ -73,6 +74,8 @@ class PretrainConfig:
     ship: bool = hparam(False, "write the result (fp16) + manifest + prompts into the package's default dir")
 
     def __post_init__(self):
+        validate_fields(self)
+        require_non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "max_train_reviews", "threads", "eval_tokens")
         require_positive(self, "steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
@@ -266,7 +269,11 @@ def train(cfg: PretrainConfig) -> dict:
         f"device {device}; starting at step {step}/{cfg.steps}"
     )
 
+    n_probe = min(cfg.block_size, 16)  # two fixed windows: checked finite before any save
+    probe = torch.from_numpy(train_stream.tokens[: 2 * n_probe].astype(np.int64)).view(2, n_probe).to(device)
+
     def checkpoint():
+        check_model_finite(model, probe, where=f"after step {step}, so it was not saved")
         save_lm(model, tokenizer, ckpt_dir)
         save_training_state(
             ckpt_dir,
@@ -295,12 +302,8 @@ def train(cfg: PretrainConfig) -> dict:
                 logits = model(input_ids=batch[:, :-1]).logits
             # Next-token cross-entropy: -log p(x_{t+1} | x_{<=t}), averaged over the batch.
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; last checkpoint: {ckpt_dir}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
+            last = f"the last checkpoint is {ckpt_dir}" if (ckpt_dir / "training_state.json").is_file() else "no checkpoint yet"
+            grad_norm = optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, where=f"at step {step + 1} ({last})")
             step += 1
             n_tokens = batch[:, 1:].numel()
             tokens_seen += n_tokens
@@ -308,7 +311,7 @@ def train(cfg: PretrainConfig) -> dict:
             train_time += dt
 
             writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
             writer.add_scalar("lr", lr, step)
             writer.add_scalar("perf/tokens_per_s", n_tokens / dt, step)
             status = f"loss {loss.item():.3f}  {n_tokens / dt:,.0f} tok/s"
@@ -323,6 +326,7 @@ def train(cfg: PretrainConfig) -> dict:
                 checkpoint()
             progress.update(task, completed=step, status=status)
 
+    check_model_finite(model, probe, where=f"after step {step}, so it was not saved")
     final_dir = save_lm(model, tokenizer, out / "final")
     test = evaluate(model, TokenStream(corpus.texts("test", cfg.seed), tokenizer), cfg.block_size)
     writer.add_scalar("test/ppl_token", test["ppl_token"], step)

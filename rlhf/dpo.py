@@ -11,6 +11,10 @@ the policy is fitted to preferences directly, with no reward model and no sampli
     hinge:   max(0, 1 - beta h)                                        (SLiC, Zhao et al. 2023)
 
 and beta (log pi - log pi_ref) is the *implicit reward* of a completion.
+
+Policy and reference run with dropout off (``pretrain.model.disable_dropout``): log pi and
+log pi_ref of the same weights are then equal, so the implicit rewards and margins are exactly 0
+at step 0, as the derivation assumes.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import load_lm, save_lm
-from pretrain.config import hparam, require_positive
-from pretrain.model import resolve_device
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.model import disable_dropout, resolve_device
+from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.evaluate import evaluate_policy
 from rlhf.logprobs import encode, sequence_logprobs
@@ -91,9 +96,17 @@ class DPOConfig:
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        require_positive(self, "beta", "lr", "epochs", "batch_size")
+        require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens", "eval_samples")
+        require_non_negative(self, "tau", "grad_clip", "eval_prompts")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +128,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
     out = Path(cfg.out)
     policy, tokenizer = load_lm(cfg.model, device=device)
     reference, _ = load_lm(cfg.model, device=device)
-    reference.requires_grad_(False)
+    disable_dropout(policy)
+    disable_dropout(reference).requires_grad_(False)
 
     if cfg.data:
         pairs = load_jsonl(cfg.data)
@@ -145,14 +159,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
                     cfg.beta, cfg.loss_type, cfg.label_smoothing,
                 )
                 loss = losses.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"DPO loss became {loss.item()} at step {step}; stopping")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, policy.parameters(), cfg.grad_clip, scheduler, f"at DPO step {step + 1}")
                 step += 1
                 accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
                 writer.add_scalar("loss/dpo", loss.item(), step)
@@ -164,6 +171,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
                 writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
                 writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
                 bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
+    probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)
+    check_model_finite(policy, probe["input_ids"], probe["attention_mask"], "after DPO")
     final = save_lm(policy, tokenizer, out / "final")
 
     policy.eval()

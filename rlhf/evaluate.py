@@ -16,6 +16,7 @@ import torch
 
 from pretrain.sample import completion_texts, generate_ids
 from rlhf.gold import GoldScorer, VaderGold, review_texts
+from rlhf.kl import warn_if_negative_kl
 from rlhf.logprobs import completion_logprobs
 
 
@@ -51,6 +52,7 @@ def evaluate_policy(
         ref_nll -= ref_logps.sum().item()
         ref_tokens += int(out["completion_mask"].sum())
         texts += completion_texts(tokenizer, out)
+    warn_if_negative_kl(torch.tensor(kls))
     metrics = {
         "gold": sum(gold(review_texts(flat, texts))) / len(flat),
         "kl_ref": sum(kls) / len(kls),

@@ -52,6 +52,38 @@ def sequence_logprobs(
     return completion_logprobs(model, input_ids, attention_mask, completion_mask).sum(-1)
 
 
+def tokenize_pairs(
+    tokenizer, prompts: list[str], completions: list[str], max_length: int | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The library's one token representation of (prompt, completion) *texts*: each text's canonical
+    tokenisation (``tokenizer(text)``, no special tokens), prompt then completion.
+
+    Everything that scores or fine-tunes on text goes through it: the reward model (training, the
+    env's reward, evaluation), DPO and SFT. A policy's sampled token ids are decoded to text first,
+    so a reward is a function of the text, never of how the policy happened to segment it (byte-level
+    BPE is not a bijection: the same text has many segmentations). Returns (prompt_ids,
+    completion_ids). A pair longer than ``max_length`` tokens is a ``ValueError``, never truncated.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("cannot encode an empty batch")
+    bad = [x for x in (*prompts, *completions) if not isinstance(x, str)]
+    if bad:
+        raise ValueError(f"prompts and completions must be str, got {type(bad[0]).__name__} {bad[0]!r}")
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[i] > max_length:
+            raise ValueError(
+                f"example {i} is {lengths[i]} tokens long (prompt {len(prompt_ids[i])} + completion "
+                f"{len(completion_ids[i])}), more than max_length={max_length}"
+            )
+    return prompt_ids, completion_ids
+
+
 def encode(
     tokenizer,
     prompts: list[str],
@@ -59,27 +91,14 @@ def encode(
     max_length: int | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Tokenize (prompt, completion) pairs separately, join them and left-pad the batch.
+    """Tokenize (prompt, completion) pairs (``tokenize_pairs``), join them and left-pad the batch.
 
     Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on completion tokens), all
-    (B, T). Prompt and completion are tokenized separately so the completion tokens are exactly
-    the ones a policy generated after the prompt. A pair longer than ``max_length`` is an error,
-    never silently truncated.
+    (B, T). A pair longer than ``max_length`` is an error, never silently truncated.
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
-    if not prompts:
-        raise ValueError("cannot encode an empty batch")
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    prompt_ids, completion_ids = tokenize_pairs(tokenizer, prompts, completions, max_length)
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     width = max(len(r) for r in rows)
-    if max_length is not None and width > max_length:
-        i = max(range(len(rows)), key=lambda j: len(rows[j]))
-        raise ValueError(
-            f"example {i} is {len(rows[i])} tokens long (prompt {len(prompt_ids[i])} + completion "
-            f"{len(completion_ids[i])}), more than max_length={max_length}"
-        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain import corpus, load_lm
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.progress import progress_bar
 from pretrain.sample import generate
 from rlhf.gold import GoldScorer, VaderGold, review_texts
@@ -94,11 +94,14 @@ class PreferenceConfig:
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
 
     def __post_init__(self):
+        validate_fields(self)
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
         if self.tau < 0:
             raise ValueError(f"tau must be >= 0, got {self.tau}")
-        require_positive(self, "num_prompts")
+        require_positive(self, "num_prompts", "max_new_tokens", "temperature", "batch_size")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"unknown split {self.split!r}; expected 'train' or 'test'")
 
 
 def sample_completions(

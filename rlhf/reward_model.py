@@ -11,6 +11,13 @@ architecture with a sequence-classification class (GPT-2, Llama, Qwen2, ...) wor
 completions: :meth:`RewardModel.score` returns ``(r - mean) / std``, so a reward of 0 is the
 average completion of the policy that wrote the data, and 1 is one standard deviation better.
 
+What the RM reads is a function of the *text* (prompt, completion): the canonical tokenisation of
+each (``rlhf.logprobs.tokenize_pairs``), prompt then completion, in training, in the env's reward,
+in evaluation and in :meth:`RewardModel.score` alike. The empty text (an empty prompt and an
+immediate EOS) is the single token EOS. The saved tokenizer pads on the right, the side on which
+plain transformers' ``*ForSequenceClassification`` (which derives positions from the sequence
+start) scores a padded batch exactly like this class does.
+
 Training (``textgym reward``): pairs are grouped by prompt and every distinct completion in a batch
 goes through the network once, however many pairs it is in (InstructGPT's trick: a ranking of K
 costs K forward passes, not K(K-1)).
@@ -34,9 +41,10 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from pretrain import load_lm
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import (
     check_vocab_fits,
+    disable_dropout,
     left_pad,
     length_buckets,
     position_ids_from_mask,
@@ -47,8 +55,9 @@ from pretrain.model import (
 )
 from pretrain.progress import progress_bar
 from pretrain.tokenizer import load_tokenizer
+from pretrain.optim import NonFiniteError, check_finite, check_model_finite, optimizer_step
 from rlhf.gold import VaderGold, review_texts
-from rlhf.logprobs import encode
+from rlhf.logprobs import tokenize_pairs
 from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 DEFAULT_RM_DIR = Path(__file__).parent / "default_rm"
@@ -70,13 +79,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    """A ``*ForSequenceClassification`` model read at the last non-pad token, plus its tokenizer."""
+    """A ``*ForSequenceClassification`` model read at the last non-pad token, plus its tokenizer.
+
+    Dropout is off (``disable_dropout``): the chosen and rejected rewards of a pair, the training
+    metrics and :meth:`score` are one deterministic function of the weights.
+    """
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
         super().__init__()
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output, this model has num_labels={model.config.num_labels}")
-        self.model = model
+        self.model = disable_dropout(model)
         self.tokenizer = tokenizer
         self.max_length = max_length or getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
@@ -140,45 +153,53 @@ class RewardModel(nn.Module):
         last = last_token_index(attention_mask)
         return self.model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1).float()
 
-    @torch.no_grad()
-    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Fast path for environments: normalised rewards of token-id batches already on the device."""
-        rewards = (self(input_ids, attention_mask) - self.mean) / self.std
-        if not torch.isfinite(rewards).all():
-            raise FloatingPointError(f"reward model produced non-finite scores: {rewards[~torch.isfinite(rewards)][:3].tolist()}")
-        return rewards
+    def tokenize(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[int]]:
+        """The token ids the RM reads for each (prompt, completion) text pair: the canonical tokenisation
+        of the prompt then of the completion (``rlhf.logprobs.tokenize_pairs``); the empty pair is
+        ``[EOS]``. Raises ``ValueError`` for a pair longer than the model's context."""
+        prompt_ids, completion_ids = tokenize_pairs(self.tokenizer, list(prompts), list(completions), self.max_length)
+        empty = [self.empty_text_id]
+        return [p + c or empty for p, c in zip(prompt_ids, completion_ids)]
+
+    @property
+    def empty_text_id(self) -> int:
+        """The token that stands for the empty text (EOS; BOS or pad if the tokenizer has no EOS)."""
+        for token_id in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id):
+            if token_id is not None:
+                return token_id
+        raise ValueError("the reward model's tokenizer has no EOS, BOS or pad token to represent the empty text")
+
+    def sequence_rewards(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Raw (unnormalised) rewards (B,) of non-empty token-id sequences, one left-padded batch (with gradients)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.empty_text_id
+        return self(*left_pad(sequences, pad, self.device))
 
     @torch.no_grad()
-    def score_sequences(self, sequences: Sequence[Sequence[int]], max_buckets: int = 4) -> torch.Tensor:
-        """Normalised rewards (on the device) of token-id sequences [prompt | completion], each non-empty.
+    def rewards(self, prompts: Sequence[str], completions: Sequence[str], max_buckets: int = 4) -> torch.Tensor:
+        """Normalised rewards (B,) float32 on the RM's device of (prompt, completion) texts.
 
         Scored in up to ``max_buckets`` left-padded batches of similar length
         (``pretrain.model.length_buckets``), so a batch of short episodes is not padded to its longest.
+        Raises ``NonFiniteError`` if the model outputs a non-finite score.
         """
-        if any(len(seq) == 0 for seq in sequences):
-            raise ValueError("every sequence to score must hold at least one token")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        sequences = self.tokenize(prompts, completions)
         rewards = torch.empty(len(sequences), device=self.device)
         for bucket in length_buckets([len(seq) for seq in sequences], max_buckets):
-            rewards[bucket] = self.score_ids(*left_pad([sequences[j] for j in bucket], pad, self.device))
+            rewards[bucket] = self.sequence_rewards([sequences[j] for j in bucket])
+        rewards = (rewards - self.mean) / self.std
+        if not torch.isfinite(rewards).all():
+            raise NonFiniteError(f"the reward model produced non-finite scores {rewards[~torch.isfinite(rewards)][:3].tolist()}")
         return rewards
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 128) -> list[float]:
-        """Normalised rewards of (prompt, completion) pairs, batched."""
+        """Normalised rewards of (prompt, completion) texts as floats, ``batch_size`` pairs per pass."""
         out: list[float] = []
         for start in range(0, len(prompts), batch_size):
-            enc = encode(
-                self.tokenizer,
-                list(prompts[start : start + batch_size]),
-                list(completions[start : start + batch_size]),
-                self.max_length,
-                self.device,
-            )
-            out += self.score_ids(enc["input_ids"], enc["attention_mask"]).tolist()
+            out += self.rewards(prompts[start : start + batch_size], completions[start : start + batch_size]).tolist()
         return out
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """An HF ``*ForSequenceClassification`` dir (safetensors) with a right-padding tokenizer."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.model
@@ -186,7 +207,12 @@ class RewardModel(nn.Module):
             model = type(model)(model.config).to(dtype)
             model.load_state_dict({k: v.to(dtype) for k, v in self.model.state_dict().items()})
         model.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"  # what plain transformers needs to score a padded batch exactly
+        try:
+            self.tokenizer.save_pretrained(str(path))
+        finally:
+            self.tokenizer.padding_side = side
         return path
 
 
@@ -214,7 +240,13 @@ class RewardConfig:
     ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
 
     def __post_init__(self):
-        require_positive(self, "epochs", "batch_size", "lr")
+        validate_fields(self)
+        require_positive(self, "epochs", "batch_size", "lr", "num_prompts", "max_new_tokens", "eval_prompts")
+        require_non_negative(self, "tau", "weight_decay", "grad_clip")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def group_by_prompt(pairs: Sequence[PreferencePair]) -> list[list[PreferencePair]]:
@@ -231,8 +263,7 @@ def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[torc
         for completion in (pair.chosen, pair.rejected):
             texts.setdefault((pair.prompt, completion), len(texts))
     keys = list(texts)
-    enc = encode(rm.tokenizer, [p for p, _ in keys], [c for _, c in keys], rm.max_length, rm.device)
-    rewards = rm(enc["input_ids"], enc["attention_mask"])
+    rewards = rm.sequence_rewards(rm.tokenize([p for p, _ in keys], [c for _, c in keys]))
     chosen = torch.stack([rewards[texts[(p.prompt, p.chosen)]] for p in pairs])
     rejected = torch.stack([rewards[texts[(p.prompt, p.rejected)]] for p in pairs])
     return chosen, rejected
@@ -302,14 +333,7 @@ def fit(
             for batch in batches:
                 chosen, rejected = pair_rewards(rm, batch)
                 loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"reward-model loss became {loss.item()} at step {step}; stopping")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, rm.parameters(), cfg.grad_clip, scheduler, f"at reward-model step {step + 1}")
                 step += 1
                 accuracy = (chosen > rejected).float().mean().item()
                 if writer is not None:
@@ -329,6 +353,7 @@ def normalise(rm: RewardModel, pairs: Sequence[PreferencePair]) -> None:
     texts = sorted({(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)})
     rm.model.config.reward_mean, rm.model.config.reward_std = 0.0, 1.0
     raw = torch.tensor(rm.score([p for p, _ in texts], [c for _, c in texts]))
+    check_finite("the reward model's scores of its training completions", raw)
     rm.model.config.reward_mean = float(raw.mean())
     rm.model.config.reward_std = float(raw.std().clamp(min=1e-6)) if len(raw) > 1 else 1.0
 
@@ -362,6 +387,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     writer = SummaryWriter(str(out))
     step = fit(rm, pairs, cfg, rng, writer, eval_pairs)
 
+    check_model_finite(rm, where="after reward-model training")
     normalise(rm, pairs)
     metrics = evaluate_reward_model(rm, [p for p, _ in eval_texts], [c for _, c in eval_texts], eval_gold, eval_pairs)
     metrics.update(train_pairs=len(pairs), steps=step)

@@ -22,8 +22,9 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import corpus, load_lm, save_lm
-from pretrain.config import hparam, require_positive
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import resolve_device
+from pretrain.optim import check_finite, check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.jsonl import read_records
 from rlhf.logprobs import completion_logprobs, encode
@@ -48,7 +49,11 @@ class SFTConfig:
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
 
     def __post_init__(self):
-        require_positive(self, "epochs", "batch_size", "lr")
+        validate_fields(self)
+        require_positive(self, "epochs", "batch_size", "lr", "num_examples", "completion_words")
+        require_non_negative(self, "weight_decay", "grad_clip")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def review_demonstrations(split: str, n: int, completion_words: int, seed: int) -> list[dict[str, str]]:
@@ -123,20 +128,15 @@ def train_sft(cfg: SFTConfig) -> dict:
             order = rng.permutation(len(demos))
             for start in range(0, len(demos), cfg.batch_size):
                 loss = sft_loss(model, tokenizer, [demos[i] for i in order[start : start + cfg.batch_size]], device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"SFT loss became {loss.item()} at step {step}; stopping")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, scheduler, f"at SFT step {step + 1}")
                 step += 1
                 writer.add_scalar("loss/sft", loss.item(), step)
                 writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
                 bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")
             writer.add_scalar("eval/loss", eval_loss(model, tokenizer, eval_demos, device), step)
     after = eval_loss(model, tokenizer, eval_demos, device)
+    check_model_finite(model, where="after SFT")
+    check_finite("the held-out loss after SFT", torch.tensor(after))
     writer.close()
     final = save_lm(model, tokenizer, out / "final")
     metrics = {"steps": step, "train_examples": len(demos), "eval_loss_before": before, "eval_loss_after": after}

@@ -1,5 +1,6 @@
 """Agents learn the toy env, log what they promise, resume exactly, and fail loudly."""
 
+import copy
 import json
 import os
 import signal
@@ -143,7 +144,8 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(ppo.Run, "checkpoint", checkpoint)
     monkeypatch.setattr(toy.ToyReward, "__call__", nan_after_first_checkpoint)
-    with pytest.raises(NonFiniteError, match="non-finite at update 3"):
+    with pytest.raises(NonFiniteError, match=r"the reward became non-finite \(\[nan.* in update 4; stopping. "
+                                              r"The last good checkpoint is .*checkpoint \(update 3; continue with --resume"):
         ppo.train(small_config("ppo", out))
     assert (out / "checkpoint" / "model.safetensors").is_file()
     saved = json.loads((out / "checkpoint" / "training_state.json").read_text())
@@ -225,3 +227,36 @@ def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
     assert "--epsilon" in capsys.readouterr().err
     assert main(["train", "sac"]) == 2
     assert "valid algorithms: ppo, reinforce, dqn" in capsys.readouterr().err
+
+
+# -- one network mode: at identical weights, ratio 1 and KL 0, even for a model configured with dropout --
+def test_policy_networks_are_deterministic_for_a_dropout_model(tiny_dropout_dir):
+    """LMPolicy (PPO, REINFORCE, eval), its reference copy and DQN's Q-values: one function of the weights."""
+    policy = LMPolicy.load(tiny_dropout_dir, "cpu", valid_actions=None).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 6, 5, 4, 3, 2]])
+    attn = torch.ones_like(ids)
+    first, _, values = policy.evaluate(ids, attn, response_start=2, entropy="none")
+    again, _, values_again = policy.evaluate(ids, attn, response_start=2, entropy="none")
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(values, values_again, rtol=0, atol=0)
+    ref = reference_logprobs(policy.reference(), ids, attn, 2, policy.valid_actions)
+    torch.testing.assert_close(ref, first.detach(), rtol=0, atol=1e-6)
+    cfg = dqn.DQNConfig(q_form="log_policy")
+    target = dqn.q_values(copy.deepcopy(policy).eval(), ids, attn, cfg)
+    torch.testing.assert_close(dqn.q_values(policy, ids, attn, cfg), target, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
+def test_learning_rate_zero_gives_ratio_one_and_zero_kl_with_a_dropout_model(tmp_path, toy_dropout_dir, algo):
+    """The input that exposed the fault: GPT-2 with dropout 0.1, lr 0. PPO used to report approx_kl 0.21
+    and clip 72% of tokens; REINFORCE a KL to the reference of -3.6 nats."""
+    common = dict(TOY, model=toy_dropout_dir, num_envs=8, total_steps=8 * 4 * 3, lr=0.0, kl_coef=0.05, out=str(tmp_path / algo))
+    if algo == "ppo":
+        ppo.train(ppo.PPOConfig(**common, num_minibatches=2))
+    else:
+        reinforce.train(reinforce.ReinforceConfig(**common, rloo_k=2))
+    for row in metrics(tmp_path / algo):
+        assert row["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+        if algo == "ppo":
+            assert row["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-7) and row["ppo/clipfrac"] == 0.0
+

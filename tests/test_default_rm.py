@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification
 
@@ -22,6 +23,24 @@ def test_plain_transformers_loads_the_reward_model():
     assert model.config.reward_std == pytest.approx(MANIFEST["reward_std"])
     assert sha256_file(default_reward_model_dir() / "model.safetensors") == MANIFEST["sha256"]
     assert sum(f.stat().st_size for f in default_reward_model_dir().iterdir()) <= 10 * 2**20
+
+
+def test_plain_transformers_batch_scores_equal_ours():
+    """Loaded "with one call" (AutoModelForSequenceClassification + AutoTokenizer) and scored as a padded
+    batch with the tokenizer's default padding, the shipped RM gives our scores (it was off by up to 2.8
+    std when the shipped tokenizer padded on the left: plain GPT-2 derives positions from the start)."""
+    from transformers import AutoTokenizer
+
+    texts = ["This movie was", "This movie was wonderful, I loved every minute of it and will watch it again",
+             "Bad.", "The plot was thin but the acting was excellent throughout"]
+    tokenizer = AutoTokenizer.from_pretrained(default_reward_model_dir())
+    ours = RewardModel.load("default").rewards(texts, [""] * len(texts))
+    for kwargs, atol in (({}, 5e-3), ({"dtype": torch.float32}, 1e-5)):  # the default dtype (as stored, fp16), and fp32
+        hf = AutoModelForSequenceClassification.from_pretrained(default_reward_model_dir(), **kwargs).eval()
+        with torch.no_grad():
+            raw = hf(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0].float()
+        plain = (raw - hf.config.reward_mean) / hf.config.reward_std
+        torch.testing.assert_close(plain, ours, atol=atol, rtol=0)
 
 
 def test_reward_model_meets_its_manifest_on_a_fresh_held_out_sample():

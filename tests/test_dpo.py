@@ -98,3 +98,19 @@ def test_dpo_trainer_learns_preferences(tmp_path, tiny_gpt2_dir):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "final") is not None
     assert {"gold", "kl_ref"} <= set(metrics["dpo"])
     assert metrics["base"]["kl_ref"] == pytest.approx(0.0, abs=1e-4), "the base model is its own reference"
+
+
+def test_implicit_rewards_are_zero_at_step_zero_for_a_dropout_model(tmp_path, tiny_dropout_dir):
+    """Policy and reference are the same weights at step 0: beta (log pi - log pi_ref) must be exactly 0,
+    even for a model configured with dropout 0.1 (it used to be noise of the size of the margin)."""
+    pairs = [{"prompt": f"Review {i}:", "chosen": " wonderful film", "rejected": " boring film"} for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in pairs))
+    cfg = DPOConfig(model=str(tiny_dropout_dir), data=str(data), out=str(tmp_path / "dpo"), epochs=1, batch_size=8,
+                    lr=1e-3, eval_prompts=2, eval_samples=1, max_new_tokens=4, device="cpu")
+    metrics = train_dpo(cfg)
+    ea = EventAccumulator(str(tmp_path / "dpo"))
+    ea.Reload()
+    for tag in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ea.Scalars(tag)[0].value == 0.0
+    assert metrics["base"]["kl_ref"] == pytest.approx(0.0, abs=1e-6)

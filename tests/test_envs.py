@@ -136,6 +136,60 @@ def test_final_reward_is_the_reward_model_score(tiny_env_kwargs, tiny_rm_dir):
     assert -1 <= info["gold_score"] <= 1 and info["prompt"] == "I watched it and"
 
 
+def play(env, prompt: str, tokens: list[int]):
+    """Reset ``env`` to ``prompt`` and step ``tokens`` (ending with EOS); returns the last (reward, info)."""
+    env.reset(seed=0, options={"prompt": prompt})
+    for token in tokens:
+        _, reward, terminated, _, info = env.step(token)
+    assert terminated
+    return reward, info
+
+
+@pytest.mark.parametrize("variant", ["plain", "few_shot", "instruct"])
+def test_reward_and_gold_judge_the_review_text_whatever_the_segmentation(tiny_env_kwargs, tiny_rm_dir, variant):
+    """The RM scores (prompt, completion) and gold sees prompt + completion, as text, in every variant:
+    one character per token (a non-canonical segmentation), the canonical one, and an immediate EOS
+    (the empty completion) each get exactly rm.score(prompt, text). Demonstrations and instructions
+    are never judged."""
+    env = TextGenEnv(variant=variant, shots=1, **{**tiny_env_kwargs, "max_new_tokens": 12})
+    seen = []
+    gold = env.task.gold
+    env.task.gold = lambda texts: seen.extend(texts) or gold(texts)
+    tokenizer, eos = env.tokenizer, env.tokenizer.eos_token_id
+    prompt, text = "This movie was", " the movie"
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_char = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in text]
+    assert per_char != canonical and tokenizer.decode(per_char) == text
+    rm = RewardModel.load(tiny_rm_dir)
+    for tokens, expected_text in ((per_char + [eos], text), (canonical + [eos], text), ([eos], "")):
+        reward, info = play(env, prompt, tokens)
+        assert info["text"] == expected_text and info["prompt"] == prompt
+        assert reward == pytest.approx(rm.score([prompt], [expected_text])[0], abs=1e-5) == pytest.approx(info["rm_score"])
+        assert seen[-1] == prompt + expected_text
+        assert info["gold_score"] == pytest.approx(gold([prompt + expected_text])[0])
+
+
+def test_vector_env_scores_segmentations_and_the_empty_completion_like_rm_score(tiny_env_kwargs, tiny_rm_dir):
+    vec = TextGenVectorEnv(num_envs=3, **{**tiny_env_kwargs, "max_new_tokens": 12})
+    tokenizer, eos = vec.tokenizer, vec.tokenizer.eos_token_id
+    prompt, text = "Terrible", " the film,"
+    per_char = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in text]
+    canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = [per_char + [eos], canonical + [eos], [eos]]
+    vec.reset(seed=0, options={"prompt": [prompt] * 3})
+    rewards = {}
+    for t in range(max(map(len, rows))):
+        actions = torch.tensor([row[t] if t < len(row) else eos for row in rows])
+        out = vec.step_tensor(actions)
+        for i, info in out.finished.items():
+            if i not in rewards:
+                rewards[i] = (float(out.rewards[i]), info["text"])
+    rm = RewardModel.load(tiny_rm_dir)
+    expected = rm.score([prompt] * 3, [text, text, ""])
+    assert [rewards[i][1] for i in range(3)] == [text, text, ""]
+    assert [rewards[i][0] for i in range(3)] == pytest.approx(expected, abs=1e-5)
+
+
 def test_eos_ends_the_episode(tiny_env_kwargs):
     env = TextGenEnv(**tiny_env_kwargs)
     env.reset(seed=0)
@@ -183,7 +237,7 @@ def test_bad_input_is_a_clear_error(tiny_env_kwargs):
         env.reset(options={"prompt": "word " * 200})
     with pytest.raises(ValueError, match="unknown render_mode"):
         TextGenEnv(render_mode="rgb_array", **tiny_env_kwargs)
-    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
         TextGenEnv(**{**tiny_env_kwargs, "kl_coef": -1})
 
 
@@ -249,3 +303,14 @@ def test_fuzz_toy_env_never_silently_accepts_bad_input(actions, seed):
         obs, reward, done, truncated, info = env.step(action)
         assert env.observation_space.contains(obs)
         assert isinstance(reward, float) and not truncated
+
+
+@pytest.mark.parametrize("kl_coef", [float("nan"), float("inf"), -0.5])
+def test_kl_coef_must_be_finite_and_non_negative(tiny_env_kwargs, kl_coef):
+    """NaN used to pass (``kl_coef < 0`` is False): TextGen-v0 silently dropped the shaping, the toy env paid NaN."""
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        TextGenEnv(kl_coef=kl_coef, **tiny_env_kwargs)
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        gym.make("TextGenToy-v0", kl_coef=kl_coef)
+    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
+        gym.make_vec("TextGenToy-v0", num_envs=2, vectorization_mode="vector_entry_point", kl_coef=kl_coef)

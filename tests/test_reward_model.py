@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from pretrain.optim import NonFiniteError
 from rlhf.preferences import PreferencePair
 from rlhf.reward_model import (
     RewardConfig,
@@ -10,6 +11,7 @@ from rlhf.reward_model import (
     bradley_terry_loss,
     fit,
     normalise,
+    pair_rewards,
     pairwise_accuracy,
 )
 
@@ -85,17 +87,63 @@ def test_loading_something_that_is_not_a_reward_model(tmp_path, tiny_gpt2_dir):
 def test_non_finite_scores_stop_with_a_clear_error(tiny_gpt2_dir):
     rm = RewardModel.from_lm(tiny_gpt2_dir)
     rm.model.config.reward_std = 0.0
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match="non-finite"):
         rm.score(["x"], [" y"])
 
 
-def test_score_sequences_in_length_buckets_equals_scoring_each_alone(tiny_model_dir):
+def test_rewards_in_length_buckets_equal_scoring_each_alone(tiny_model_dir):
     torch.manual_seed(0)
     rm = RewardModel.from_lm(tiny_model_dir)
     torch.nn.init.normal_(rm.model.score.weight)
-    sequences = [[5 + (i * 3 + j) % 300 for j in range(n)] for i, n in enumerate((1, 7, 3, 12, 2, 9, 4, 6))]
-    together = rm.score_sequences(sequences, max_buckets=3)
-    alone = torch.cat([rm.score_sequences([seq]) for seq in sequences])
+    prompts = ["A", "This movie was", "I watched it", "Terrible acting and a plot that", "", "So", "The", "Well"]
+    completions = [" fine", " a long and winding story about nothing", "", " never", "", " good good", " end", " x y z w"]
+    together = rm.rewards(prompts, completions, max_buckets=3)
+    alone = torch.cat([rm.rewards([p], [c]) for p, c in zip(prompts, completions)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="at least one token"):
-        rm.score_sequences([[5], []])
+    assert rm.score(prompts, completions, batch_size=3) == pytest.approx(together.tolist(), abs=1e-5)
+
+
+def test_the_empty_text_has_one_score_everywhere(tiny_gpt2_dir):
+    """An empty prompt with an immediate EOS is the text "": scored as [EOS], alone or in a batch."""
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_gpt2_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    alone = rm.score([""], [""])
+    in_batch = rm.score(["A much longer prompt than nothing", ""], [" and more", ""])
+    eos = rm.tokenizer.eos_token_id
+    with torch.no_grad():
+        by_hand = rm(torch.tensor([[eos]]), torch.tensor([[1]])).item()
+    assert alone[0] == pytest.approx(in_batch[1], abs=1e-5) == pytest.approx(by_hand, abs=1e-5)
+    assert rm.tokenize(["", "x"], ["", ""]) == [[eos], rm.tokenizer("x", add_special_tokens=False)["input_ids"]]
+
+
+def test_plain_transformers_scores_a_padded_batch_like_the_reward_model(tmp_path, tiny_model_dir):
+    """A saved RM dir, loaded with AutoModelForSequenceClassification + AutoTokenizer and scored with
+    the tokenizer's default padding, gives our (normalised) scores."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_model_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    rm.model.config.reward_mean, rm.model.config.reward_std = 0.3, 2.0
+    rm.save(tmp_path / "rm")
+    texts = ["Short", "A much longer review of the film, with words", "Mid length text here"]
+    hf, tokenizer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm"), AutoTokenizer.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        raw = hf(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
+    plain = (raw - hf.config.reward_mean) / hf.config.reward_std
+    torch.testing.assert_close(plain, rm.rewards(texts, [""] * 3), atol=1e-4, rtol=1e-4)
+    assert rm.tokenizer.padding_side == "left", "saving does not change the live tokenizer"
+
+
+def test_training_rewards_and_scores_agree_for_a_dropout_backbone(tiny_dropout_dir):
+    """Dropout is off in the reward model: a pair's training-time rewards are the scores it is evaluated with."""
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(tiny_dropout_dir).train()
+    torch.nn.init.normal_(rm.model.score.weight)
+    pairs = synthetic_pairs(0, 3)
+    chosen, rejected = pair_rewards(rm, pairs)
+    again, _ = pair_rewards(rm, pairs)
+    torch.testing.assert_close(chosen, again, rtol=0, atol=0)
+    scores = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert chosen.tolist() == pytest.approx(scores, abs=1e-5)

@@ -1,0 +1,75 @@
+"""One optimizer step, and non-finite values stopped where they arise.
+
+Every training loop of the library (pretraining, SFT, reward model, DPO, the RL agents) takes its
+gradient steps through :func:`optimizer_step`:
+
+    check the loss is finite  ->  backward  ->  clip the global gradient norm  ->  check the norm
+    is finite  ->  step  ->  advance the learning-rate schedule
+
+so a non-finite loss or gradient is reported as such (``NonFiniteError`` naming the quantity and
+the step) *before* it reaches the weights. Weights that stay finite can still make non-finite
+logits (a learning rate of 100 grows them to ~1e10); loops that write checkpoints check the model's
+outputs before writing one (``agents.policy.LMPolicy.check_finite``), so no checkpoint is ever
+written from a non-finite state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient, logit, weight or reward became NaN or infinite."""
+
+
+def check_finite(name: str, value: torch.Tensor | float, where: str = "") -> None:
+    """Raise :class:`NonFiniteError` ``"<name> became non-finite <where>"`` unless every entry is finite."""
+    finite = torch.isfinite(value).all() if torch.is_tensor(value) else torch.isfinite(torch.tensor(float(value)))
+    if not bool(finite):
+        shown = value[~torch.isfinite(value)][:3].tolist() if torch.is_tensor(value) and value.dim() else float(value)
+        raise NonFiniteError(f"{name} became non-finite ({shown}){' ' + where if where else ''}")
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    max_grad_norm: float = 0.0,
+    scheduler=None,
+    where: str = "",
+) -> float:
+    """Backpropagate ``loss`` and take one step; returns the global gradient norm (before clipping).
+
+    ``max_grad_norm`` > 0 clips the global L2 norm of the gradients to it (0 = no clipping; the norm
+    is still measured and checked). Raises :class:`NonFiniteError` naming the loss or the gradient
+    (and ``where``, e.g. "at update 3") if either is non-finite; the weights are then untouched.
+    """
+    check_finite("the loss", loss.detach(), where)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in parameters if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    check_finite("the gradient norm", grad_norm, where)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(grad_norm)
+
+
+@torch.no_grad()
+def check_model_finite(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, where: str = "") -> None:
+    """Raise :class:`NonFiniteError` if a weight of ``model`` is non-finite, or (given ``input_ids``
+    (B, S) and their ``attention_mask``) if the model's last-position outputs are. Run before saving
+    a model: finite weights can still give non-finite logits."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise NonFiniteError(f"the weights became non-finite ({name}){' ' + where if where else ''}")
+    if input_ids is not None:
+        from pretrain.model import position_ids_from_mask
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        check_finite("the model's logits", logits.float(), where)
