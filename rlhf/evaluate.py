@@ -39,7 +39,24 @@ def evaluate_policy(
     reward_model=None,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """Mean gold score, RM score (if a reward model is given), KL to the reference and diversity."""
+    """Mean gold score, RM score (if a reward model is given), KL to the reference and diversity.
+
+    Both models run in eval mode (dropout off; their modes are restored afterwards), so sampling and
+    the KL's log-probs are one deterministic function of each model's weights.
+    """
+    modes = [(m, m.training) for m in (model, reference)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        return _evaluate_policy(model, tokenizer, reference, prompts, samples_per_prompt, max_new_tokens, seed, gold,
+                                reward_model, batch_size)
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def _evaluate_policy(model, tokenizer, reference, prompts, samples_per_prompt, max_new_tokens, seed, gold, reward_model,
+                     batch_size) -> dict[str, float]:
     gold = gold or VaderGold()
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
     texts, kls, ref_nll, ref_tokens = [], [], 0.0, 0
