@@ -71,6 +71,28 @@ def train_usage() -> str:
     return "\n".join(lines)
 
 
+def given_fields(parser: HfArgumentParser, args: list[str]) -> set[str]:
+    """The config fields whose flags appear in ``args`` (``--num-envs 8``, ``--num_envs=8``, ``--no-x``)."""
+    given = set()
+    for action in parser._actions:
+        if any(a == opt or a.startswith(opt + "=") for a in args for opt in action.option_strings if opt.startswith("--")):
+            given.add(action.dest)
+    return given
+
+
+def resumed_config(config_cls: type, cfg, given: set[str], prog: str):
+    """``--resume DIR``: the run's own settings (from its newest checkpoint), with the flags given
+    again on top; the run then checks that none of them changes what the run is."""
+    from dataclasses import fields
+
+    from pretrain.run_dir import RunDir
+
+    run = RunDir(cfg.resume, prog.removeprefix("textgym "), resume=True)
+    names = {f.name for f in fields(config_cls)}
+    saved = {k: v for k, v in run.saved_config().items() if k in names and k not in ("out", "overwrite", "resume")}
+    return config_cls(**{**saved, **{k: getattr(cfg, k) for k in given if k in names}, "resume": cfg.resume})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -95,8 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(command.config, prog=prog, description=command.config.__doc__)
     try:
         (cfg,) = parser.parse_args_into_dataclasses(args=rest)
+        if isinstance(getattr(cfg, "resume", None), str) and cfg.resume:
+            cfg = resumed_config(command.config, cfg, given_fields(parser, rest), prog)
     except ValueError as err:  # raised by a config's __post_init__
         parser.error(str(err))
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     try:
         command.run(cfg)
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,8 +45,21 @@ import torch.nn.functional as F
 
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
-from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from agents.run import (
+    Run,
+    check_finite,
+    device_of,
+    make_env,
+    make_policy_model,
+    optimizer_step,
+)
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    require_unit_interval,
+    validate_fields,
+)
 from pretrain.model import position_ids_from_mask
 
 
@@ -85,9 +98,12 @@ class DQNConfig:
     max_grad_norm: float = hparam(10.0, "clip the global gradient norm")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("runs/dqn", "run dir: TensorBoard events, metrics.jsonl, checkpoint/, final/")
-    resume: str = hparam("", "continue the run whose checkpoint is in this dir")
+    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/dqn; "
+                          "with --resume: the resumed run's dir)")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
     checkpoint_every: int = hparam(10, "updates between checkpoints")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
@@ -101,7 +117,7 @@ class DQNConfig:
         require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps", "soft_q_beta", "value_scale")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the Q-scale beta), got {self.temperature}")
-        require_positive(self, "max_new_tokens", "target_update_every", "checkpoint_every", "sample_every")
+        require_positive(self, "max_new_tokens", "target_update_every", "checkpoint_every", "sample_every", "keep_checkpoints")
         require_non_negative(self, "env_kl_coef", "lr", "per_alpha", "learning_starts", "max_grad_norm")
         require_unit_interval(self, "gamma", "per_beta0", "epsilon_start", "epsilon_end", "epsilon_fraction")
 
@@ -165,7 +181,7 @@ def train(cfg: DQNConfig) -> dict:
     grad_steps = 0
     if cfg.resume:
         state = run.restore(optimizer, env)
-        buffer.load_state_dict(state["tensors"], state["replay"])
+        buffer.load(run.resume_from)
         target_net.load_state_dict({k[len("target."):]: v for k, v in state["tensors"].items() if k.startswith("target.")})
         gen.set_state(state["tensors"]["explore_rng"])
         grad_steps = state["grad_steps"]
@@ -260,12 +276,11 @@ def train(cfg: DQNConfig) -> dict:
                 "perf/tokens_per_s": (run.env_steps - steps_before) / run.seconds_since_last_log(),
             }
             run.log(metrics, texts)
-            if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
-                tensors, replay_meta = buffer.state_dict()
-                tensors.update({f"target.{k}": v.detach().cpu().clone() for k, v in target_net.state_dict().items()})  # clone: tied weights
+            if run.due():
+                tensors = {f"target.{k}": v.detach().cpu().clone() for k, v in target_net.state_dict().items()}  # clone: tied weights
                 tensors["explore_rng"] = gen.get_state()
-                run.checkpoint(policy, optimizer, env, (ids[:4], attn[:4]), {"replay": replay_meta, "grad_steps": grad_steps}, tensors)
-        final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"]})
+                run.checkpoint(policy, optimizer, env, (ids[:4], attn[:4]), {"grad_steps": grad_steps}, tensors, buffer.save)
+        summary = run.finish(policy)
     if run.should_stop():
         raise KeyboardInterrupt
-    return {"final": str(final), **metrics}
+    return summary

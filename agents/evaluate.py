@@ -2,8 +2,8 @@
 
     textgym eval --runs runs/ppo runs/reinforce --out runs/eval
 
-For every policy dir (a run dir contributes its ``checkpoint/`` and ``final/`` models, plus the
-initial model at KL 0), episodes are played in the env on held-out prompts (the ``test`` split;
+For every policy dir (a run dir contributes its complete ``checkpoint-<update>/`` dirs and
+``final/``, each distinct model once, plus the initial model at KL 0), episodes are played in the env on held-out prompts (the ``test`` split;
 the toy env has only its own prompts) with plain sampling, and we report
 
     gold         mean gold score (VADER compound of prompt + completion; the toy: its true reward)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
 from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, sha256_file
+from pretrain.run_dir import FINAL, RUN_FILE, RunDir, verify_dir
 from rlhf.evaluate import distinct_n
 from rlhf.kl import warn_if_negative_kl
 
@@ -47,6 +48,7 @@ class EvalConfig:
     seed: int = hparam(1234, "sampling seed (the same for every model)")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
     out: str = hparam("runs/eval", "output dir for eval.json and eval.png")
+    overwrite: bool = hparam(False, "write into --out even if it holds another run or other files")
 
     def __post_init__(self):
         validate_fields(self)
@@ -62,15 +64,20 @@ def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
         raise FileNotFoundError(f"{path} does not exist (expected a run dir or an HF model dir)")
     if (path / "config.json").is_file():
         return path.name, [(path.name, path)], None
-    found = [(name, path / name) for name in ("checkpoint", "final") if (path / name / "config.json").is_file()]
-    if len(found) == 2 and sha256_file(path / "checkpoint" / "model.safetensors") == sha256_file(path / "final" / "model.safetensors"):
-        found = found[1:]  # the last checkpoint is the final model: evaluate it once
+    candidates = [p for _, p in sorted(RunDir.list_checkpoints(path))] + [path / FINAL]
+    found, seen = [], {}
+    for model_dir in candidates:
+        if (model_dir / "config.json").is_file() and verify_dir(model_dir) is None:
+            digest = sha256_file(model_dir / "model.safetensors")
+            if digest in seen:  # the last checkpoint is the final model: evaluate it once, as final
+                found.remove(seen[digest])
+            seen[digest] = (model_dir.name, model_dir)
+            found.append(seen[digest])
     if not found:
-        raise FileNotFoundError(f"{path} holds no model: expected config.json, or checkpoint/ or final/ inside")
+        raise FileNotFoundError(f"{path} holds no complete model: expected config.json, or checkpoint-<update>/ or final/ inside")
     initial = None
-    state = path / "checkpoint" / "training_state.json"
-    if state.is_file():
-        initial = json.loads(state.read_text())["state"]["config"].get("model")
+    if (path / RUN_FILE).is_file():
+        initial = json.loads((path / RUN_FILE).read_text()).get("config", {}).get("model")
     if (path / "summary.json").is_file():  # an SB3 run (agents.sb3)
         initial = json.loads((path / "summary.json").read_text()).get("initial_model", initial)
     if (path / "init-model" / "config.json").is_file():
@@ -112,9 +119,9 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[
 def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     split = {} if cfg.env == "TextGenToy-v0" else {"prompt_split": "test"}
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    RunDir(out, "eval", overwrite=cfg.overwrite, config=asdict(cfg))
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split)
     results: dict[str, list[dict]] = {}
     for run_path in cfg.runs:
         series, models, initial = models_of(Path(run_path))

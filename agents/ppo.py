@@ -25,16 +25,34 @@ the env pay beta * log pi_ref (``--env-kl-coef beta``) and set ``ent_coef = beta
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
-from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
+from agents.run import (
+    Run,
+    check_finite,
+    device_of,
+    make_env,
+    make_policy_model,
+    optimizer_step,
+)
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    require_unit_interval,
+    validate_fields,
+)
+from rlhf.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    warn_if_negative_kl,
+)
 
 
 @dataclass
@@ -67,9 +85,12 @@ class PPOConfig:
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("runs/ppo", "run dir: TensorBoard events, metrics.jsonl, checkpoint/, final/")
-    resume: str = hparam("", "continue the run whose checkpoint is in this dir")
+    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/ppo; "
+                          "with --resume: the resumed run's dir)")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
     checkpoint_every: int = hparam(10, "updates between checkpoints")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
     sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
@@ -77,7 +98,7 @@ class PPOConfig:
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches",
-                         "clip_coef", "penalty_coef", "kl_target", "kl_horizon", "checkpoint_every", "sample_every")
+                         "clip_coef", "penalty_coef", "kl_target", "kl_horizon", "checkpoint_every", "sample_every", "keep_checkpoints")
         require_non_negative(self, "env_kl_coef", "lr", "vf_clip", "vf_coef", "ent_coef", "kl_coef", "target_kl", "max_grad_norm")
         require_unit_interval(self, "gamma", "gae_lambda")
         if self.num_envs % self.num_minibatches:
@@ -224,11 +245,11 @@ def train(cfg: PPOConfig) -> dict:
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
             }
             run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
-            if run.update % cfg.checkpoint_every == 0 or run.update == run.total_updates or run.should_stop():
+            if run.due():
                 run.checkpoint(policy, optimizer, env, (ids[:4, :start], attn[:4, :start]),
                                {"kl_coef": kl_ctl.value, "penalty_coef": penalty_coef})
-        final = run.finish(policy, asdict(cfg), {"reward/rm": metrics["reward/rm"], "reward/gold": metrics["reward/gold"], "kl/ref": metrics["kl/ref"]})
+        summary = run.finish(policy)
     if run.should_stop():
         raise KeyboardInterrupt
-    return {"final": str(final), **metrics}
+    return summary
 

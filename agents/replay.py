@@ -11,12 +11,18 @@
 A transition is (s, a, r, s', done, discount): s and s' are token contexts stored compactly as
 left-aligned-to-the-right ``int32`` ids plus a length (the mask is implied), r is an n-step
 return and ``discount`` = gamma^n. Memory is fixed at construction: capacity x (2 x max_len x 4
-bytes + 17 bytes). Buffers save/load to safetensors + JSON (no pickle) for checkpoints.
++ 21) bytes (two int32 contexts; int32 lengths x 2, int32 action, float32 return, bool done,
+float32 discount), plus 16 bytes per leaf of the sum tree (a power of two >= capacity, doubled) for
+prioritized replay: :meth:`ReplayBuffer.nbytes`. Checkpoints write each array as a ``.npy`` file
+straight from its memory (``np.save``, no pickle) and read it back with ``allow_pickle=False``, so
+saving never holds a second copy of the buffer.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,21 +101,41 @@ class ReplayBuffer:
         return Batch(contexts, context_mask, as_t(self.actions, torch.long), as_t(self.rewards), next_contexts, next_mask,
                      as_t(self.dones), as_t(self.discounts), torch.as_tensor(weights, device=device), indices)
 
-    # -- checkpointing -------------------------------------------------------------------------
+    # -- memory and checkpointing ----------------------------------------------------------------
     _ARRAYS = ("contexts", "next_contexts", "lengths", "next_lengths", "actions", "rewards", "dones", "discounts")
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"replay.{k}": torch.from_numpy(getattr(self, k)[: self.capacity].copy()) for k in self._ARRAYS}
-        return tensors, {"pos": self.pos, "size": self.size, "rng": self.rng.bit_generator.state}
+    def nbytes(self) -> int:
+        """Bytes held by the buffer's arrays (what the module docstring's formula gives)."""
+        return sum(getattr(self, k).nbytes for k in self._ARRAYS)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        for k in self._ARRAYS:
-            value = tensors[f"replay.{k}"].numpy()
-            if value.shape != getattr(self, k).shape:
-                raise ValueError(f"replay buffer in checkpoint has {k} of shape {value.shape}, expected {getattr(self, k).shape}")
-            getattr(self, k)[:] = value
+    def _meta(self) -> dict:
+        return {"pos": self.pos, "size": self.size, "rng": self.rng.bit_generator.state}
+
+    def _set_meta(self, meta: dict) -> None:
         self.pos, self.size = meta["pos"], meta["size"]
         self.rng.bit_generator.state = meta["rng"]
+
+    def save(self, directory: str | Path) -> None:
+        """Write the buffer into ``directory/replay/`` (one ``.npy`` per array + ``replay.json``), from the arrays' own memory."""
+        target = Path(directory) / "replay"
+        target.mkdir(parents=True, exist_ok=True)
+        for name, array in self._named_arrays():
+            np.save(target / f"{name}.npy", array, allow_pickle=False)
+        (target / "replay.json").write_text(json.dumps(self._meta()))
+
+    def load(self, directory: str | Path) -> None:
+        """Read what :meth:`save` wrote into this buffer (same capacity and max_len; ``ValueError`` otherwise)."""
+        source = Path(directory) / "replay"
+        for name, array in self._named_arrays():
+            value = np.load(source / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if value.shape != array.shape or value.dtype != array.dtype:
+                raise ValueError(f"the replay buffer in {source} has {name} of shape {value.shape} ({value.dtype}), "
+                                 f"this buffer {array.shape} ({array.dtype}): resume with the same buffer_size and env")
+            array[:] = value
+        self._set_meta(json.loads((source / "replay.json").read_text()))
+
+    def _named_arrays(self):
+        return [(k, getattr(self, k)) for k in self._ARRAYS]
 
 
 class SumTree:
@@ -188,13 +214,15 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         """beta goes linearly from ``beta0`` to 1 as training goes from 0 to 1."""
         self.beta = beta0 + min(1.0, max(0.0, fraction)) * (1.0 - beta0)
 
-    def state_dict(self):
-        tensors, meta = super().state_dict()
-        tensors["replay.tree"] = torch.from_numpy(self.tree.tree.copy())
-        meta.update(beta=self.beta, max_priority=self.max_priority)
-        return tensors, meta
+    def nbytes(self) -> int:
+        return super().nbytes() + self.tree.tree.nbytes
 
-    def load_state_dict(self, tensors, meta) -> None:
-        super().load_state_dict(tensors, meta)
-        self.tree.tree[:] = tensors["replay.tree"].numpy()
+    def _named_arrays(self):
+        return super()._named_arrays() + [("tree", self.tree.tree)]
+
+    def _meta(self) -> dict:
+        return {**super()._meta(), "beta": self.beta, "max_priority": self.max_priority}
+
+    def _set_meta(self, meta: dict) -> None:
+        super()._set_meta(meta)
         self.beta, self.max_priority = meta["beta"], meta["max_priority"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,14 @@ from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from pretrain.progress import progress_bar
-from pretrain.train import StopOnInterrupt
+from pretrain.run_dir import (
+    RunDir,
+    StopOnInterrupt,
+    atomic_write_dir,
+    check_same_config,
+    resolve_out,
+    verify_dir,
+)
 
 
 def make_env(env_id: str, num_envs: int, device, seed: int, **env_kwargs):
@@ -50,10 +58,14 @@ def make_policy_model(model: str, env, out: Path, seed: int) -> str:
     if model != "auto":
         return model
     if env.task.reference is None and env.task.toy_ref_logits is not None:  # the toy env
+        target = out / "init-model"
+        if verify_dir(target) is None:  # a resumed run: the model it started from
+            return str(target)
         torch.manual_seed(seed)
         tiny = build_gpt2(env.task.n_actions, n_layer=2, n_embd=32, n_head=2, n_positions=64,
                           eos_token_id=env.task.tokenizer.eos_token_id, pad_token_id=env.task.tokenizer.pad_token_id)
-        return str(save_lm(tiny, env.task.tokenizer, out / "init-model"))
+        atomic_write_dir(target, lambda directory: save_lm(tiny, env.task.tokenizer, directory))
+        return str(target)
     return "default"
 
 
@@ -61,90 +73,90 @@ __all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "ma
 
 
 class Run:
-    """Logging + checkpoint/resume for one training run in ``cfg.out``."""
+    """Logging + atomic checkpoints + exact resume for one training run (``pretrain.run_dir.RunDir``).
+
+    The run dir is ``cfg.out``, or ``cfg.resume`` when resuming (default ``runs/<algorithm>``); a
+    different ``--out`` with ``--resume`` is an error, so a resumed run never writes into another.
+    Resuming checks the config against the newest checkpoint's (only ``pretrain.run_dir.MAY_CHANGE_ON_RESUME``
+    may differ), truncates ``metrics.jsonl`` to the checkpoint and purges the later TensorBoard steps, so
+    the continued metric stream equals an uninterrupted run's. Ctrl-C finishes the update,
+    checkpoints, and prints the command that resumes.
+    """
 
     def __init__(self, cfg, algorithm: str, total_updates: int):
         self.cfg = cfg
         self.algorithm = algorithm
-        self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "checkpoint"
+        self.command = f"train {algorithm}"
+        self.out = resolve_out(cfg, algorithm)
+        self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                          keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg))
         self.total_updates = total_updates
         self.update = 0
         self.env_steps = 0
         self.np_rng = np.random.default_rng(cfg.seed)
-        self.resume_dir = Path(cfg.resume) if cfg.resume else None
-        if self.resume_dir is not None:
-            self._check_resumable()
-        elif (self.out / "metrics.jsonl").exists():
-            raise FileExistsError(f"{self.out} already holds a run; pick another --out or continue it with --resume {self.out}")
+        self.resume_from = self.dir.latest_checkpoint() if cfg.resume else None
+        if self.resume_from is not None:
+            check_same_config(asdict(cfg), self.dir.saved_config(self.resume_from), self.resume_from)
 
     # -- resume -----------------------------------------------------------------------------------
-    def _checkpoint_path(self) -> Path:
-        d = self.resume_dir
-        return d / "checkpoint" if (d / "checkpoint" / STATE).is_file() else d
-
-    def _check_resumable(self) -> None:
-        ckpt = self._checkpoint_path()
-        if not (ckpt / STATE).is_file():
-            raise FileNotFoundError(f"--resume {self.resume_dir}: no checkpoint there (expected {ckpt / STATE})")
-        saved = json.loads((ckpt / STATE).read_text())["state"]
-        if saved.get("algorithm") != self.algorithm:
-            raise ValueError(f"--resume {self.resume_dir}: it is a {saved.get('algorithm')!r} checkpoint, not {self.algorithm!r}")
-        mine = asdict(self.cfg)
-        for key in ("env", "num_envs", "seed", "max_new_tokens"):
-            if key in mine and saved["config"].get(key) != mine[key]:
-                raise ValueError(
-                    f"--resume {self.resume_dir}: the checkpoint has {key}={saved['config'].get(key)!r}, "
-                    f"this run {key}={mine[key]!r}; resume with the same settings"
-                )
-
     def resume_model_dir(self) -> Path | None:
-        return self._checkpoint_path() if self.resume_dir is not None else None
+        """The checkpoint to load the policy from when resuming (None for a fresh run)."""
+        return self.resume_from
 
-    def restore(self, optimizer, env, extra_state: dict | None = None) -> dict:
-        """Load optimizer, RNGs, env RNGs and counters; returns the algorithm's extra state."""
-        state, tensors = load_training_state(self._checkpoint_path(), optimizer=optimizer, np_rng=self.np_rng)
+    def restore(self, optimizer, env) -> dict:
+        """Load optimizer, RNGs, env RNGs and counters from the newest complete checkpoint; returns
+        the saved state (the algorithm's extra state, and its extra tensors under "tensors")."""
+        state, tensors = load_training_state(self.resume_from, optimizer=optimizer, np_rng=self.np_rng)
         for rng, saved in zip(env._rngs, state["env_rngs"]):
             rng.bit_generator.state = saved
         self.update, self.env_steps = state["update"], state["env_steps"]
         lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
-        kept = [line for line in lines if json.loads(line)["update"] <= self.update]
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= self.update]
+        if kept != lines:  # drop the updates logged after the checkpoint (they will be redone)
+            (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         state["tensors"] = tensors
         return state
 
+    @property
+    def finished(self) -> bool:
+        """Resumed at the last update with ``final/`` complete: nothing is left to do."""
+        return self.update >= self.total_updates and self.dir.final() is not None
+
     # -- running ----------------------------------------------------------------------------------
     def __enter__(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.out))
+        self.interrupt = StopOnInterrupt().__enter__()
+        if self.finished:  # nothing to run, nothing to write
+            self.writer = None
+            return self
+        # On resume, TensorBoard drops the steps after the checkpoint (written before the kill), so
+        # each step appears once, as in metrics.jsonl.
+        self.writer = SummaryWriter(str(self.out), purge_step=self.update + 1 if self.update else None)
         if self.update == 0:
             self.writer.add_text("hparams", "\n".join(f"    {k} = {v!r}" for k, v in asdict(self.cfg).items()))
         self.metrics_file = (self.out / "metrics.jsonl").open("a")
         self.progress = progress_bar(self.algorithm)
         self.progress.__enter__()
         self.task = self.progress.add_task(self.algorithm, total=self.total_updates, completed=self.update, status="")
-        self.interrupt = StopOnInterrupt().__enter__()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self.interrupt.__exit__(exc_type, exc, tb)
-        self.progress.__exit__(exc_type, exc, tb)
-        self.metrics_file.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.progress.__exit__(exc_type, exc, tb)
+            self.metrics_file.close()
+            self.writer.close()
         if isinstance(exc, NonFiniteError):  # say when, and what is left to resume from
             when = "" if getattr(exc, "located", False) else f" in update {self.update + 1}"
             raise NonFiniteError(f"{exc}{when}; stopping. {self._last_checkpoint_hint()}") from exc
+        if exc is None and self.should_stop():
+            last = self.dir.latest_checkpoint()
+            print(f"\ninterrupted after update {self.update} of {self.total_updates}; checkpoint: {last}\n"
+                  f"resume with: textgym {self.command} --resume {self.out}", file=sys.stderr)
         return False
 
-    def last_checkpoint(self) -> Path | None:
-        """The checkpoint dir a resume would use, if one has been written completely."""
-        done = (self.ckpt_dir / STATE).is_file() and (self.ckpt_dir / "model.safetensors").is_file()
-        return self.ckpt_dir if done else None
-
     def _last_checkpoint_hint(self) -> str:
-        last = self.last_checkpoint()
+        last = self.dir.latest_checkpoint()
         advice = "Lower the learning rate or check the reward."
         if last is None:
             return f"No checkpoint has been written yet. {advice}"
@@ -171,27 +183,38 @@ class Run:
         status = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in ("reward/rm", "reward/gold", "kl/ref") if k in metrics)
         self.progress.update(self.task, completed=self.update, status=status)
 
+    def due(self) -> bool:
+        """Whether the update just logged ends with a checkpoint: every ``checkpoint_every``, the last, or Ctrl-C."""
+        return self.update % self.cfg.checkpoint_every == 0 or self.update == self.total_updates or self.should_stop()
+
     def checkpoint(self, policy, optimizer, env, probe: tuple[torch.Tensor, torch.Tensor], extra_state: dict | None = None,
-                   extra_tensors: dict | None = None) -> None:
-        """Save policy, optimizer, RNGs and counters, after checking the policy is finite on ``probe``
-        (a few left-padded contexts ``(input_ids, attention_mask)``): never a checkpoint of a blown-up model."""
+                   extra_tensors: dict | None = None, write_extra=None) -> Path:
+        """Write ``checkpoint-<update>`` atomically: policy, optimizer, RNGs, counters, ``extra_state``
+        (JSON), ``extra_tensors`` and whatever ``write_extra(dir)`` writes; after checking the policy
+        is finite on ``probe`` (a few left-padded contexts): never a checkpoint of a blown-up model."""
         self._check_finite_model(policy, probe)
         self._probe = probe
-        policy.save(self.ckpt_dir)
-        save_training_state(
-            self.ckpt_dir,
-            optimizer=optimizer,
-            np_rng=self.np_rng,
-            state={
-                "algorithm": self.algorithm,
-                "update": self.update,
-                "env_steps": self.env_steps,
-                "env_rngs": [rng.bit_generator.state for rng in env._rngs],
-                "config": asdict(self.cfg),
-                **(extra_state or {}),
-            },
-            extra_tensors=extra_tensors,
-        )
+
+        def write(directory: Path) -> None:
+            policy.save(directory)
+            save_training_state(
+                directory,
+                optimizer=optimizer,
+                np_rng=self.np_rng,
+                state={
+                    "algorithm": self.algorithm,
+                    "update": self.update,
+                    "env_steps": self.env_steps,
+                    "env_rngs": [rng.bit_generator.state for rng in env._rngs],
+                    "config": asdict(self.cfg),
+                    **(extra_state or {}),
+                },
+                extra_tensors=extra_tensors,
+            )
+            if write_extra is not None:
+                write_extra(directory)
+
+        return self.dir.save_checkpoint(self.update, write)
 
     def _check_finite_model(self, policy, probe) -> None:
         try:
@@ -204,16 +227,35 @@ class Run:
     def should_stop(self) -> bool:
         return self.interrupt.requested
 
-    def finish(self, policy, hparams: dict, final_metrics: dict) -> Path:
+    def finish(self, policy) -> dict:
+        """Write ``final/`` (atomically; unless interrupted) and return the run's summary: the path
+        of ``final/`` and the last update's metrics. A finished run resumed says so and writes nothing."""
+        if self.should_stop():
+            return self.summary()
+        if self.writer is None:  # resumed a finished run
+            print(f"{self.out} already finished (update {self.update} of {self.total_updates}); final model: "
+                  f"{self.dir.final()}", file=sys.stderr)
+            return self.summary()
         if getattr(self, "_probe", None) is not None:
             self._check_finite_model(policy, self._probe)
-        final = policy.save(self.out / "final")
+        self.dir.save_final(policy.save, self.update)
+        summary = self.summary()
         self.writer.add_hparams(
-            {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
-            {f"hparam/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))},
+            {f"hparam/{k}": v for k, v in summary.items() if k in ("reward/rm", "reward/gold", "kl/ref")
+             and isinstance(v, (int, float)) and math.isfinite(v)},
             run_name="hparams",
         )
-        return final
+        return summary
+
+    def summary(self) -> dict:
+        """``{"final": <final/ or None>, **the last logged update's metrics}``."""
+        metrics = {}
+        if (self.out / "metrics.jsonl").exists():
+            lines = [line for line in (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            metrics = json.loads(lines[-1]) if lines else {}
+        final = self.dir.final()
+        return {"final": str(final) if final else None, **metrics}
 
 
 def device_of(cfg) -> torch.device:

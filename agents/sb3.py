@@ -64,7 +64,9 @@ files you trust); ``export_hf`` writes the policy LM as an HF dir for ``textgym 
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import sys
 import time
 import warnings
 from collections import deque
@@ -75,13 +77,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
-from safetensors.torch import save_file
+from safetensors.torch import load_model, save_file, save_model
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import (
+    CSVOutputFormat,
+    TensorBoardOutputFormat,
+    configure,
+)
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.dqn.policies import DQNPolicy
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import TqdmExperimentalWarning
 
 import envs  # noqa: F401  (registers the suite)
@@ -91,8 +98,20 @@ from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
 from envs.vector import TextGenVectorEnv
 from pretrain import load_lm, save_lm
-from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from pretrain.checkpoint import (
+    load_training_state,
+    save_training_state,
+    write_text_atomic,
+)
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    require_unit_interval,
+    validate_fields,
+)
 from pretrain.model import disable_dropout, position_ids_from_mask, resolve_device
+from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 
@@ -508,12 +527,19 @@ class SB3Config:
     gamma: float = hparam(1.0, "discount")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("runs/sb3", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    out: str = hparam("", "run dir: TensorBoard events, progress.csv, checkpoint-<steps>/, sb3_model.zip, final/ (HF dir) "
+                          "(default: runs/sb3-<algorithm>; with --resume: the resumed run's dir)")
     sample_every: int = hparam(5, "rollouts between sample texts in TensorBoard")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings "
+                             "(episodes in flight restart, so the numbers are not an uninterrupted run's)")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
+    checkpoint_every: int = hparam(2_048, "env steps between checkpoints (taken between rollouts)")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
 
     def __post_init__(self):
         validate_fields(self)
-        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "lr", "sample_every")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "lr", "sample_every", "checkpoint_every",
+                         "keep_checkpoints")
         require_non_negative(self, "kl_coef")
         require_unit_interval(self, "gamma")
 
@@ -542,7 +568,8 @@ class SB3ActorCriticConfig(SB3Config):
 class SB3PPOConfig(SB3ActorCriticConfig):
     """SB3 PPO with LMActorCriticPolicy."""
 
-    out: str = hparam("runs/sb3-ppo", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    out: str = hparam("", "run dir: TensorBoard events, progress.csv, checkpoint-<steps>/, sb3_model.zip, final/ (HF dir) "
+                          "(default: runs/sb3-ppo; with --resume: the resumed run's dir)")
     n_steps: int = hparam(32, "steps per env per rollout (rollout = n_steps * num_envs transitions)")
     batch_size: int = hparam(128, "minibatch size (transitions)")
     n_epochs: int = hparam(4, "passes over each rollout")
@@ -563,7 +590,8 @@ class SB3PPOConfig(SB3ActorCriticConfig):
 class SB3A2CConfig(SB3ActorCriticConfig):
     """SB3 A2C with LMActorCriticPolicy."""
 
-    out: str = hparam("runs/sb3-a2c", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    out: str = hparam("", "run dir: TensorBoard events, progress.csv, checkpoint-<steps>/, sb3_model.zip, final/ (HF dir) "
+                          "(default: runs/sb3-a2c; with --resume: the resumed run's dir)")
     lr: float = hparam(1e-5, "learning rate (RMSprop, SB3's A2C default optimizer)")
     n_steps: int = hparam(16, "steps per env per update")
     gae_lambda: float = hparam(1.0, "GAE lambda (1 = plain n-step advantages, SB3's default)")
@@ -580,7 +608,8 @@ class SB3DQNConfig(SB3Config):
     """SB3 DQN with LMQNetworkPolicy (SB3's replay buffer and target network, Boltzmann exploration)."""
 
     env: str = hparam("TextGenToy-v0", "registered env id")
-    out: str = hparam("runs/sb3-dqn", "run dir: TensorBoard events, progress.csv, sb3_model.zip, final/ (HF dir)")
+    out: str = hparam("", "run dir: TensorBoard events, progress.csv, checkpoint-<steps>/, sb3_model.zip, final/ (HF dir) "
+                          "(default: runs/sb3-dqn; with --resume: the resumed run's dir)")
     num_envs: int = hparam(8, "parallel envs, advanced in one batched step")
     total_steps: int = hparam(4_000, "env steps (transitions) to train for")
     max_new_tokens: int = hparam(4, "tokens per episode")
@@ -604,32 +633,138 @@ class SB3DQNConfig(SB3Config):
                     policy_kwargs={"temperature": self.temperature, "q_form": self.q_form})
 
 
+# -- checkpoints and resume -------------------------------------------------------------------------
+SB3_POLICY_FILE = "policy.safetensors"
+
+
+def save_sb3_state(agent, directory: Path, config: dict) -> None:
+    """An SB3 agent's training state, pickle-free: the policy's tensors (safetensors; tied weights
+    once), its optimizer and the RNGs (``pretrain.checkpoint``), SB3's counters, and for DQN its
+    replay buffer (one ``.npy`` per array, written from the buffer's memory)."""
+    save_model(agent.policy, str(directory / SB3_POLICY_FILE))
+    counters = {"num_timesteps": int(agent.num_timesteps), "n_updates": int(agent._n_updates),
+                "episode_num": int(agent._episode_num), "exploration_rate": float(getattr(agent, "exploration_rate", 0.0))}
+    save_training_state(directory, optimizer=agent.policy.optimizer, np_rng=np.random.default_rng(0),
+                        state={"config": config, "step": counters["num_timesteps"], **counters})
+    buffer = getattr(agent, "replay_buffer", None)
+    if buffer is not None:
+        replay = directory / "replay"
+        replay.mkdir()
+        for name, array in replay_arrays(buffer):
+            np.save(replay / f"{name}.npy", array, allow_pickle=False)
+        (replay / "replay.json").write_text(json.dumps({"pos": int(buffer.pos), "full": bool(buffer.full)}))
+
+
+def load_sb3_state(agent, directory: Path) -> None:
+    """Restore what :func:`save_sb3_state` wrote into a freshly made agent of the same settings."""
+    load_model(agent.policy, str(directory / SB3_POLICY_FILE))
+    state, _ = load_training_state(directory, optimizer=agent.policy.optimizer, np_rng=np.random.default_rng(0))
+    agent.num_timesteps, agent._n_updates, agent._episode_num = state["num_timesteps"], state["n_updates"], state["episode_num"]
+    if hasattr(agent, "exploration_rate"):
+        agent.exploration_rate = state["exploration_rate"]
+    buffer = getattr(agent, "replay_buffer", None)
+    if buffer is not None:
+        for name, array in replay_arrays(buffer):
+            array[:] = np.load(directory / "replay" / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        meta = json.loads((directory / "replay" / "replay.json").read_text())
+        buffer.pos, buffer.full = meta["pos"], meta["full"]
+
+
+def replay_arrays(buffer) -> list[tuple[str, np.ndarray]]:
+    arrays = [(f"obs.{k}", v) for k, v in buffer.observations.items()] + [(f"next_obs.{k}", v) for k, v in buffer.next_observations.items()]
+    return arrays + [(k, getattr(buffer, k)) for k in ("actions", "rewards", "dones", "timeouts")]
+
+
+class CheckpointCallback(BaseCallback):
+    """Writes an atomic checkpoint (``pretrain.run_dir``) between rollouts, every ``every`` env steps,
+    and stops ``learn`` at the first Ctrl-C (the caller then checkpoints and says how to resume)."""
+
+    def __init__(self, run_dir: RunDir, every: int, config: dict, interrupt: StopOnInterrupt):
+        super().__init__()
+        self.run_dir, self.every, self.config, self.interrupt = run_dir, every, config, interrupt
+        self.last = None
+
+    def _on_training_start(self) -> None:
+        self.last = self.num_timesteps
+
+    def _on_rollout_start(self) -> None:  # after the previous rollout's update
+        if self.num_timesteps - self.last >= self.every:
+            self.save()
+
+    def _on_step(self) -> bool:
+        return not self.interrupt.requested
+
+    def save(self) -> Path:
+        self.last = self.num_timesteps
+        return self.run_dir.save_checkpoint(self.num_timesteps, lambda d: save_sb3_state(self.model, d, self.config))
+
+
 def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> dict:
-    """``textgym train sb3-{ppo,a2c,dqn}``: learn, then save ``sb3_model.zip`` and ``final/`` (HF dir)."""
+    """``textgym train sb3-{ppo,a2c,dqn}``: learn (checkpointing), then save ``final/`` (HF dir) and ``sb3_model.zip``."""
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if (out / "sb3_model.zip").exists():
-        raise FileExistsError(f"{out} already holds a run; pick another --out")
+    command = f"train sb3-{algorithm}"
+    out = resolve_out(cfg, f"sb3-{algorithm}")
+    run_dir = RunDir(out, command, resume=bool(cfg.resume), overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+                     config=asdict(cfg))
+    checkpoint = run_dir.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        check_same_config(asdict(cfg), run_dir.saved_config(checkpoint), checkpoint)
+    if cfg.resume and run_dir.final() is not None and (out / "summary.json").is_file():
+        print(f"{out} already finished; final model: {run_dir.final()}", file=sys.stderr)
+        return json.loads((out / "summary.json").read_text())
     torch.manual_seed(cfg.seed)
     venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef)
     model_dir = make_policy_model(cfg.model, venv.unwrapped.env, out, cfg.seed)
     agent = make_sb3_agent(algorithm, venv, model=model_dir, learning_rate=cfg.lr, gamma=cfg.gamma, seed=cfg.seed,
                            device=device, **cfg.algorithm_kwargs())
-    agent.set_logger(configure(str(out), ["tensorboard", "csv"]))
-    agent.logger.record("hparams", "\n".join(f"    {k} = {v!r}" for k, v in asdict(cfg).items()),
-                        exclude=("stdout", "log", "json", "csv"))
+    if checkpoint is not None:
+        load_sb3_state(agent, checkpoint)
+    agent.set_logger(sb3_logger(out, agent.num_timesteps))
+    if checkpoint is None:
+        agent.logger.record("hparams", "\n".join(f"    {k} = {v!r}" for k, v in asdict(cfg).items()),
+                            exclude=("stdout", "log", "json", "csv"))
     callback = TextGenCallback(cfg.sample_every, kl_coef=cfg.callback_kl_coef())
     t0 = time.perf_counter()
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
-    try:
-        agent.learn(cfg.total_steps, callback=callback, progress_bar=True)
-    finally:  # Ctrl-C included: keep what was learned
-        agent.save(out / "sb3_model.zip")
-        final = export_hf(agent, out / "final")
+    with StopOnInterrupt() as interrupt:
+        checkpoints = CheckpointCallback(run_dir, cfg.checkpoint_every, asdict(cfg), interrupt)
+        remaining = cfg.total_steps - agent.num_timesteps
+        if remaining > 0:
+            agent.learn(remaining, callback=[callback, checkpoints], progress_bar=True, reset_num_timesteps=checkpoint is None)
+        path = checkpoints.save()
+    if interrupt.requested:
+        print(f"\ninterrupted after {agent.num_timesteps} env steps of {cfg.total_steps}; checkpoint: {path}\n"
+              f"resume with: textgym {command} --resume {out}", file=sys.stderr)
+        raise KeyboardInterrupt
+    final = run_dir.save_final(lambda d: export_hf(agent, d), int(agent.num_timesteps))
+    agent.save(out / "sb3_model.zip")  # SB3's own format too (a cloudpickle zip: load only files you trust)
     seconds = time.perf_counter() - t0
     summary = {"algorithm": f"sb3-{algorithm}", "env_steps": int(agent.num_timesteps), "seconds": round(seconds, 1),
                "tokens_per_s": round(agent.num_timesteps / seconds, 1), **callback.summary(), "final": str(final),
                "initial_model": str(model_dir)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
+
+
+def sb3_logger(out: Path, num_timesteps: int):
+    """SB3's TensorBoard + CSV logger in ``out``; resumed at ``num_timesteps``, TensorBoard drops the
+    later steps of the interrupted session and progress.csv keeps its rows up to the checkpoint."""
+    kept: list[list[str]] = []
+    if num_timesteps and (out / "progress.csv").is_file():
+        rows = list(csv.reader((out / "progress.csv").read_text().splitlines()))
+        if rows and "time/total_timesteps" in rows[0]:
+            column = rows[0].index("time/total_timesteps")
+            kept = rows[:1] + [r for r in rows[1:] if r[column] and float(r[column]) <= num_timesteps]
+    logger = configure(str(out), ["csv"] if num_timesteps else ["tensorboard", "csv"])  # progress.csv starts anew
+    if num_timesteps:
+        tensorboard = TensorBoardOutputFormat(str(out))
+        tensorboard.writer.close()  # SB3's own writer cannot purge: ours drops the steps after the checkpoint
+        tensorboard.writer = SummaryWriter(str(out), purge_step=num_timesteps + 1)
+        logger.output_formats.append(tensorboard)
+    if kept:
+        table = next(f for f in logger.output_formats if isinstance(f, CSVOutputFormat))
+        csv.writer(table.file, lineterminator="\n").writerows(kept)
+        table.file.flush()
+        table.keys = kept[0]
+    return logger

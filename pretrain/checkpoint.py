@@ -87,3 +87,133 @@ def load_training_state(
     np_rng.bit_generator.state = meta["np_rng"]
     extra = {k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))}
     return meta["state"], extra
+
+
+def save_step_checkpoint(run_dir, step: int, save_model, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
+                         scheduler=None, state: dict[str, Any] | None = None) -> Path:
+    """``checkpoint-<step>`` of a step-counted trainer (pretraining, SFT, DPO, reward model), atomically
+    (``pretrain.run_dir.RunDir.save_checkpoint``): ``save_model(dir)`` writes the model, then the
+    optimizer, RNG and learning-rate-schedule state and ``state`` (with ``step``) follow."""
+
+    def write(directory: Path) -> None:
+        save_model(directory)
+        extra = {"step": step, **(state or {})}
+        if scheduler is not None:
+            extra["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        save_training_state(directory, optimizer=optimizer, np_rng=np_rng, state=extra)
+
+    return run_dir.save_checkpoint(step, write)
+
+
+def load_step_checkpoint(checkpoint: Path, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
+                         scheduler=None) -> dict[str, Any]:
+    """Restore what :func:`save_step_checkpoint` wrote (the model is loaded by the caller); returns the state."""
+    state, _ = load_training_state(checkpoint, optimizer=optimizer, np_rng=np_rng)
+    if scheduler is not None:
+        scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    return state
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file all-or-nothing (a temp file, fsync, rename): a kill never leaves half a file."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class StepRun:
+    """Run dir, resume and checkpoints of a step-counted trainer (pretraining, SFT, DPO, reward model).
+
+    ``StepRun(cfg, "dpo")`` claims ``cfg.out`` (default ``runs/<command>``) or, with ``cfg.resume``,
+    reopens that run at its newest complete checkpoint (``self.checkpoint``; settings checked against
+    it). The loop then calls :meth:`restore` once, :meth:`after_step` after every optimizer step
+    (a checkpoint every ``cfg.checkpoint_every`` steps and on Ctrl-C, which then stops with the
+    command that resumes) and :meth:`save_final` at the end. ``finished`` is the saved summary of a
+    run that already completed (resuming it is a no-op), else None.
+    """
+
+    def __init__(self, cfg, command: str):
+        from dataclasses import asdict
+
+        from pretrain.run_dir import (
+            RunDir,
+            StopOnInterrupt,
+            check_same_config,
+            resolve_out,
+        )
+
+        self.cfg, self.command = cfg, command
+        self.out = resolve_out(cfg, command)
+        self.run = RunDir(self.out, command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                          keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg))
+        self.checkpoint = self.run.latest_checkpoint() if cfg.resume else None
+        if self.checkpoint is not None:
+            check_same_config(asdict(cfg), self.run.saved_config(self.checkpoint), self.checkpoint)
+        self.step = 0
+        self.resumed_step = json.loads((self.checkpoint / STATE).read_text())["state"]["step"] if self.checkpoint else 0
+        self.interrupt = StopOnInterrupt()
+
+    @property
+    def finished(self) -> dict | None:
+        final = self.run.final() if self.cfg.resume else None
+        if final is None:
+            return None
+        final_step = json.loads((final / "manifest.json").read_text()).get("step") or 0
+        if self.checkpoint is not None and self.resumed_step > final_step:
+            return None
+        import sys
+
+        print(f"{self.out} already finished (step {final_step}); final model: {final}", file=sys.stderr)
+        return json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").is_file() else {}
+
+    def restore(self, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator, scheduler=None) -> dict:
+        """Optimizer, RNGs and schedule from the checkpoint being resumed; returns its saved state
+        (``step`` and what :meth:`after_step` was given), or ``{"step": 0}`` for a new run."""
+        if self.checkpoint is None:
+            return {"step": 0}
+        state = load_step_checkpoint(self.checkpoint, optimizer=optimizer, np_rng=np_rng, scheduler=scheduler)
+        self.step = state["step"]
+        return state
+
+    def __enter__(self):
+        self.interrupt.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.interrupt.__exit__(*exc)
+
+    def writer(self):
+        """TensorBoard in the run dir; a resumed run drops the events after its checkpoint (they are redone)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out), purge_step=self.resumed_step + 1 if self.resumed_step else None)
+
+    def after_step(self, step: int, save_model, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
+                   scheduler=None, state: dict | None = None) -> None:
+        """Checkpoint every ``checkpoint_every`` steps, and on Ctrl-C (then stop: ``KeyboardInterrupt``)."""
+        self.step = step
+        every = self.cfg.checkpoint_every
+        if (every and step % every == 0) or self.interrupt.requested:
+            path = save_step_checkpoint(self.run, step, save_model, optimizer=optimizer, np_rng=np_rng, scheduler=scheduler,
+                                        state={"config": self._config(), **(state or {})})
+            if self.interrupt.requested:
+                import sys
+
+                print(f"\ninterrupted at step {step}; checkpoint: {path}\nresume with: textgym {self.command} --resume {self.out}",
+                      file=sys.stderr)
+                raise KeyboardInterrupt
+
+    def save_final(self, write) -> Path:
+        return self.run.save_final(write, self.step)
+
+    def _config(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self.cfg)

@@ -8,16 +8,22 @@ model dir is ever run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from pretrain.run_dir import sha256_file, verify_dir
 from pretrain.tokenizer import load_tokenizer
 
 DEFAULT_DIR = Path(__file__).parent / "default"
@@ -84,22 +90,32 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_manifest(path: str | Path) -> dict:
-    """Check ``model.safetensors`` against the sha256 in the dir's manifest.json; return the manifest."""
+    """Check the dir's files against its manifest.json; return the manifest.
+
+    A manifest lists the sha256 of every file (``files``: checkpoints and ``final/`` dirs, see
+    ``pretrain.run_dir``) or of ``model.safetensors`` alone (``sha256``: the shipped artifacts).
+    Raises ``ValueError`` naming the file for an unreadable manifest or a mismatch.
+    """
     path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
-    actual = sha256_file(path / "model.safetensors")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / MANIFEST} is not valid JSON ({err}); restore it or delete it to skip the integrity check") from err
+    if not isinstance(manifest, dict) or ("files" not in manifest and "sha256" not in manifest):
+        raise ValueError(f"{path / MANIFEST} lists no checksums (expected a 'files' or 'sha256' field)")
+    if "files" in manifest:
+        problem = verify_dir(path)
+        if problem is not None:
+            raise ValueError(f"{path} does not match its manifest: {problem} (corrupted or incomplete)")
+        return manifest
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has a manifest but no model.safetensors")
+    actual = sha256_file(weights)
     if actual != manifest["sha256"]:
         raise ValueError(
-            f"{path / 'model.safetensors'} does not match its manifest: sha256 {actual} != {manifest['sha256']} "
+            f"{weights} does not match its manifest: sha256 {actual} != {manifest['sha256']} "
             "(corrupted or replaced weights; regenerate with the command in the manifest)"
         )
     return manifest

@@ -7,8 +7,8 @@ The loop: random windows of ``block_size + 1`` tokens from the tokenized train s
 cross-entropy, AdamW (weight decay on matrices only), linear warmup then cosine decay of the
 learning rate, gradient-norm clipping, bf16 autocast on CUDA. Every ``eval_interval`` steps the
 validation loss/perplexity is logged to TensorBoard (events in ``--out``), and a checkpoint (an HF
-dir plus pickle-free optimizer/RNG state) is written to ``--out/checkpoint`` so ``--resume``
-continues exactly where the run stopped. At the end, ``--out/final`` holds the model and the
+dir plus pickle-free optimizer/RNG state) is written atomically to ``--out/checkpoint-<step>``
+(``pretrain.run_dir``) so ``--resume OUT`` continues exactly where the run stopped. At the end, ``--out/final`` holds the model and the
 held-out (test split) perplexity, per BPE token and per word.
 """
 
@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import signal
-import threading
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +29,13 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pretrain import corpus
-from pretrain.checkpoint import load_training_state, save_training_state
-from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
-from pretrain.optim import check_model_finite, optimizer_step
-from pretrain.progress import progress_bar
+from pretrain.checkpoint import load_training_state, save_step_checkpoint
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    validate_fields,
+)
 from pretrain.model import (
     MANIFEST,
     build_gpt2,
@@ -43,6 +45,9 @@ from pretrain.model import (
     save_lm,
     sha256_file,
 )
+from pretrain.optim import check_model_finite, optimizer_step
+from pretrain.progress import progress_bar
+from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 from pretrain.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -50,7 +55,8 @@ from pretrain.tokenizer import load_tokenizer, train_tokenizer
 class PretrainConfig:
     """Pretraining a GPT-2-architecture LM; the defaults are the recipe of the shipped model."""
 
-    out: str = hparam("runs/pretrain", "output dir: TensorBoard events, checkpoint/, final/")
+    out: str = hparam("", "run dir: TensorBoard events, checkpoint-<step>/, final/ (default: runs/pretrain; with --resume: "
+                          "the resumed run's dir)")
     steps: int = hparam(1800, "optimizer steps")
     batch_size: int = hparam(16, "sequences per step")
     block_size: int = hparam(256, "tokens per training sequence (the model's context length)")
@@ -70,13 +76,16 @@ class PretrainConfig:
     seed: int = hparam(0, "seed for init, batch sampling and the data split")
     device: str = hparam("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     threads: int = hparam(0, "CPU threads for torch (0 = torch's default)")
-    resume: bool = hparam(False, "continue from OUT/checkpoint")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
     ship: bool = hparam(False, "write the result (fp16) + manifest + prompts into the package's default dir")
 
     def __post_init__(self):
         validate_fields(self)
         require_non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "max_train_reviews", "threads", "eval_tokens")
-        require_positive(self, "steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval")
+        require_positive(self, "steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval",
+                         "keep_checkpoints")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0 < self.min_lr <= self.lr:
@@ -188,33 +197,17 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.de
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-class StopOnInterrupt:
-    """Turn the first Ctrl-C (SIGINT) into a flag the training loop checks between steps."""
-
-    def __enter__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 def train(cfg: PretrainConfig) -> dict:
     """Run pretraining; returns the final metrics (also written to ``OUT/final/metrics.json``)."""
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoint"
-    if cfg.resume and not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"--resume given but {ckpt_dir} does not exist")
+    out = resolve_out(cfg, "pretrain")
+    run = RunDir(out, "pretrain", resume=bool(cfg.resume), overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+                 config=asdict(cfg))
+    ckpt_dir = run.latest_checkpoint() if cfg.resume else None
+    if ckpt_dir is not None:
+        check_same_config(asdict(cfg), run.saved_config(ckpt_dir), ckpt_dir)
+    if cfg.resume and run.final() is not None and (ckpt_dir is None or run.saved_config(ckpt_dir).get("steps") == cfg.steps):
+        print(f"{out} already finished (step {cfg.steps}); final model: {run.final()}", file=sys.stderr)
+        return json.loads((run.final() / "metrics.json").read_text())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -225,7 +218,7 @@ def train(cfg: PretrainConfig) -> dict:
     train_texts = corpus.texts("train", cfg.seed)
     if cfg.max_train_reviews:
         train_texts = train_texts[: cfg.max_train_reviews]
-    if cfg.resume:
+    if ckpt_dir is not None:
         tokenizer = load_tokenizer(ckpt_dir)
     elif cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
@@ -234,14 +227,7 @@ def train(cfg: PretrainConfig) -> dict:
     train_stream = TokenStream(train_texts, tokenizer)
     val_stream = TokenStream(corpus.texts("validation", cfg.seed), tokenizer)
 
-    if cfg.resume:
-        saved_cfg = json.loads((ckpt_dir / "training_state.json").read_text())["state"]["config"]
-        for key in ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "seed", "steps", "max_train_reviews"):
-            if saved_cfg[key] != getattr(cfg, key):
-                raise ValueError(
-                    f"cannot resume from {ckpt_dir}: it was trained with {key}={saved_cfg[key]}, "
-                    f"this run has {key}={getattr(cfg, key)}"
-                )
+    if ckpt_dir is not None:
         model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=torch.float32, use_safetensors=True)
     else:
         model = build_gpt2(
@@ -256,12 +242,12 @@ def train(cfg: PretrainConfig) -> dict:
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     step, tokens_seen, best_val = 0, 0, float("inf")
-    if cfg.resume:
+    if ckpt_dir is not None:
         state, _ = load_training_state(ckpt_dir, optimizer=optimizer, np_rng=np_rng)
         step, tokens_seen, best_val = state["step"], state["tokens_seen"], state["best_val"]
 
     n_params = count_parameters(model)
-    writer = SummaryWriter(str(out))
+    writer = SummaryWriter(str(out), purge_step=step + 1 if step else None)  # resumed: later steps are redone
     if step == 0:
         writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in asdict(cfg).items()))
     print(
@@ -272,15 +258,10 @@ def train(cfg: PretrainConfig) -> dict:
     n_probe = min(cfg.block_size, 16)  # two fixed windows: checked finite before any save
     probe = torch.from_numpy(train_stream.tokens[: 2 * n_probe].astype(np.int64)).view(2, n_probe).to(device)
 
-    def checkpoint():
+    def checkpoint() -> Path:
         check_model_finite(model, probe, where=f"after step {step}, so it was not saved")
-        save_lm(model, tokenizer, ckpt_dir)
-        save_training_state(
-            ckpt_dir,
-            optimizer=optimizer,
-            np_rng=np_rng,
-            state={"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "config": asdict(cfg)},
-        )
+        return save_step_checkpoint(run, step, lambda d: save_lm(model, tokenizer, d), optimizer=optimizer, np_rng=np_rng,
+                                    state={"tokens_seen": tokens_seen, "best_val": best_val, "config": asdict(cfg)})
 
     model.train()
     train_time = 0.0
@@ -289,9 +270,10 @@ def train(cfg: PretrainConfig) -> dict:
         task = progress.add_task("pretrain", total=cfg.steps, completed=step, status=status)
         while step < cfg.steps:
             if interrupt.requested:  # Ctrl-C: finish cleanly between two steps, keep all progress
-                checkpoint()
+                path = checkpoint()
                 writer.close()
-                print(f"interrupted at step {step}; checkpoint saved to {ckpt_dir} (continue with --resume)")
+                print(f"\ninterrupted at step {step} of {cfg.steps}; checkpoint: {path}\n"
+                      f"resume with: textgym pretrain --resume {out}", file=sys.stderr)
                 raise KeyboardInterrupt
             batch = train_stream.sample(np_rng, cfg.batch_size, cfg.block_size).to(device)
             t0 = time.perf_counter()
@@ -302,7 +284,8 @@ def train(cfg: PretrainConfig) -> dict:
                 logits = model(input_ids=batch[:, :-1]).logits
             # Next-token cross-entropy: -log p(x_{t+1} | x_{<=t}), averaged over the batch.
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-            last = f"the last checkpoint is {ckpt_dir}" if (ckpt_dir / "training_state.json").is_file() else "no checkpoint yet"
+            last = run.latest_checkpoint()
+            last = f"the last good checkpoint is {last}" if last else "no checkpoint has been written yet"
             grad_norm = optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, where=f"at step {step + 1} ({last})")
             step += 1
             n_tokens = batch[:, 1:].numel()
@@ -327,7 +310,6 @@ def train(cfg: PretrainConfig) -> dict:
             progress.update(task, completed=step, status=status)
 
     check_model_finite(model, probe, where=f"after step {step}, so it was not saved")
-    final_dir = save_lm(model, tokenizer, out / "final")
     test = evaluate(model, TokenStream(corpus.texts("test", cfg.seed), tokenizer), cfg.block_size)
     writer.add_scalar("test/ppl_token", test["ppl_token"], step)
     writer.add_scalar("test/ppl_word", test["ppl_word"], step)
@@ -345,7 +327,12 @@ def train(cfg: PretrainConfig) -> dict:
         "test_tokens": test["tokens"],
         "device": str(device),
     }
-    (final_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    def write_final(directory: Path) -> None:
+        save_lm(model, tokenizer, directory)
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    run.save_final(write_final, step)
     print(json.dumps(metrics))
     if cfg.ship:
         ship(model, tokenizer, cfg, metrics)

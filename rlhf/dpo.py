@@ -26,17 +26,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import load_lm, save_lm
-from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.checkpoint import StepRun
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    validate_fields,
+)
 from pretrain.model import disable_dropout, resolve_device
 from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.evaluate import evaluate_policy
 from rlhf.logprobs import encode, sequence_logprobs
-from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
+from rlhf.preferences import (
+    PreferencePair,
+    build_preferences,
+    load_jsonl,
+    prompt_texts,
+    save_jsonl,
+)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -77,7 +88,7 @@ class DPOConfig:
 
     model: str = hparam("default", "policy (and reference) init: 'default' or an HF causal-LM dir")
     data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
-    out: str = hparam("runs/dpo", "output dir: TensorBoard events, checkpoint/, final/")
+    out: str = hparam("", "run dir: TensorBoard events, checkpoint-<step>/, final/ (default: runs/dpo; with --resume: the resumed run's dir)")
     beta: float = hparam(0.1, "KL strength beta of the implicit reward")
     loss_type: str = hparam("sigmoid", f"one of {LOSS_TYPES}")
     label_smoothing: float = hparam(0.0, "conservative DPO: assumed label-flip probability (sigmoid loss)")
@@ -94,13 +105,18 @@ class DPOConfig:
     eval_samples: int = hparam(2, "samples per held-out prompt")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
+    checkpoint_every: int = hparam(200, "optimizer steps between checkpoints (0 = only on Ctrl-C)")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
 
     def __post_init__(self):
         validate_fields(self)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens", "eval_samples")
-        require_non_negative(self, "tau", "grad_clip", "eval_prompts")
+        require_non_negative(self, "tau", "grad_clip", "eval_prompts", "checkpoint_every")
+        require_positive(self, "keep_checkpoints")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.k < 2:
@@ -121,69 +137,84 @@ def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[t
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
-    """``textgym dpo``: DPO training, then held-out gold / KL of base vs trained policy."""
+    """``textgym dpo``: DPO training, then held-out gold / KL of base vs trained policy.
+
+    Checkpoints every ``checkpoint_every`` steps and on Ctrl-C (``pretrain.checkpoint.StepRun``);
+    ``--resume OUT`` continues exactly (built preference data is kept in ``OUT/train_pairs.jsonl``).
+    """
+    steps = StepRun(cfg, "dpo")
+    if (finished := steps.finished) is not None:
+        return finished
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    policy, tokenizer = load_lm(cfg.model, device=device)
-    reference, _ = load_lm(cfg.model, device=device)
+    out = steps.out
+    reference, tokenizer = load_lm(cfg.model, device=device)
+    policy, _ = load_lm(steps.checkpoint or cfg.model, device=device)
     disable_dropout(policy)
     disable_dropout(reference).requires_grad_(False)
 
     if cfg.data:
         pairs = load_jsonl(cfg.data)
+    elif (out / "train_pairs.jsonl").is_file() and cfg.resume:  # built by the run being resumed
+        pairs = load_jsonl(out / "train_pairs.jsonl")
     else:
         prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
-        pairs = build_preferences(policy, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        pairs = build_preferences(reference, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         save_jsonl(pairs, out / "train_pairs.jsonl")
 
-    steps_per_epoch = -(-len(pairs) // cfg.batch_size)
-    n_steps = cfg.epochs * steps_per_epoch
+    # Every epoch's batches up front (the same rng draws as per epoch): a resumed run skips exactly those taken.
+    batches = []
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(pairs))
+        batches += [order[start : start + cfg.batch_size] for start in range(0, len(pairs), cfg.batch_size)]
+    n_steps = len(batches)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
-    writer = SummaryWriter(str(out))
+    steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
+    writer = steps.writer()
     policy.train()
-    step = 0
-    with progress_bar("dpo") as bar:
-        task = bar.add_task("dpo", total=n_steps, status="")
-        for _ in range(cfg.epochs):
-            order = rng.permutation(len(pairs))
-            for start in range(0, len(pairs), cfg.batch_size):
-                batch = [pairs[i] for i in order[start : start + cfg.batch_size]]
-                chosen_logps, rejected_logps = pair_logps(policy, tokenizer, batch, device)
-                with torch.no_grad():
-                    ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    cfg.beta, cfg.loss_type, cfg.label_smoothing,
-                )
-                loss = losses.mean()
-                optimizer_step(loss, optimizer, policy.parameters(), cfg.grad_clip, scheduler, f"at DPO step {step + 1}")
-                step += 1
-                accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
-                writer.add_scalar("loss/dpo", loss.item(), step)
-                writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)
-                writer.add_scalar("rewards/rejected", rejected_rewards.mean().item(), step)
-                writer.add_scalar("rewards/accuracies", accuracy, step)
-                writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
-                writer.add_scalar("logps/chosen", chosen_logps.mean().item(), step)
-                writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
+    with steps, progress_bar("dpo") as bar:
+        task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="")
+        for step in range(steps.step + 1, n_steps + 1):
+            batch = [pairs[i] for i in batches[step - 1]]
+            chosen_logps, rejected_logps = pair_logps(policy, tokenizer, batch, device)
+            with torch.no_grad():
+                ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                cfg.beta, cfg.loss_type, cfg.label_smoothing,
+            )
+            loss = losses.mean()
+            optimizer_step(loss, optimizer, policy.parameters(), cfg.grad_clip, scheduler, f"at DPO step {step}")
+            accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+            writer.add_scalar("loss/dpo", loss.item(), step)
+            writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)
+            writer.add_scalar("rewards/rejected", rejected_rewards.mean().item(), step)
+            writer.add_scalar("rewards/accuracies", accuracy, step)
+            writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
+            writer.add_scalar("logps/chosen", chosen_logps.mean().item(), step)
+            writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
+            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
+            steps.after_step(step, lambda d: save_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng, scheduler=scheduler)
     probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)
     check_model_finite(policy, probe["input_ids"], probe["attention_mask"], "after DPO")
-    final = save_lm(policy, tokenizer, out / "final")
 
     policy.eval()
     eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
     kwargs = dict(prompts=eval_prompts, samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     base = evaluate_policy(reference, tokenizer, reference, **kwargs)
     trained = evaluate_policy(policy, tokenizer, reference, **kwargs)
-    metrics = {"steps": step, "train_pairs": len(pairs), "base": base, "dpo": trained}
+    metrics = {"steps": n_steps, "train_pairs": len(pairs), "base": base, "dpo": trained}
     for name, value in trained.items():
-        writer.add_scalar(f"eval/{name}", value, step)
+        writer.add_scalar(f"eval/{name}", value, n_steps)
     writer.close()
-    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    def write_final(directory: Path) -> None:
+        save_lm(policy, tokenizer, directory)
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    steps.save_final(write_final)
     print(json.dumps(metrics))
     return metrics

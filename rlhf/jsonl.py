@@ -6,9 +6,12 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pretrain.checkpoint import write_text_atomic
 
-def read_records(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]]:
-    """All non-blank lines of ``path`` as dicts holding (at least) the string ``fields``."""
+
+def read_records(path: str | Path, fields: Sequence[str], allow_empty: bool = False) -> list[dict[str, str]]:
+    """All non-blank lines of ``path`` as dicts holding (at least) the string ``fields``; a file with
+    no records is a ``ValueError`` unless ``allow_empty``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -30,15 +33,13 @@ def read_records(path: str | Path, fields: Sequence[str]) -> list[dict[str, str]
             if bad:
                 raise ValueError(f"{path}:{lineno}: field(s) {bad} must be strings")
             records.append({f: record[f] for f in fields})
-    if not records:
+    if not records and not allow_empty:
         raise ValueError(f"data file {path} holds no records")
     return records
 
 
 def write_records(records: Iterable[dict], path: str | Path) -> Path:
+    """Write records as JSONL all-or-nothing (temp file, fsync, rename): a kill never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
+    return write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

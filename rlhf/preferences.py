@@ -148,9 +148,9 @@ def save_jsonl(pairs: Sequence[PreferencePair], path: str | Path) -> Path:
     return write_records((asdict(p) for p in pairs), path)
 
 
-def load_jsonl(path: str | Path) -> list[PreferencePair]:
+def load_jsonl(path: str | Path, allow_empty: bool = False) -> list[PreferencePair]:
     """Load ``{prompt, chosen, rejected}`` lines; errors name the file and line number."""
-    return [PreferencePair(**r) for r in read_records(path, FIELDS)]
+    return [PreferencePair(**r) for r in read_records(path, FIELDS, allow_empty)]
 
 
 def prompt_texts(split: str, n: int, seed: int) -> list[str]:

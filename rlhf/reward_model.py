@@ -38,10 +38,20 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    get_linear_schedule_with_warmup,
+)
 
 from pretrain import load_lm
-from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.checkpoint import StepRun
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    validate_fields,
+)
 from pretrain.model import (
     check_vocab_fits,
     disable_dropout,
@@ -53,12 +63,23 @@ from pretrain.model import (
     sha256_file,
     verify_manifest,
 )
+from pretrain.optim import (
+    NonFiniteError,
+    check_finite,
+    check_model_finite,
+    optimizer_step,
+)
 from pretrain.progress import progress_bar
 from pretrain.tokenizer import load_tokenizer
-from pretrain.optim import NonFiniteError, check_finite, check_model_finite, optimizer_step
 from rlhf.gold import VaderGold, review_texts
 from rlhf.logprobs import tokenize_pairs
-from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
+from rlhf.preferences import (
+    PreferencePair,
+    build_preferences,
+    load_jsonl,
+    prompt_texts,
+    save_jsonl,
+)
 
 DEFAULT_RM_DIR = Path(__file__).parent / "default_rm"
 
@@ -222,7 +243,8 @@ class RewardConfig:
 
     model: str = hparam("default", "backbone initialisation: 'default' or an HF causal-LM dir")
     data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
-    out: str = hparam("runs/reward", "output dir: TensorBoard events, final/ (the reward model)")
+    out: str = hparam("", "run dir: TensorBoard events, checkpoint-<step>/, final/ (the reward model) (default: runs/reward; "
+                          "with --resume: the resumed run's dir)")
     num_prompts: int = hparam(8000, "train prompts when building data")
     k: int = hparam(6, "completions per prompt when building data (k(k-1)/2 pairs each)")
     tau: float = hparam(0.0, "labeller noise when building data (0 = noiseless)")
@@ -238,11 +260,16 @@ class RewardConfig:
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
     ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
+    checkpoint_every: int = hparam(200, "optimizer steps between checkpoints (0 = only on Ctrl-C)")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
 
     def __post_init__(self):
         validate_fields(self)
         require_positive(self, "epochs", "batch_size", "lr", "num_prompts", "max_new_tokens", "eval_prompts")
-        require_non_negative(self, "tau", "weight_decay", "grad_clip")
+        require_non_negative(self, "tau", "weight_decay", "grad_clip", "checkpoint_every")
+        require_positive(self, "keep_checkpoints")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
         if not 0 <= self.warmup_ratio < 1:
@@ -284,6 +311,9 @@ def batches_by_prompt(pairs: Sequence[PreferencePair], batch_size: int, rng: np.
 
 @torch.no_grad()
 def pairwise_accuracy(rm: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
+    """Fraction of pairs whose chosen completion the RM scores higher; ``ValueError`` for no pairs."""
+    if not pairs:
+        raise ValueError("no preference pairs to measure the accuracy on")
     was_training = rm.training
     rm.eval()
     correct = 0
@@ -298,10 +328,11 @@ def evaluate_reward_model(
     rm: RewardModel, prompts: Sequence[str], completions: Sequence[str], gold_scores: Sequence[float],
     pairs: Sequence[PreferencePair],
 ) -> dict[str, float]:
-    """Held-out pairwise accuracy and Spearman rank correlation of RM scores with gold scores."""
+    """Held-out pairwise accuracy (NaN without pairs: every completion tied on gold) and Spearman
+    rank correlation of RM scores with gold scores."""
     scores = rm.score(prompts, completions)
     return {
-        "pairwise_accuracy": pairwise_accuracy(rm, pairs),
+        "pairwise_accuracy": pairwise_accuracy(rm, pairs) if pairs else float("nan"),
         "spearman_gold": float(spearmanr(scores, gold_scores).statistic),
         "eval_pairs": len(pairs),
         "eval_samples": len(scores),
@@ -315,37 +346,43 @@ def fit(
     rng: np.random.Generator,
     writer: SummaryWriter | None = None,
     eval_pairs: Sequence[PreferencePair] = (),
+    steps: StepRun | None = None,
 ) -> int:
-    """Minimise the Bradley-Terry loss over ``pairs`` (AdamW, linear warmup/decay); returns steps."""
+    """Minimise the Bradley-Terry loss over ``pairs`` (AdamW, linear warmup/decay); returns steps.
+
+    With ``steps`` (``textgym reward``), it checkpoints and resumes (``pretrain.checkpoint.StepRun``).
+    """
     if not pairs:
         raise ValueError("no preference pairs to train on")
     # Draw every epoch's batches up front (the same rng draws as drawing them per epoch) so the
-    # schedule's length is exact: batch counts vary with the shuffle, as groups differ in size.
-    epochs = [list(batches_by_prompt(pairs, cfg.batch_size, rng)) for _ in range(cfg.epochs)]
-    n_steps = sum(len(batches) for batches in epochs)
+    # schedule's length is exact (batch counts vary with the shuffle, as groups differ in size) and
+    # a resumed run skips exactly the batches it already took.
+    batches = [(epoch, batch) for epoch in range(cfg.epochs) for batch in list(batches_by_prompt(pairs, cfg.batch_size, rng))]
+    n_steps = len(batches)
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
-    step = 0
+    start = steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)["step"] if steps is not None else 0
     rm.train()
     with progress_bar("reward") as bar:
-        task = bar.add_task("reward", total=n_steps, status="")
-        for epoch, batches in enumerate(epochs):
-            for batch in batches:
-                chosen, rejected = pair_rewards(rm, batch)
-                loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
-                optimizer_step(loss, optimizer, rm.parameters(), cfg.grad_clip, scheduler, f"at reward-model step {step + 1}")
-                step += 1
-                accuracy = (chosen > rejected).float().mean().item()
-                if writer is not None:
-                    writer.add_scalar("loss/bradley_terry", loss.item(), step)
-                    writer.add_scalar("train/accuracy", accuracy, step)
-                    writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
-                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f} acc {accuracy:.2f}")
-            if writer is not None and eval_pairs:
+        task = bar.add_task("reward", total=n_steps, completed=start, status="")
+        for step in range(start + 1, n_steps + 1):
+            epoch, batch = batches[step - 1]
+            chosen, rejected = pair_rewards(rm, batch)
+            loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
+            optimizer_step(loss, optimizer, rm.parameters(), cfg.grad_clip, scheduler, f"at reward-model step {step}")
+            accuracy = (chosen > rejected).float().mean().item()
+            if writer is not None:
+                writer.add_scalar("loss/bradley_terry", loss.item(), step)
+                writer.add_scalar("train/accuracy", accuracy, step)
+                writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f} acc {accuracy:.2f}")
+            if writer is not None and eval_pairs and (step == n_steps or batches[step][0] != epoch):
                 writer.add_scalar("eval/pairwise_accuracy", pairwise_accuracy(rm, eval_pairs), step)
+            if steps is not None:
+                steps.after_step(step, rm.save, optimizer=optimizer, np_rng=rng, scheduler=scheduler)
     rm.eval()
-    return step
+    return n_steps
 
 
 def normalise(rm: RewardModel, pairs: Sequence[PreferencePair]) -> None:
@@ -359,33 +396,46 @@ def normalise(rm: RewardModel, pairs: Sequence[PreferencePair]) -> None:
 
 
 def train_reward_model(cfg: RewardConfig) -> dict:
-    """``textgym reward``: train, evaluate on held-out prompts, save ``OUT/final`` (and ship)."""
+    """``textgym reward``: train, evaluate on held-out prompts, save ``OUT/final`` (and ship).
+
+    Checkpoints every ``checkpoint_every`` steps and on Ctrl-C; ``--resume OUT`` continues exactly
+    (built train and held-out pairs are kept in ``OUT/train_pairs.jsonl`` and ``OUT/eval_pairs.jsonl``).
+    """
+    steps = StepRun(cfg, "reward")
+    if (finished := steps.finished) is not None:
+        return finished
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    rm = RewardModel.from_lm(cfg.model, device)
+    out = steps.out
+    rm = RewardModel.load(steps.checkpoint, device) if steps.checkpoint else RewardModel.from_lm(cfg.model, device)
     policy, tokenizer = load_lm(cfg.model, device=device)
+
+    def kept(name: str) -> list[PreferencePair] | None:  # data built by the run being resumed
+        return load_jsonl(out / name, allow_empty=True) if cfg.resume and (out / name).is_file() else None
 
     if cfg.data:
         pairs = load_jsonl(cfg.data)
-    else:
+    elif (pairs := kept("train_pairs.jsonl")) is None:
         prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
         pairs = build_preferences(policy, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         save_jsonl(pairs, out / "train_pairs.jsonl")
 
     # Held-out evaluation data: fresh samples for test-split prompts, labelled without noise.
     gold = VaderGold()
-    eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
-    eval_pairs = build_preferences(
-        policy, tokenizer, eval_prompts, 4, 0.0, gold, cfg.max_new_tokens, seed=cfg.seed + 1_000_003
-    )
+    if (eval_pairs := kept("eval_pairs.jsonl")) is None:
+        eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
+        eval_pairs = build_preferences(
+            policy, tokenizer, eval_prompts, 4, 0.0, gold, cfg.max_new_tokens, seed=cfg.seed + 1_000_003
+        )
+        save_jsonl(eval_pairs, out / "eval_pairs.jsonl")
     del policy
     eval_texts = sorted({(p.prompt, c) for p in eval_pairs for c in (p.chosen, p.rejected)})
     eval_gold = gold(review_texts([p for p, _ in eval_texts], [c for _, c in eval_texts]))
 
-    writer = SummaryWriter(str(out))
-    step = fit(rm, pairs, cfg, rng, writer, eval_pairs)
+    with steps:
+        writer = steps.writer()
+        step = fit(rm, pairs, cfg, rng, writer, eval_pairs, steps)
 
     check_model_finite(rm, where="after reward-model training")
     normalise(rm, pairs)
@@ -394,8 +444,12 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     for key in ("pairwise_accuracy", "spearman_gold"):
         writer.add_scalar(f"eval/{key}", metrics[key], step)
     writer.close()
-    final = rm.save(out / "final")
-    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    def write_final(directory: Path) -> None:
+        rm.save(directory)
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    steps.save_final(write_final)
     print(json.dumps(metrics))
     if cfg.ship:
         ship(rm, cfg, metrics)

@@ -12,17 +12,21 @@ JSONL of ``{"prompt": ..., "completion": ...}`` works as well.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from transformers import get_linear_schedule_with_warmup
 
 from pretrain import corpus, load_lm, save_lm
-from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.checkpoint import StepRun
+from pretrain.config import (
+    hparam,
+    require_non_negative,
+    require_positive,
+    validate_fields,
+)
 from pretrain.model import resolve_device
 from pretrain.optim import check_finite, check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
@@ -36,7 +40,7 @@ class SFTConfig:
 
     model: str = hparam("default", "'default' or an HF causal-LM dir")
     data: str = hparam("", "JSONL {prompt, completion}; empty = positive train reviews of the corpus")
-    out: str = hparam("runs/sft", "output dir: TensorBoard events, final/")
+    out: str = hparam("", "run dir: TensorBoard events, checkpoint-<step>/, final/ (default: runs/sft; with --resume: the resumed run's dir)")
     num_examples: int = hparam(4000, "demonstrations drawn when building the default data")
     completion_words: int = hparam(24, "words per completion when building the default data")
     epochs: int = hparam(1, "passes over the demonstrations")
@@ -47,11 +51,16 @@ class SFTConfig:
     grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
+    checkpoint_every: int = hparam(200, "optimizer steps between checkpoints (0 = only on Ctrl-C)")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
 
     def __post_init__(self):
         validate_fields(self)
         require_positive(self, "epochs", "batch_size", "lr", "num_examples", "completion_words")
-        require_non_negative(self, "weight_decay", "grad_clip")
+        require_non_negative(self, "weight_decay", "grad_clip", "checkpoint_every")
+        require_positive(self, "keep_checkpoints")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -97,12 +106,18 @@ def eval_loss(model, tokenizer, demos: list[dict[str, str]], device, batch_size:
 
 
 def train_sft(cfg: SFTConfig) -> dict:
-    """``textgym sft``: fine-tune, report held-out completion loss before and after."""
+    """``textgym sft``: fine-tune, report held-out completion loss before and after.
+
+    Checkpoints every ``checkpoint_every`` steps and on Ctrl-C (``pretrain.checkpoint.StepRun``);
+    ``--resume OUT`` continues exactly (the batches are a function of the seed).
+    """
+    steps = StepRun(cfg, "sft")
+    if (finished := steps.finished) is not None:
+        return finished
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    model, tokenizer = load_lm(cfg.model, device=device)
+    model, tokenizer = load_lm(steps.checkpoint or cfg.model, device=device)
     if cfg.data:
         demos = read_records(cfg.data, ("prompt", "completion"))
         rng.shuffle(demos)
@@ -114,32 +129,45 @@ def train_sft(cfg: SFTConfig) -> dict:
     if not demos:
         raise ValueError("no demonstrations left to train on")
 
-    n_steps = cfg.epochs * math.ceil(len(demos) / cfg.batch_size)
+    # Every epoch's batches up front (the same rng draws as drawing them per epoch): a resumed run
+    # skips exactly the batches it already took.
+    batches = []
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(demos))
+        batches += [(epoch, order[start : start + cfg.batch_size]) for start in range(0, len(demos), cfg.batch_size)]
+    n_steps = len(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
-    writer = SummaryWriter(str(out))
-    before = eval_loss(model, tokenizer, eval_demos, device)
-    writer.add_scalar("eval/loss", before, 0)
+    state = steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
+    writer = steps.writer()
+    before = state.get("eval_loss_before")
+    if before is None:
+        before = eval_loss(model, tokenizer, eval_demos, device)
+        writer.add_scalar("eval/loss", before, 0)
     model.train()
-    step = 0
-    with progress_bar("sft") as bar:
-        task = bar.add_task("sft", total=n_steps, status="")
-        for epoch in range(cfg.epochs):
-            order = rng.permutation(len(demos))
-            for start in range(0, len(demos), cfg.batch_size):
-                loss = sft_loss(model, tokenizer, [demos[i] for i in order[start : start + cfg.batch_size]], device)
-                optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, scheduler, f"at SFT step {step + 1}")
-                step += 1
-                writer.add_scalar("loss/sft", loss.item(), step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")
-            writer.add_scalar("eval/loss", eval_loss(model, tokenizer, eval_demos, device), step)
+    with steps, progress_bar("sft") as bar:
+        task = bar.add_task("sft", total=n_steps, completed=steps.step, status="")
+        for step in range(steps.step + 1, n_steps + 1):
+            epoch, index = batches[step - 1]
+            loss = sft_loss(model, tokenizer, [demos[i] for i in index], device)
+            optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, scheduler, f"at SFT step {step}")
+            writer.add_scalar("loss/sft", loss.item(), step)
+            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")
+            if step == n_steps or batches[step][0] != epoch:  # the end of an epoch
+                writer.add_scalar("eval/loss", eval_loss(model, tokenizer, eval_demos, device), step)
+            steps.after_step(step, lambda d: save_lm(model, tokenizer, d), optimizer=optimizer, np_rng=rng,
+                             scheduler=scheduler, state={"eval_loss_before": before})
     after = eval_loss(model, tokenizer, eval_demos, device)
     check_model_finite(model, where="after SFT")
     check_finite("the held-out loss after SFT", torch.tensor(after))
     writer.close()
-    final = save_lm(model, tokenizer, out / "final")
-    metrics = {"steps": step, "train_examples": len(demos), "eval_loss_before": before, "eval_loss_after": after}
-    (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    metrics = {"steps": n_steps, "train_examples": len(demos), "eval_loss_before": before, "eval_loss_after": after}
+
+    def write_final(directory: Path) -> None:
+        save_lm(model, tokenizer, directory)
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    steps.save_final(write_final)
     print(json.dumps(metrics))
     return metrics

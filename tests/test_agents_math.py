@@ -141,15 +141,39 @@ def test_replay_keeps_the_most_recent_transitions_compactly():
         buf.add([1], 0, float("nan"), [], True, 1.0)
 
 
-def test_replay_state_round_trip():
+def test_replay_state_round_trip(tmp_path):
     buf = PrioritizedReplayBuffer(8, max_len=4, seed=0)
     for i in range(5):
         buf.add([i + 1], i, float(i), [], True, 1.0)
     buf.update_priorities(np.array([0, 3]), np.array([5.0, 0.1]))
-    tensors, meta = buf.state_dict()
+    buf.save(tmp_path)
     other = PrioritizedReplayBuffer(8, max_len=4, seed=1)
-    other.load_state_dict(tensors, meta)
+    other.load(tmp_path)
     assert other.sample_indices(16)[0].tolist() == buf.sample_indices(16)[0].tolist()
+    with pytest.raises(ValueError, match="has contexts of shape \\(8, 4\\).*this buffer \\(16, 4\\)"):
+        PrioritizedReplayBuffer(16, max_len=4).load(tmp_path)
+
+
+def test_replay_memory_is_what_the_docstring_says_and_saving_does_not_copy_it(tmp_path):
+    """capacity x (2 x max_len x 4 + 21) bytes (+ 16 bytes per sum-tree leaf); a checkpoint writes
+    the arrays from their own memory (it used to copy each, then serialise the copies)."""
+    import tracemalloc
+
+    capacity, max_len = 20_000, 64
+    uniform = ReplayBuffer(capacity, max_len)
+    assert uniform.nbytes() == capacity * (2 * max_len * 4 + 21)
+    prioritized = PrioritizedReplayBuffer(capacity, max_len)
+    assert prioritized.nbytes() == uniform.nbytes() + 2 * 32_768 * 8
+    for i in range(capacity):
+        uniform.add([5] * (i % max_len + 1), 3, 0.5, [6], False, 1.0)
+    tracemalloc.start()
+    uniform.save(tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.05 * uniform.nbytes(), f"saving allocated {peak} bytes for a {uniform.nbytes()}-byte buffer"
+    again = ReplayBuffer(capacity, max_len)
+    again.load(tmp_path)
+    assert (again.contexts == uniform.contexts).all() and again.size == capacity
 
 
 def test_dqn_log_policy_q_is_the_lm_and_its_soft_value_is_the_value_head(tiny_gpt2_dir):

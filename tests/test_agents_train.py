@@ -117,14 +117,19 @@ def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch
 def test_incompatible_resume_is_refused_and_nothing_is_overwritten(tmp_path):
     out = tmp_path / "run"
     dqn.train(small_config("dqn", out))
-    before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match="it is a 'dqn' checkpoint, not 'ppo'"):
-        ppo.train(small_config("ppo", tmp_path / "other", resume=str(out)))
-    with pytest.raises(ValueError, match="the checkpoint has num_envs=8, this run num_envs=16"):
-        dqn.train(dqn.DQNConfig(**TOY, num_envs=16, total_steps=512, out=str(out), resume=str(out)))
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    before = sorted(p.name for p in out.iterdir()), (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="it holds a 'train dqn' run, not 'train ppo'"):
+        ppo.train(small_config("ppo", "", resume=str(out)))
+    with pytest.raises(ValueError, match=r"differ from the checkpoint .*\(num_envs: checkpoint 8, this run 16; prioritized: checkpoint True"):
+        dqn.train(dqn.DQNConfig(**TOY, num_envs=16, total_steps=512, resume=str(out)))
+    with pytest.raises(ValueError, match="continues that run in its own dir, but --out is"):
+        dqn.train(small_config("dqn", tmp_path / "elsewhere", resume=str(out)))
+    with pytest.raises(FileExistsError, match="already holds a 'train dqn' run; continue it with --resume"):
         dqn.train(small_config("dqn", out))
-    assert (out / "metrics.jsonl").read_text() == before
+    with pytest.raises(FileExistsError, match="already holds a 'train dqn' run; pick another --out"):
+        ppo.train(small_config("ppo", out))
+    assert (sorted(p.name for p in out.iterdir()), (out / "metrics.jsonl").read_text()) == before
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -145,11 +150,11 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(ppo.Run, "checkpoint", checkpoint)
     monkeypatch.setattr(toy.ToyReward, "__call__", nan_after_first_checkpoint)
     with pytest.raises(NonFiniteError, match=r"the reward became non-finite \(\[nan.* in update 4; stopping. "
-                                              r"The last good checkpoint is .*checkpoint \(update 3; continue with --resume"):
+                                              r"The last good checkpoint is .*checkpoint-3 \(update 3; continue with --resume"):
         ppo.train(small_config("ppo", out))
-    assert (out / "checkpoint" / "model.safetensors").is_file()
-    saved = json.loads((out / "checkpoint" / "training_state.json").read_text())
-    assert saved["state"]["update"] == 3, "the last good checkpoint is kept"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"], "the last good checkpoint is kept"
+    saved = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
+    assert saved["state"]["update"] == 3
 
 
 def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):

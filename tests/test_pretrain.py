@@ -66,10 +66,10 @@ def test_interrupt_and_resume_reproduce_uninterrupted_run(tmp_path, tiny_tokeniz
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         train(PretrainConfig(out=str(out), tokenizer=str(tok_dir), **small))
-    state = json.loads((out / "checkpoint" / "training_state.json").read_text())
+    state = json.loads((out / "checkpoint-4" / "training_state.json").read_text())
     assert state["state"]["step"] == 4, "the step in flight completes, then the run checkpoints and stops"
     monkeypatch.setattr(TokenStream, "sample", original)
-    train(PretrainConfig(out=str(out), tokenizer=str(tok_dir), resume=True, **small))
+    train(PretrainConfig(tokenizer=str(tok_dir), resume=str(out), **small))
 
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(out / "final" / "model.safetensors"))
@@ -83,10 +83,10 @@ def test_resume_with_other_config_is_refused(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tok_dir)
     small = dict(TINY, steps=2, eval_interval=2, eval_tokens=1024, max_train_reviews=200)
     train(PretrainConfig(out=str(tmp_path / "r"), tokenizer=str(tok_dir), **small))
-    with pytest.raises(ValueError, match="trained with n_layer=2, this run has n_layer=3"):
-        train(PretrainConfig(out=str(tmp_path / "r"), tokenizer=str(tok_dir), resume=True, **dict(small, n_layer=3)))
-    with pytest.raises(FileNotFoundError, match="--resume given but"):
-        train(PretrainConfig(out=str(tmp_path / "none"), resume=True, **small))
+    with pytest.raises(ValueError, match=r"differ from the checkpoint .*\(n_layer: checkpoint 2, this run 3\)"):
+        train(PretrainConfig(tokenizer=str(tok_dir), resume=str(tmp_path / "r"), **dict(small, n_layer=3)))
+    with pytest.raises(FileNotFoundError, match="--resume .*none: the directory does not exist"):
+        train(PretrainConfig(resume=str(tmp_path / "none"), **small))
 
 
 def test_lr_schedule_warmup_then_cosine():
