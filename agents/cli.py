@@ -10,6 +10,9 @@ default.
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib.metadata
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +61,48 @@ TRAIN: dict[str, Command] = {
 }
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("textgym")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def all_command_names() -> list[str]:
+    return [*COMMANDS, *(f"train {name}" for name in TRAIN)]
+
+
+def make_parser(command: Command, prog: str) -> HfArgumentParser:
+    """The command's flags from its config dataclass; a ``--no-x`` flag says what it turns off."""
+    parser = HfArgumentParser(command.config, prog=prog, description=command.config.__doc__)
+    positive = {a.dest: a for a in parser._actions if a.option_strings and not a.option_strings[0].startswith("--no_")}
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            original = positive.get(action.dest)
+            what = f" ({original.help})" if original is not None and original.help else ""
+            action.help = f"turn --{action.dest.replace('_', '-')} off{what}; it is on by default"
+            action.default = argparse.SUPPRESS  # the positive flag's default stands; no "(default: False)"
+    return parser
+
+
+def unknown_flags_message(parser: HfArgumentParser, unknown: list[str], prog: str) -> str:
+    """``prog: unknown flag --lr-rate; did you mean --lr?`` for each unknown flag, with close matches."""
+    options = sorted({opt.replace("_", "-") for action in parser._actions for opt in action.option_strings if opt.startswith("--")})
+    lines, after_flag = [], False
+    for arg in unknown:
+        if not arg.startswith("-"):
+            if not after_flag:  # a value right after an unknown flag is that flag's value
+                lines.append(f"{prog}: unexpected argument {arg!r} (flags take the form --name value)")
+            after_flag = False
+            continue
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag.replace("_", "-"), options, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {prog} --help for the flags"
+        lines.append(f"{prog}: unknown flag {flag}{hint}")
+        after_flag = "=" not in arg
+    return "\n".join(lines)
+
+
 def usage() -> str:
     lines = ["usage: textgym COMMAND [--flag value ...]   (textgym COMMAND --help for its flags)", "", "commands:"]
     lines += [f"  {name:<16} {cmd.summary}" for name, cmd in COMMANDS.items()]
@@ -98,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"textgym {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     table = COMMANDS
     if name == "train":
@@ -109,14 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         table, name, rest = TRAIN, rest[0], rest[1:]
     if name not in table:
-        print(f"textgym: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, ["train", *all_command_names()], n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        print(f"textgym: unknown command {name!r}{hint}; valid commands: {', '.join(all_command_names())}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     hf_logging.disable_progress_bar()  # our own rich bars are the progress display
     command = table[name]
     prog = f"textgym train {name}" if table is TRAIN else f"textgym {name}"
-    parser = HfArgumentParser(command.config, prog=prog, description=command.config.__doc__)
+    parser = make_parser(command, prog)
     try:
-        (cfg,) = parser.parse_args_into_dataclasses(args=rest)
+        cfg, unknown = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+        if unknown:
+            print(unknown_flags_message(parser, unknown, prog), file=sys.stderr)
+            return 2
         if isinstance(getattr(cfg, "resume", None), str) and cfg.resume:
             cfg = resumed_config(command.config, cfg, given_fields(parser, rest), prog)
     except ValueError as err:  # raised by a config's __post_init__

@@ -31,6 +31,7 @@ from agents.run import make_env, make_policy_model
 from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, sha256_file
 from pretrain.run_dir import FINAL, RUN_FILE, RunDir, verify_dir
+from pretrain.progress import progress_bar
 from rlhf.evaluate import distinct_n
 from rlhf.kl import warn_if_negative_kl
 
@@ -86,11 +87,12 @@ def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
 
 
 @torch.no_grad()
-def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[str, float]:
+def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress=None, task=None) -> dict[str, float]:
+    """Metrics of one policy over ``episodes`` held-out episodes (``progress.update(task, advance=n)`` per batch)."""
     policy = LMPolicy.load(model_dir, env.task.device, valid_actions=env.task.valid_actions, value_head=False).eval()
     torch.manual_seed(seed)
     env.reset(seed=seed)
-    gold, rm, kls, texts, ref_nll, n_tokens = [], [], [], [], 0.0, 0
+    gold, rm, kls, texts, prompts, ref_nll, n_tokens = [], [], [], [], [], 0.0, 0
     while len(gold) < episodes:
         rollout = collect_rollout(env, policy)
         logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.response_start, entropy="none")
@@ -102,6 +104,10 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[
         gold += rollout.gold_scores.tolist()
         rm += rollout.rm_scores.tolist()
         texts += rollout.texts
+        prompts += rollout.prompts
+        if progress is not None:
+            progress.update(task, advance=min(len(rollout.texts), episodes - len(gold) + len(rollout.texts)),
+                            status=str(model_dir)[-40:])
     k = episodes
     warn_if_negative_kl(torch.tensor(kls[:k]), f"KL of {model_dir} to its reference")
     return {
@@ -112,7 +118,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int) -> dict[
         "distinct_2": distinct_n(texts[:k], 2),
         "ref_ppl": math.exp(ref_nll / max(n_tokens, 1)),
         "episodes": k,
-        "samples": [t for t in texts[:3]],
+        "samples": [{"prompt": p, "completion": t} for p, t in zip(prompts[:3], texts[:3])],
     }
 
 
@@ -120,18 +126,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     split = {} if cfg.env == "TextGenToy-v0" else {"prompt_split": "test"}
     out = Path(cfg.out)
+    runs = [(run_path, *models_of(Path(run_path))) for run_path in cfg.runs]  # every path checked before any work
     RunDir(out, "eval", overwrite=cfg.overwrite, config=asdict(cfg))
     env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split)
     results: dict[str, list[dict]] = {}
-    for run_path in cfg.runs:
-        series, models, initial = models_of(Path(run_path))
-        initial = initial if cfg.reference == "auto" else cfg.reference
-        initial = make_policy_model(initial or "auto", env, out, 0) if (initial or "auto") == "auto" else initial
-        reference = LMPolicy.load(initial, device, value_head=False).reference()
-        points = [{"model": str(initial), "label": "initial", **evaluate_model(initial, reference, env, cfg.episodes, cfg.seed)}]
-        for label, model_dir in models:
-            points.append({"model": str(model_dir), "label": label, **evaluate_model(model_dir, reference, env, cfg.episodes, cfg.seed)})
-        results[series] = points
+    n_models = sum(1 + len(models) for _, _, models, _ in runs)
+    with progress_bar("eval") as progress:
+        task = progress.add_task("eval", total=n_models * cfg.episodes)
+        for _run_path, series, models, initial in runs:
+            initial = initial if cfg.reference == "auto" else cfg.reference
+            initial = make_policy_model(initial or "auto", env, out, 0) if (initial or "auto") == "auto" else initial
+            reference = LMPolicy.load(initial, device, value_head=False).reference()
+            points = [{"model": str(initial), "label": "initial",
+                       **evaluate_model(initial, reference, env, cfg.episodes, cfg.seed, progress, task)}]
+            for label, model_dir in models:
+                points.append({"model": str(model_dir), "label": label,
+                               **evaluate_model(model_dir, reference, env, cfg.episodes, cfg.seed, progress, task)})
+            results[series] = points
+    for series, points in results.items():
         for p in points:
             print(f"{series:>16} {p['label']:>10}  gold {p['gold']:+.3f}  rm {p['rm']:+.3f}  kl {p['kl_ref']:.2f}  "
                   f"distinct-2 {p['distinct_2']:.2f}  ref-ppl {p['ref_ppl']:.1f}")

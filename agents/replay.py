@@ -182,6 +182,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         super().__init__(capacity, max_len, seed, pad_id)
         if alpha < 0 or not 0 <= beta <= 1:
             raise ValueError(f"need alpha >= 0 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
+        if not eps > 0:  # p_i = |delta_i| + eps > 0: the total priority can never be 0
+            raise ValueError(f"eps must be > 0 (with eps = 0, all-zero TD errors leave nothing to sample by), got {eps}")
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.tree = SumTree(capacity)
         self.max_priority = 1.0

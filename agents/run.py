@@ -180,7 +180,8 @@ class Run:
         record = {"update": self.update, "env_steps": self.env_steps, **{k: round(float(v), 6) for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
-        status = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in ("reward/rm", "reward/gold", "kl/ref") if k in metrics)
+        status = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in (("reward/rm", "rm"), ("reward/gold", "gold"), ("kl/ref", "kl"))
+                           if k in metrics)
         self.progress.update(self.task, completed=self.update, status=status)
 
     def due(self) -> bool:

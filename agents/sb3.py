@@ -135,10 +135,23 @@ def load_policy_lm(model, tokenizer, action_space: spaces.Space):
 
 
 def split_obs(obs) -> tuple[torch.Tensor, torch.Tensor]:
-    """SB3 observations (dict of tensors; its buffers store them as float) -> int64 ids and mask."""
+    """SB3 observations (dict of tensors; its buffers store them as float) -> int64 ids and mask.
+
+    Raises ``ValueError`` naming the key for values that are not token ids / a 0-1 mask (e.g. after
+    SB3's ``VecNormalize``, which normalises observations by default).
+    """
     if not isinstance(obs, dict) or set(obs) != {"input_ids", "attention_mask"}:
         raise ValueError(f"expected a TextGen observation dict with input_ids and attention_mask, got {type(obs).__name__}")
-    return obs["input_ids"].long(), obs["attention_mask"].long()
+    for key in ("input_ids", "attention_mask"):
+        value = obs[key]
+        if value.is_floating_point() and not torch.equal(value, value.round()):
+            bad = value[value != value.round()][0].item()
+            raise ValueError(f"observation {key!r} holds {bad:.4g}, not a token id: the LM policies need the raw observation "
+                             "(with VecNormalize, normalise rewards only: VecNormalize(venv, norm_obs=False))")
+    ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"observation 'attention_mask' holds {mask[(mask != 0) & (mask != 1)][0].item()}, not 0 or 1")
+    return ids, mask
 
 
 class ObservationCache:

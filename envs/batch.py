@@ -112,6 +112,7 @@ class TextGenBatch:
         return self.reference is not None and (self.task.top_k > 0 or self.task.top_p < 1)
 
     def validate(self, actions: torch.Tensor) -> None:
+        """``ValueError`` naming the first action that is out of range or masked; ``actions`` (B,) int64."""
         if actions.shape != (self.batch_size,):
             raise ValueError(f"expected {self.batch_size} actions of shape ({self.batch_size},), got shape {tuple(actions.shape)}")
         if actions.dtype.is_floating_point or actions.dtype == torch.bool:
@@ -130,7 +131,9 @@ class TextGenBatch:
 
     def validate_one(self, action: int) -> None:
         """``validate`` for one row and a host int, with no device round trip (the single env's hot path)."""
-        if not 0 <= action < self.task.n_actions or self.restricts_per_state or not self.task.valid_actions_host[action]:
+        if not 0 <= action < self.task.n_actions:
+            self.reject(action)
+        if self.restricts_per_state or not self.task.valid_actions_host[action]:
             self.validate(torch.tensor([action], device=self.task.device))
 
     def reject(self, action: int) -> None:

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from envs.inputs import check_prompt
 from pretrain import corpus, load_lm
-from pretrain.model import resolve_device, resolve_model_path
+from pretrain.config import check_float, check_int
+from pretrain.model import load_config, resolve_device, resolve_model_path
 from pretrain.tokenizer import load_tokenizer
 from rlhf.gold import GoldScorer, VaderGold
 from rlhf.reward_model import RewardModel
@@ -112,32 +114,47 @@ class TextGenTask:
         return self.max_context_tokens + self.max_new_tokens
 
 
-def read_prompts(prompts, split: str) -> list[str]:
-    """``None`` = the shipped prompts of ``split``; a list of strings; or a text file, one per line."""
+def read_prompts(prompts, split: str, tokenizer=None) -> list[str]:
+    """``None`` = the shipped prompts of ``split``; a list of strings; or a UTF-8 text file, one per
+    line. Each prompt is checked (``envs.inputs.check_prompt``) when a ``tokenizer`` is given."""
     if prompts is None:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown prompt_split {split!r}; expected 'train' or 'test'")
         return [p.text for p in corpus.load_prompts(split)]
     if isinstance(prompts, (str, Path)):
         path = Path(prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist (pass a list of strings or a text file)")
-        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [line for line in lines if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompts file {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 8]!r})") from err
+        prompts = [line for line in text.splitlines() if line.strip()]
+    elif isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+        raise ValueError(f"prompts must be None, a list of str or a text file path, got {type(prompts).__name__} {prompts!r}"[:300])
     prompts = list(prompts)
     if not prompts:
         raise ValueError("the prompt list is empty")
-    bad = [p for p in prompts if not isinstance(p, str) or not p]
-    if bad:
-        raise ValueError(f"prompts must be non-empty strings, got {bad[:3]!r}")
+    for i, p in enumerate(prompts):
+        if tokenizer is not None:
+            check_prompt(tokenizer, p, f"prompts[{i}]")
+        elif not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] must be a str holding text, got {p!r}")
     return prompts
 
 
+DEMONSTRATION_POOL = 400  # short positive train reviews the few-shot demonstrations are chosen from
+
+
 def positive_demonstrations(k: int, seed: int = 0, max_words: int = 30) -> list[str]:
-    """``k`` short train reviews with the highest gold (VADER) scores, for few-shot prompting."""
+    """``k`` (<= ``DEMONSTRATION_POOL``) short train reviews with the highest gold (VADER) scores
+    among a seeded pool of ``DEMONSTRATION_POOL``, for few-shot prompting."""
+    check_int("shots", k, 0, DEMONSTRATION_POOL)
     if k == 0:
         return []
     short = [r.text for r in corpus.reviews("train") if r.label == 1 and len(r.text.split(" ")) <= max_words]
     rng = np.random.default_rng(seed)
-    pool = [short[i] for i in rng.choice(len(short), size=min(len(short), 400), replace=False)]
+    pool = [short[i] for i in rng.choice(len(short), size=min(len(short), DEMONSTRATION_POOL), replace=False)]
     scores = VaderGold()(pool)
     order = np.argsort(scores, kind="stable")[::-1]
     return [pool[i] for i in order[:k]]
@@ -158,16 +175,19 @@ def build_lm_task(
     top_p: float = 1.0,
     gold: bool = True,
 ) -> TextGenTask:
-    """Load everything an LM-backed TextGen env needs (validates every argument)."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    """Load everything an LM-backed TextGen env needs (validates every argument first: ``TypeError``
+    for a wrong type, ``ValueError`` for a bad value, each naming the argument and the value)."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     check_kl_coef(kl_coef)
-    if top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    top_k, top_p = check_int("top_k", top_k, 0), check_float("top_p", top_p, 0.0, 1.0)
+    if top_p == 0:
+        raise ValueError("top_p must be in (0, 1], got 0.0")
     if variant not in ("plain", "few_shot", "instruct"):
         raise ValueError(f"unknown variant {variant!r}; expected 'plain', 'few_shot' or 'instruct'")
-    if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+    shots = check_int("shots", shots, 0, DEMONSTRATION_POOL)
+    for name, flag in (("cot", cot), ("gold", gold)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     device = resolve_device(device)
     model_dir = resolve_model_path(model)
     tokenizer = load_tokenizer(model_dir)
@@ -176,16 +196,23 @@ def build_lm_task(
     if needs_reference:
         reference, _ = load_lm(model_dir, device=device)
         reference.requires_grad_(False)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    config = load_config(model_dir)
     n_actions = int(config.vocab_size)
     if len(tokenizer) > n_actions:
         raise ValueError(f"tokenizer in {model_dir} has {len(tokenizer)} tokens but the model only {n_actions} logits")
+    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if n_positions and max_new_tokens >= n_positions:
+        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {n_positions} tokens with a prompt")
+    demonstrations = positive_demonstrations(shots) if variant == "few_shot" else ()
+    if demonstrations and n_positions:  # before encoding every prompt after them
+        demo_tokens = sum(len(tokenizer(d + tokenizer.eos_token, add_special_tokens=False)["input_ids"]) for d in demonstrations)
+        if demo_tokens + max_new_tokens >= n_positions:
+            raise ValueError(f"shots={shots} demonstrations take {demo_tokens} tokens; with max_new_tokens={max_new_tokens} "
+                             f"they leave no room for a prompt in the model's context of {n_positions} tokens")
     rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel.load(reward_model, device=device)
     task = TextGenTask(
         tokenizer=tokenizer,
-        prompts=read_prompts(prompts, prompt_split),
+        prompts=read_prompts(prompts, prompt_split, tokenizer),
         max_new_tokens=max_new_tokens,
         kl_coef=kl_coef,
         device=device,
@@ -194,7 +221,7 @@ def build_lm_task(
         reward_model=rm,
         gold=VaderGold() if gold else None,
         variant=variant,
-        shots=positive_demonstrations(shots) if variant == "few_shot" else (),
+        shots=demonstrations,
         cot=cot,
         top_k=top_k,
         top_p=top_p,
@@ -203,7 +230,6 @@ def build_lm_task(
     task.max_context_tokens = max(
         len(task.encode(task.episode(p, i).context)) for i, p in enumerate(task.prompts)
     )
-    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if n_positions and task.max_len > n_positions:
         raise ValueError(
             f"the longest context ({task.max_context_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
@@ -214,7 +240,7 @@ def build_lm_task(
 
 def check_kl_coef(kl_coef: float) -> None:
     """``kl_coef`` must be a finite number >= 0 (NaN would silently switch the KL shaping off)."""
-    if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
+    if isinstance(kl_coef, bool) or not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
 
 

@@ -65,17 +65,14 @@ forces a prompt.
 
 from __future__ import annotations
 
-import numbers
-
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 
 from envs.batch import TextGenBatch
+from envs.inputs import as_action, check_prompt, check_seed, reset_options
 from envs.task import TextGenTask, build_lm_task
-
-RESET_OPTIONS = ("prompt",)
 
 
 class TokenActions(spaces.Discrete):
@@ -102,23 +99,6 @@ def observation_space(task: TextGenTask) -> spaces.Dict:
             "attention_mask": spaces.Box(0, 1, shape=(task.max_len,), dtype=np.int64),
         }
     )
-
-
-def as_action(action) -> int:
-    """A token id from an int-like action; anything else is a ValueError naming what it got."""
-    if isinstance(action, (bool, np.bool_)):
-        raise ValueError(f"action must be an integer token id, got bool {action!r}")
-    if isinstance(action, torch.Tensor):
-        action = action.detach().cpu().numpy()
-    if isinstance(action, np.ndarray):
-        if action.shape not in ((), (1,)):
-            raise ValueError(f"expected a single action, got an array of shape {action.shape}")
-        if action.dtype.kind not in "iu":
-            raise ValueError(f"action must be an integer token id, got dtype {action.dtype}")
-        return int(action.reshape(()))
-    if isinstance(action, numbers.Integral):
-        return int(action)
-    raise ValueError(f"action must be an integer token id, got {type(action).__name__} {action!r}")
 
 
 class TextGenEnv(gym.Env):
@@ -161,16 +141,12 @@ class TextGenEnv(gym.Env):
         return self.task.tokenizer
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(RESET_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {list(RESET_OPTIONS)}")
+        seed, options = check_seed(seed), reset_options(options)  # before anything changes: a rejected reset changes nothing
         if "prompt" in options:
-            prompt = options["prompt"]
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"options['prompt'] must be a non-empty str, got {prompt!r}")
-            self.batch.reset_rows([0], [0], [prompt])
+            check_prompt(self.tokenizer, options["prompt"], "options['prompt']")
+        super().reset(seed=seed)
+        if "prompt" in options:
+            self.batch.reset_rows([0], [0], [options["prompt"]])
         else:
             self.batch.reset_rows([0], [int(self.np_random.integers(len(self.task.prompts)))])
         self._started = True

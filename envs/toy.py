@@ -19,9 +19,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from envs.task import TextGenTask, check_kl_coef, valid_action_mask
+from envs.task import TextGenTask, check_kl_coef, read_prompts, valid_action_mask
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
+from pretrain.config import check_int
+from pretrain.model import resolve_device
 
 WORDS = ["<|endoftext|>", "good", "bad", "the", "movie", "plot", "was", "fine"]
 PROMPTS = ["the movie was", "the plot was"]
@@ -70,15 +72,19 @@ class ToyGold:
         return [(t.count("good") - t.count("bad")) / self.horizon for t in texts]
 
 
+MAX_NEW_TOKENS = 1024  # the toy's horizon; its reward is (#good - #bad) / horizon
+
+
 def build_toy_task(max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None) -> TextGenTask:
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    """The toy task; ``max_new_tokens`` in [1, 1024], ``prompts`` (None = the two defaults) use only
+    the vocabulary's words. ``TypeError`` / ``ValueError`` naming the argument otherwise."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     check_kl_coef(kl_coef)
     tokenizer = toy_tokenizer()
-    device = torch.device(device)
+    device = resolve_device(device)
     task = TextGenTask(
         tokenizer=tokenizer,
-        prompts=list(prompts or PROMPTS),
+        prompts=PROMPTS.copy() if prompts is None else read_prompts(prompts, "train", tokenizer),
         max_new_tokens=max_new_tokens,
         kl_coef=kl_coef,
         device=device,
@@ -87,9 +93,6 @@ def build_toy_task(max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = 
         toy_reward=ToyReward(max_new_tokens),
         toy_ref_logits=REF_PROBS.log().to(device),
     )
-    unknown = [p for p in task.prompts if any(w not in WORDS[1:] for w in p.split())]
-    if unknown:
-        raise ValueError(f"toy prompts may only use the words {WORDS[1:]}, got {unknown[:3]}")
     task.valid_actions = valid_action_mask(tokenizer, len(WORDS), device)
     task.max_context_tokens = max(len(task.encode(p)) for p in task.prompts)
     return task

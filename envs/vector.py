@@ -27,8 +27,12 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envs.batch import TextGenBatch
+from envs.inputs import as_actions, check_prompt, reset_options, vector_seeds
 from envs.task import TextGenTask, build_lm_task
-from envs.text_gen import RESET_OPTIONS, action_space, observation_space
+from envs.text_gen import action_space, observation_space
+from pretrain.config import check_int
+
+MAX_STATE_BYTES = 8 * 2**30  # observations of all sub-envs; beyond this, a typo (num_envs=10**9) rather than a plan
 
 
 @dataclass
@@ -69,14 +73,17 @@ class TextGenVectorEnv(VectorEnv):
         **env_kwargs,
     ):
         """``env_kwargs`` are ``TextGenEnv``'s arguments (model, reward_model, prompts, max_new_tokens, kl_coef, ...)."""
-        if num_envs <= 0:
-            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        num_envs = check_int("num_envs", num_envs, 1)
         self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.task = task or build_lm_task(**env_kwargs)
+        state_bytes = 16 * num_envs * self.task.max_len  # input_ids + attention_mask, int64
+        if state_bytes > MAX_STATE_BYTES:
+            raise ValueError(f"num_envs={num_envs} x observation length {self.task.max_len} would hold {state_bytes / 2**30:.1f} GiB "
+                             f"of observations (limit {MAX_STATE_BYTES / 2**30:.0f} GiB); use fewer envs or tokens")
         self.num_envs = num_envs
         self.batch = TextGenBatch(self.task, num_envs)
         self.single_observation_space = observation_space(self.task)
@@ -92,28 +99,22 @@ class TextGenVectorEnv(VectorEnv):
         return self.task.tokenizer
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
-        if seed is None:
-            seeds = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(self.num_envs)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        # Everything is checked before anything changes: a rejected reset leaves the env as it was.
+        seeds, options = vector_seeds(seed, self.num_envs), reset_options(options)
+        prompts = None
+        if "prompt" in options:
+            prompts = options["prompt"]
+            prompts = [prompts] * self.num_envs if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, (list, tuple)) or len(prompts) != self.num_envs:
+                raise ValueError(f"options['prompt'] must be a str or a list of {self.num_envs} str, got {prompts!r}")
+            for i, p in enumerate(prompts):
+                check_prompt(self.tokenizer, p, f"options['prompt'][{i}]")
         for i, s in enumerate(seeds):
             if s is not None or not self._started:
                 self._rngs[i] = seeding.np_random(s)[0]
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(RESET_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; valid options: {list(RESET_OPTIONS)}")
         rows = list(range(self.num_envs))
-        if "prompt" in options:
-            prompts = options["prompt"]
-            prompts = [prompts] * self.num_envs if isinstance(prompts, str) else list(prompts)
-            if len(prompts) != self.num_envs or not all(isinstance(p, str) and p for p in prompts):
-                raise ValueError(f"options['prompt'] must be a non-empty str or {self.num_envs} of them, got {prompts!r}")
-            self.batch.reset_rows(rows, [0] * self.num_envs, prompts)
+        if prompts is not None:
+            self.batch.reset_rows(rows, [0] * self.num_envs, list(prompts))
         else:
             self.batch.reset_rows(rows, self._draw_prompts(rows))
         self._autoreset[:] = False
@@ -127,7 +128,7 @@ class TextGenVectorEnv(VectorEnv):
         """Device-tensor step (no host copy of observations); see :class:`VectorStep`."""
         if not self._started:
             raise RuntimeError("step() called before reset()")
-        actions = actions.to(self.task.device)
+        actions = as_actions(actions, self.num_envs).to(self.task.device)
         self.batch.validate(actions)
         final_ids = final_mask = None
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -153,10 +154,7 @@ class TextGenVectorEnv(VectorEnv):
         self.batch.reset_rows(rows, self._draw_prompts(rows))
 
     def step(self, actions):
-        actions = np.asarray(actions)
-        if actions.dtype.kind not in "iu":
-            raise ValueError(f"actions must be integer token ids, got dtype {actions.dtype}")
-        out = self.step_tensor(torch.as_tensor(actions))
+        out = self.step_tensor(as_actions(actions, self.num_envs))
         return (
             self.batch.observation(),
             out.rewards.cpu().numpy().astype(np.float64),

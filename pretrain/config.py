@@ -49,3 +49,30 @@ def require_unit_interval(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in [low, high]: ``TypeError`` for a non-integer (bools and ``"16"``
+    included), ``ValueError`` outside the bounds; both name the argument and the value."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a finite float in [low, high] (``TypeError`` / ``ValueError`` naming it otherwise)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = "finite" if low is None and high is None else f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value

@@ -39,9 +39,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {type(device).__name__} {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return device
 
 
@@ -136,19 +143,36 @@ def load_lm(
     if (path / MANIFEST).is_file():
         verify_manifest(path)
     dtype = dtype or torch.float32
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}/config.json is not a valid model config: {err}") from err
+    config = load_config(path)
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ValueError(f"{path} holds a {', '.join(architectures)} model, not a causal LM (expected a *ForCausalLM "
+                         "or *LMHeadModel architecture; a reward-model dir goes where a reward model is asked for)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
         )
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise ValueError(f"could not load the weights in {path}: {err}") from err
+    check_weights_finite(model, path)
     tokenizer = load_tokenizer(path)
     check_vocab_fits(model, tokenizer, path)
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def load_config(path: Path):
+    """The HF config of a model dir (``ValueError`` naming the dir for a missing or malformed one)."""
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}/config.json is not a valid model config: {err}") from err
+
+
+def check_weights_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """``ValueError`` naming the first NaN/infinite weight of a just-loaded model."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"{path}: the weight {name} holds non-finite values (NaN or inf): the model is corrupted")
 
 
 def check_vocab_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str | Path = "") -> None:

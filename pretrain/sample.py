@@ -28,6 +28,8 @@ class SampleConfig:
         validate_fields(self)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.prompt.strip():
+            raise ValueError(f"prompt must hold text to continue, got {self.prompt!r}")
         require_positive(self, "num_samples", "max_new_tokens")
 
 
@@ -48,6 +50,9 @@ def generate_ids(
     """
     device = next(model.parameters()).device
     torch.manual_seed(seed)
+    for i, ids in enumerate(tokenizer(list(prompts), add_special_tokens=False)["input_ids"]):
+        if not ids:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens: give at least one token of context to continue")
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_len = enc["input_ids"].shape[1]
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

@@ -149,8 +149,16 @@ def save_jsonl(pairs: Sequence[PreferencePair], path: str | Path) -> Path:
 
 
 def load_jsonl(path: str | Path, allow_empty: bool = False) -> list[PreferencePair]:
-    """Load ``{prompt, chosen, rejected}`` lines; errors name the file and line number."""
-    return [PreferencePair(**r) for r in read_records(path, FIELDS, allow_empty)]
+    """Load ``{prompt, chosen, rejected}`` lines; errors name the file and line number.
+
+    Every field must hold text and chosen must differ from rejected: a pair with an empty side or
+    two equal sides carries no preference (DPO would train on it with zero gradient).
+    """
+    records = read_records(path, FIELDS, allow_empty, non_empty=FIELDS)
+    for lineno, r in enumerate(records, start=1):
+        if r["chosen"] == r["rejected"]:
+            raise ValueError(f"{path}: record {lineno} has chosen == rejected ({r['chosen']!r}): it carries no preference")
+    return [PreferencePair(**r) for r in records]
 
 
 def prompt_texts(split: str, n: int, seed: int) -> list[str]:

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     get_linear_schedule_with_warmup,
 )
@@ -54,9 +54,11 @@ from pretrain.config import (
 )
 from pretrain.model import (
     check_vocab_fits,
+    check_weights_finite,
     disable_dropout,
     left_pad,
     length_buckets,
+    load_config,
     position_ids_from_mask,
     resolve_device,
     resolve_model_path,
@@ -148,7 +150,7 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"reward model dir {path} does not exist")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a reward model dir: it has no config.json")
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = load_config(path)
         archs = config.architectures or []
         if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
             raise ValueError(
@@ -159,9 +161,13 @@ class RewardModel(nn.Module):
             verify_manifest(path)
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(f"{path} has no *.safetensors weights")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
-        )
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+            )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+            raise ValueError(f"could not load the reward model's weights in {path}: {err}") from err
+        check_weights_finite(model, path)
         tokenizer = load_tokenizer(path)
         check_vocab_fits(model, tokenizer, path)
         return cls(model, tokenizer).to(resolve_device(device)).eval()

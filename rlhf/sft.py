@@ -119,7 +119,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     model, tokenizer = load_lm(steps.checkpoint or cfg.model, device=device)
     if cfg.data:
-        demos = read_records(cfg.data, ("prompt", "completion"))
+        demos = read_records(cfg.data, ("prompt", "completion"), non_empty=("prompt", "completion"))
         rng.shuffle(demos)
         n_eval = max(1, len(demos) // 20)
         eval_demos, demos = demos[:n_eval], demos[n_eval:]

@@ -93,7 +93,7 @@ def test_sum_tree_invariants():
 
 
 def filled_per(priorities, alpha, beta=0.4):
-    buf = PrioritizedReplayBuffer(len(priorities), max_len=4, alpha=alpha, beta=beta, eps=0.0, seed=0)
+    buf = PrioritizedReplayBuffer(len(priorities), max_len=4, alpha=alpha, beta=beta, eps=1e-12, seed=0)
     for i in range(len(priorities)):
         buf.add([i + 2], i, 0.0, [i + 2, 5], False, 1.0)
     buf.update_priorities(np.arange(len(priorities)), np.array(priorities))

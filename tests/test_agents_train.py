@@ -224,6 +224,8 @@ def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
     labels = [p["label"] for p in results["cli-ppo"]]
     assert labels == ["initial", "final"], "the last checkpoint is the final model and is evaluated once"
     assert results["cli-ppo"][0]["kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    sample = results["cli-ppo"][1]["samples"][0]
+    assert sample["prompt"] in ("the movie was", "the plot was") and isinstance(sample["completion"], str)
     assert (ev / "eval.png").stat().st_size > 1000
     assert main(["train", "ppo", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "bad")]) == 1
     assert "unknown env id 'NoSuchEnv-v0'; valid ids: TextGen-v0" in capsys.readouterr().err

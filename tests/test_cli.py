@@ -13,14 +13,51 @@ def test_help_lists_commands(capsys):
 def test_unknown_command_lists_valid_ones(capsys):
     assert main(["pretrian"]) == 2
     err = capsys.readouterr().err
-    assert "unknown command 'pretrian'" in err and "pretrain" in err and "sample" in err
+    assert "unknown command 'pretrian' (did you mean pretrain" in err and "sample" in err
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean train" in err and "valid commands: pretrain, prompts, sample" in err and "train ppo" in err
 
 
-def test_unknown_flag_is_named(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["sample", "--temprature", "0.5"])
-    assert exc.value.code == 2
-    assert "--temprature" in capsys.readouterr().err
+def test_unknown_flag_gets_our_message_with_close_matches(capsys):
+    assert main(["sample", "--temprature", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == "textgym sample: unknown flag --temprature; did you mean --temperature?"
+    assert main(["train", "ppo", "--lr-rate", "3", "--whiten-advantagez"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown flag --lr-rate; did you mean --lr" in err and "did you mean --whiten-advantages" in err
+    assert "HfArgumentParser" not in err and "'3'" not in err, "a value after an unknown flag is not reported again"
+
+
+def test_version_and_the_help_of_off_switches(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("textgym 0.1")
+    with pytest.raises(SystemExit):
+        main(["train", "ppo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no_whiten_advantages, --no-whiten-advantages turn --whiten-advantages off (normalise advantages to mean 0, std 1 " \
+           "per rollout); it is on by default" in help_text
+    assert "(default: False)" not in help_text.split("--no-whiten-advantages")[1].split("--max")[0]
+
+
+def test_eta_comes_from_the_measured_rate_of_this_session():
+    from types import SimpleNamespace
+
+    from pretrain.progress import eta_seconds, format_seconds
+
+    task = SimpleNamespace(total=10, completed=3, elapsed=90.0, fields={"start_completed": 0})
+    assert eta_seconds(task) == pytest.approx(210.0)  # 3 updates in 90 s: 30 s each, 7 to go
+    resumed = SimpleNamespace(total=10, completed=8, elapsed=60.0, fields={"start_completed": 5})
+    assert eta_seconds(resumed) == pytest.approx(40.0)
+    assert eta_seconds(SimpleNamespace(total=10, completed=0, elapsed=5.0, fields={"start_completed": 0})) is None
+    assert format_seconds(3725) == "1:02:05" and format_seconds(None) == "-:--:--"
+
+
+def test_a_run_whose_output_is_not_a_terminal_prints_plain_progress_lines(tmp_path, capsys):
+    assert main(["train", "ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4", "--total-steps", "96",
+                 "--num-minibatches", "2", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ppo ")]
+    assert lines and lines[-1].startswith("ppo 3/3 (100%)  elapsed 0:00:0") and "eta 0:00:00" in lines[-1]
+    assert " rm " in lines[-1] and " gold " in lines[-1] and " kl " in lines[-1]
 
 
 def test_bad_value_is_a_clean_error(capsys):
