@@ -45,21 +45,8 @@ import torch.nn.functional as F
 
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from agents.run import (
-    Run,
-    check_finite,
-    device_of,
-    make_env,
-    make_policy_model,
-    optimizer_step,
-)
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    require_unit_interval,
-    validate_fields,
-)
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.model import position_ids_from_mask
 
 

@@ -30,8 +30,8 @@ from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
 from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, sha256_file
-from pretrain.run_dir import FINAL, RUN_FILE, RunDir, verify_dir
 from pretrain.progress import progress_bar
+from pretrain.run_dir import FINAL, RUN_FILE, RunDir, verify_dir
 from rlhf.evaluate import distinct_n
 from rlhf.kl import warn_if_negative_kl
 

@@ -32,12 +32,7 @@ from torch.distributions import Categorical
 
 from envs.kv_cache import CachedLM
 from pretrain import load_lm, save_lm
-from pretrain.model import (
-    check_vocab_fits,
-    disable_dropout,
-    position_ids_from_mask,
-    resolve_device,
-)
+from pretrain.model import check_vocab_fits, disable_dropout, position_ids_from_mask, resolve_device
 from pretrain.optim import NonFiniteError
 
 VALUE_HEAD_FILE = "value_head.safetensors"

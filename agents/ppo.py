@@ -32,27 +32,9 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import (
-    Run,
-    check_finite,
-    device_of,
-    make_env,
-    make_policy_model,
-    optimizer_step,
-)
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    require_unit_interval,
-    validate_fields,
-)
-from rlhf.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_estimate,
-    warn_if_negative_kl,
-)
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 
 @dataclass
@@ -198,7 +180,7 @@ def train(cfg: PPOConfig) -> dict:
             # ---- update: epochs x minibatches of episodes ------------------------------------------
             policy.train()
             stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": []}
-            for epoch in range(cfg.update_epochs):
+            for epoch in range(cfg.update_epochs):  # noqa: B007 - read after the loop (ppo/epochs)
                 order = torch.from_numpy(run.np_rng.permutation(batch_size)).to(device)
                 for mb_start in range(0, batch_size, minibatch_size):
                     idx = order[mb_start : mb_start + minibatch_size]

@@ -27,27 +27,9 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import (
-    Run,
-    check_finite,
-    device_of,
-    make_env,
-    make_policy_model,
-    optimizer_step,
-)
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    require_unit_interval,
-    validate_fields,
-)
-from rlhf.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_estimate,
-    warn_if_negative_kl,
-)
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 BASELINES = ("none", "moving_average", "rloo")
 

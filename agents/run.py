@@ -35,14 +35,7 @@ from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from pretrain.progress import progress_bar
-from pretrain.run_dir import (
-    RunDir,
-    StopOnInterrupt,
-    atomic_write_dir,
-    check_same_config,
-    resolve_out,
-    verify_dir,
-)
+from pretrain.run_dir import RunDir, StopOnInterrupt, atomic_write_dir, check_same_config, resolve_out, verify_dir
 
 
 def make_env(env_id: str, num_envs: int, device, seed: int, **env_kwargs):

@@ -80,11 +80,7 @@ from gymnasium import spaces
 from safetensors.torch import load_model, save_file, save_model
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import (
-    CSVOutputFormat,
-    TensorBoardOutputFormat,
-    configure,
-)
+from stable_baselines3.common.logger import CSVOutputFormat, TensorBoardOutputFormat, configure
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.dqn.policies import DQNPolicy
@@ -98,18 +94,8 @@ from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
 from envs.vector import TextGenVectorEnv
 from pretrain import load_lm, save_lm
-from pretrain.checkpoint import (
-    load_training_state,
-    save_training_state,
-    write_text_atomic,
-)
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    require_unit_interval,
-    validate_fields,
-)
+from pretrain.checkpoint import load_training_state, save_training_state, write_text_atomic
+from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.model import disable_dropout, position_ids_from_mask, resolve_device
 from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 

@@ -122,7 +122,7 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
         golds.append(mean_gold)
         ids, attn, mask = out["input_ids"], out["attention_mask"], out["completion_mask"][:, -T:].float()
 
-        def forward(net, rows):
+        def forward(net, rows, ids=ids, attn=attn):  # bound now: the closure runs inside this iteration
             o = net(input_ids=ids[rows], attention_mask=attn[rows], output_hidden_states=True)
             logp = torch.log_softmax(o.logits[:, -T - 1 : -1].float(), -1).gather(-1, ids[rows, -T:, None]).squeeze(-1)
             return logp, o.hidden_states[-1][:, -T - 1 : -1]

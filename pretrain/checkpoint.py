@@ -142,12 +142,7 @@ class StepRun:
     def __init__(self, cfg, command: str):
         from dataclasses import asdict
 
-        from pretrain.run_dir import (
-            RunDir,
-            StopOnInterrupt,
-            check_same_config,
-            resolve_out,
-        )
+        from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 
         self.cfg, self.command = cfg, command
         self.out = resolve_out(cfg, command)

@@ -30,21 +30,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from pretrain import corpus
 from pretrain.checkpoint import load_training_state, save_step_checkpoint
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    validate_fields,
-)
-from pretrain.model import (
-    MANIFEST,
-    build_gpt2,
-    count_parameters,
-    default_model_dir,
-    resolve_device,
-    save_lm,
-    sha256_file,
-)
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
+from pretrain.model import MANIFEST, build_gpt2, count_parameters, default_model_dir, resolve_device, save_lm, sha256_file
 from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out

@@ -30,24 +30,13 @@ from transformers import get_linear_schedule_with_warmup
 
 from pretrain import load_lm, save_lm
 from pretrain.checkpoint import StepRun
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    validate_fields,
-)
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import disable_dropout, resolve_device
 from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.evaluate import evaluate_policy
 from rlhf.logprobs import encode, sequence_logprobs
-from rlhf.preferences import (
-    PreferencePair,
-    build_preferences,
-    load_jsonl,
-    prompt_texts,
-    save_jsonl,
-)
+from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

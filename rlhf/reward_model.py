@@ -39,19 +39,11 @@ from safetensors import SafetensorError
 from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from transformers import (
-    AutoModelForSequenceClassification,
-    get_linear_schedule_with_warmup,
-)
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from pretrain import load_lm
 from pretrain.checkpoint import StepRun
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    validate_fields,
-)
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import (
     check_vocab_fits,
     check_weights_finite,
@@ -65,23 +57,12 @@ from pretrain.model import (
     sha256_file,
     verify_manifest,
 )
-from pretrain.optim import (
-    NonFiniteError,
-    check_finite,
-    check_model_finite,
-    optimizer_step,
-)
+from pretrain.optim import NonFiniteError, check_finite, check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
 from pretrain.tokenizer import load_tokenizer
 from rlhf.gold import VaderGold, review_texts
 from rlhf.logprobs import tokenize_pairs
-from rlhf.preferences import (
-    PreferencePair,
-    build_preferences,
-    load_jsonl,
-    prompt_texts,
-    save_jsonl,
-)
+from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 DEFAULT_RM_DIR = Path(__file__).parent / "default_rm"
 

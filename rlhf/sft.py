@@ -21,12 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from pretrain import corpus, load_lm, save_lm
 from pretrain.checkpoint import StepRun
-from pretrain.config import (
-    hparam,
-    require_non_negative,
-    require_positive,
-    validate_fields,
-)
+from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import resolve_device
 from pretrain.optim import check_finite, check_model_finite, optimizer_step
 from pretrain.progress import progress_bar

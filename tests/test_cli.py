@@ -70,8 +70,8 @@ def test_bad_value_is_a_clean_error(capsys):
 
 def test_sample_end_to_end(capsys):
     assert main(["sample", "--prompt", "The acting", "--num-samples", "2", "--max-new-tokens", "8"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
-    assert len(lines) == 2 and all("The acting" in l for l in lines)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and all("The acting" in line for line in lines)
 
 
 def float_fields():

@@ -88,17 +88,21 @@ def test_a_kill_inside_a_checkpoint_write_resumes_exactly(tmp_path, monkeypatch,
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, monkeypatch, straight):
-    out = tmp_path / "run"
-
-    def stop_after_update_4(self, at_stage, path):
+def killed_after_checkpoint_4(out, monkeypatch) -> None:
+    """A run killed right after its checkpoint of update 4 is complete."""
+    def kill(self, at_stage, path):
         if at_stage == "pruned" and path.name == "checkpoint-4":
             raise SimulatedKill
 
-    monkeypatch.setattr(RunDir, "fault", stop_after_update_4)
+    monkeypatch.setattr(RunDir, "fault", kill)
     with pytest.raises(SimulatedKill):
         ppo.train(config(out))
     monkeypatch.undo()
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, monkeypatch, straight):
+    out = tmp_path / "run"
+    killed_after_checkpoint_4(out, monkeypatch)
     weights = out / "checkpoint-4" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-8:] = bytes(8)  # a disk error in the last bytes
@@ -205,15 +209,7 @@ def test_overwrite_replaces_a_previous_run(tmp_path, straight):
 
 def test_no_warning_for_a_clean_resume(tmp_path, monkeypatch, straight):
     out = tmp_path / "run"
-
-    def kill(self, at_stage, path):
-        if at_stage == "pruned" and path.name == "checkpoint-4":
-            raise SimulatedKill
-
-    monkeypatch.setattr(RunDir, "fault", kill)
-    with pytest.raises(SimulatedKill):
-        ppo.train(config(out))
-    monkeypatch.undo()
+    killed_after_checkpoint_4(out, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointWarning)
         ppo.train(config(None, resume=str(out)))

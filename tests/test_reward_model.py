@@ -5,15 +5,15 @@ from transformers import AutoModelForSequenceClassification
 
 from pretrain.optim import NonFiniteError
 from rlhf.preferences import PreferencePair
-from rlhf.reward_model import (
-    RewardConfig,
-    RewardModel,
-    bradley_terry_loss,
-    fit,
-    normalise,
-    pair_rewards,
-    pairwise_accuracy,
-)
+from rlhf.reward_model import RewardConfig, RewardModel, bradley_terry_loss, fit, normalise, pair_rewards, pairwise_accuracy
+
+
+def random_head_rm(model_dir, seed: int = 0) -> RewardModel:
+    """A reward model on ``model_dir`` whose score head is random (a fresh one scores everything 0)."""
+    torch.manual_seed(seed)
+    rm = RewardModel.from_lm(model_dir)
+    torch.nn.init.normal_(rm.model.score.weight)
+    return rm
 
 
 def test_bradley_terry_loss_value_and_gradient_sign():
@@ -33,7 +33,7 @@ def synthetic_pairs(seed: int, n_prompts: int) -> list[PreferencePair]:
     rng = np.random.default_rng(seed)
     good, bad = ["great", "superb", "lovely", "brilliant"], ["awful", "dull", "boring", "terrible"]
     pairs = []
-    for i in range(n_prompts):
+    for _ in range(n_prompts):
         prompt = f"Review {rng.integers(1000)}: the film was"
         for _ in range(2):
             pairs.append(PreferencePair(prompt, f" {rng.choice(good)} and {rng.choice(good)}", f" {rng.choice(bad)} and {rng.choice(bad)}"))
@@ -51,18 +51,14 @@ def test_reward_model_learns_synthetic_preferences(tiny_model_dir):
 
 
 def test_scores_do_not_depend_on_padding(tiny_model_dir):
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_model_dir)
-    torch.nn.init.normal_(rm.model.score.weight)
+    rm = random_head_rm(tiny_model_dir)
     alone = rm.score(["Short"], [" one"])
     batched = rm.score(["Short", "A much longer prompt than the other"], [" one", " and its completion"])
     assert batched[0] == pytest.approx(alone[0], abs=1e-4)
 
 
 def test_save_load_round_trip_with_normalisation(tmp_path, tiny_gpt2_dir):
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_gpt2_dir)
-    torch.nn.init.normal_(rm.model.score.weight)
+    rm = random_head_rm(tiny_gpt2_dir)
     pairs = synthetic_pairs(0, 10)
     normalise(rm, pairs)
     texts = sorted({(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)})
@@ -92,9 +88,7 @@ def test_non_finite_scores_stop_with_a_clear_error(tiny_gpt2_dir):
 
 
 def test_rewards_in_length_buckets_equal_scoring_each_alone(tiny_model_dir):
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_model_dir)
-    torch.nn.init.normal_(rm.model.score.weight)
+    rm = random_head_rm(tiny_model_dir)
     prompts = ["A", "This movie was", "I watched it", "Terrible acting and a plot that", "", "So", "The", "Well"]
     completions = [" fine", " a long and winding story about nothing", "", " never", "", " good good", " end", " x y z w"]
     together = rm.rewards(prompts, completions, max_buckets=3)
@@ -105,9 +99,7 @@ def test_rewards_in_length_buckets_equal_scoring_each_alone(tiny_model_dir):
 
 def test_the_empty_text_has_one_score_everywhere(tiny_gpt2_dir):
     """An empty prompt with an immediate EOS is the text "": scored as [EOS], alone or in a batch."""
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_gpt2_dir)
-    torch.nn.init.normal_(rm.model.score.weight)
+    rm = random_head_rm(tiny_gpt2_dir)
     alone = rm.score([""], [""])
     in_batch = rm.score(["A much longer prompt than nothing", ""], [" and more", ""])
     eos = rm.tokenizer.eos_token_id
@@ -122,9 +114,7 @@ def test_plain_transformers_scores_a_padded_batch_like_the_reward_model(tmp_path
     the tokenizer's default padding, gives our (normalised) scores."""
     from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(tiny_model_dir)
-    torch.nn.init.normal_(rm.model.score.weight)
+    rm = random_head_rm(tiny_model_dir)
     rm.model.config.reward_mean, rm.model.config.reward_std = 0.3, 2.0
     rm.save(tmp_path / "rm")
     texts = ["Short", "A much longer review of the film, with words", "Mid length text here"]

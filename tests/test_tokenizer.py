@@ -1,13 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pretrain.tokenizer import (
-    EOS_TOKEN,
-    PAD_TOKEN,
-    load_tokenizer,
-    tokens_per_word,
-    train_tokenizer,
-)
+from pretrain.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, tokens_per_word, train_tokenizer
 
 
 def test_round_trip_is_lossless(tiny_tokenizer):
