@@ -9,15 +9,20 @@ run's config). The model itself is saved next to it as an ordinary HF dir.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.tensorboard import SummaryWriter
+
+from pretrain.run_dir import STATE, RunDir, StopOnInterrupt, check_same_config, resolve_out
 
 TENSORS = "training_state.safetensors"
-STATE = "training_state.json"
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -116,8 +121,6 @@ def load_step_checkpoint(checkpoint: Path, *, optimizer: torch.optim.Optimizer, 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a text file all-or-nothing (a temp file, fsync, rename): a kill never leaves half a file."""
-    import os
-
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -140,10 +143,6 @@ class StepRun:
     """
 
     def __init__(self, cfg, command: str):
-        from dataclasses import asdict
-
-        from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
-
         self.cfg, self.command = cfg, command
         self.out = resolve_out(cfg, command)
         self.run = RunDir(self.out, command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
@@ -163,8 +162,6 @@ class StepRun:
         final_step = json.loads((final / "manifest.json").read_text()).get("step") or 0
         if self.checkpoint is not None and self.resumed_step > final_step:
             return None
-        import sys
-
         print(f"{self.out} already finished (step {final_step}); final model: {final}", file=sys.stderr)
         return json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").is_file() else {}
 
@@ -186,8 +183,6 @@ class StepRun:
 
     def writer(self):
         """TensorBoard in the run dir; a resumed run drops the events after its checkpoint (they are redone)."""
-        from torch.utils.tensorboard import SummaryWriter
-
         return SummaryWriter(str(self.out), purge_step=self.resumed_step + 1 if self.resumed_step else None)
 
     def after_step(self, step: int, save_model, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
@@ -199,8 +194,6 @@ class StepRun:
             path = save_step_checkpoint(self.run, step, save_model, optimizer=optimizer, np_rng=np_rng, scheduler=scheduler,
                                         state={"config": self._config(), **(state or {})})
             if self.interrupt.requested:
-                import sys
-
                 print(f"\ninterrupted at step {step}; checkpoint: {path}\nresume with: textgym {self.command} --resume {self.out}",
                       file=sys.stderr)
                 raise KeyboardInterrupt
@@ -209,6 +202,4 @@ class StepRun:
         return self.run.save_final(write, self.step)
 
     def _config(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self.cfg)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RUN_FILE = "run.json"
+STATE = "training_state.json"  # what pretrain.checkpoint writes into a checkpoint: counters, RNG states, the config
 MANIFEST = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -210,8 +211,6 @@ class RunDir:
     def saved_config(self, checkpoint: Path | None = None) -> dict:
         """The run's config: that of ``checkpoint`` (default: the newest complete one; a resume may
         have changed a setting such as total_steps), else the one it was started with (run.json)."""
-        from pretrain.checkpoint import STATE
-
         latest = checkpoint or self.latest_checkpoint()
         if latest is not None and (latest / STATE).is_file():
             return json.loads((latest / STATE).read_text())["state"]["config"]
