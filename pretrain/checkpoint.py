@@ -186,11 +186,14 @@ class StepRun:
         return SummaryWriter(str(self.out), purge_step=self.resumed_step + 1 if self.resumed_step else None)
 
     def after_step(self, step: int, save_model, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
-                   scheduler=None, state: dict | None = None) -> None:
-        """Checkpoint every ``checkpoint_every`` steps, and on Ctrl-C (then stop: ``KeyboardInterrupt``)."""
+                   scheduler=None, state: dict | None = None, check=None) -> None:
+        """Checkpoint every ``checkpoint_every`` steps, and on Ctrl-C (then stop: ``KeyboardInterrupt``).
+        ``check(step)`` runs first and raises if the model is not fit to save (``pretrain.optim.check_model_finite``)."""
         self.step = step
         every = self.cfg.checkpoint_every
         if (every and step % every == 0) or self.interrupt.requested:
+            if check is not None:
+                check(step)
             path = save_step_checkpoint(self.run, step, save_model, optimizer=optimizer, np_rng=np_rng, scheduler=scheduler,
                                         state={"config": self._config(), **(state or {})})
             if self.interrupt.requested:

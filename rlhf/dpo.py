@@ -162,6 +162,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
     steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
     writer = steps.writer()
+    probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)  # checked finite before each save
     policy.train()
     with steps, progress_bar("dpo") as bar:
         task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="")
@@ -186,8 +187,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
             writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
             bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
-            steps.after_step(step, lambda d: save_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng, scheduler=scheduler)
-    probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)
+            steps.after_step(step, lambda d: save_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng, scheduler=scheduler,
+                             check=lambda s: check_model_finite(policy, probe["input_ids"], probe["attention_mask"], f"after DPO step {s}"))
     check_model_finite(policy, probe["input_ids"], probe["attention_mask"], "after DPO")
 
     policy.eval()

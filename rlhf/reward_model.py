@@ -283,6 +283,13 @@ def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[torc
     return chosen, rejected
 
 
+def check_finite_rm(rm: RewardModel, pairs: Sequence[PreferencePair], step: int) -> None:
+    """Weights and the rewards of a few pairs finite: a reward model fit to save."""
+    check_model_finite(rm, where=f"after reward-model step {step}")
+    with torch.no_grad():
+        check_finite("the reward model's scores", torch.stack(pair_rewards(rm, pairs[:2])), f"after reward-model step {step}")
+
+
 def batches_by_prompt(pairs: Sequence[PreferencePair], batch_size: int, rng: np.random.Generator):
     """Shuffled batches of whole prompt groups, each holding about ``batch_size`` pairs."""
     groups = group_by_prompt(pairs)
@@ -367,7 +374,8 @@ def fit(
             if writer is not None and eval_pairs and (step == n_steps or batches[step][0] != epoch):
                 writer.add_scalar("eval/pairwise_accuracy", pairwise_accuracy(rm, eval_pairs), step)
             if steps is not None:
-                steps.after_step(step, rm.save, optimizer=optimizer, np_rng=rng, scheduler=scheduler)
+                steps.after_step(step, rm.save, optimizer=optimizer, np_rng=rng, scheduler=scheduler,
+                                 check=lambda s: check_finite_rm(rm, pairs[:2], s))
     rm.eval()
     return n_steps
 

@@ -139,6 +139,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if before is None:
         before = eval_loss(model, tokenizer, eval_demos, device)
         writer.add_scalar("eval/loss", before, 0)
+    probe = encode(tokenizer, [demos[0]["prompt"]], [demos[0]["completion"]], None, device)  # checked finite before each save
     model.train()
     with steps, progress_bar("sft") as bar:
         task = bar.add_task("sft", total=n_steps, completed=steps.step, status="")
@@ -152,7 +153,8 @@ def train_sft(cfg: SFTConfig) -> dict:
             if step == n_steps or batches[step][0] != epoch:  # the end of an epoch
                 writer.add_scalar("eval/loss", eval_loss(model, tokenizer, eval_demos, device), step)
             steps.after_step(step, lambda d: save_lm(model, tokenizer, d), optimizer=optimizer, np_rng=rng,
-                             scheduler=scheduler, state={"eval_loss_before": before})
+                             scheduler=scheduler, state={"eval_loss_before": before},
+                             check=lambda s: check_model_finite(model, probe["input_ids"], probe["attention_mask"], f"after SFT step {s}"))
     after = eval_loss(model, tokenizer, eval_demos, device)
     check_model_finite(model, where="after SFT")
     check_finite("the held-out loss after SFT", torch.tensor(after))

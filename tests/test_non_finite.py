@@ -134,3 +134,21 @@ def test_pretraining_never_checkpoints_a_blown_up_model(tmp_path, monkeypatch, t
     with pytest.raises(NonFiniteError, match="the model's logits became non-finite .* after step 4, so it was not saved"):
         pretraining.train(cfg)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"], "the checkpoint of step 2 is kept"
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "sft"])
+def test_step_trainers_never_checkpoint_a_blown_up_model(tmp_path, monkeypatch, tiny_gpt2_dir, trainer):
+    pairs = [{"prompt": f"Review {i}:", "chosen": " wonderful film", "rejected": " boring film"} for i in range(16)]
+    module = {"dpo": dpo, "sft": sft}[trainer]
+    blow_up_at(module, monkeypatch, step=3)
+    out = tmp_path / trainer
+    if trainer == "dpo":
+        cfg = dpo.DPOConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "p.jsonl", pairs), out=str(out), batch_size=4,
+                            checkpoint_every=1, eval_prompts=2, eval_samples=1, max_new_tokens=4, device="cpu")
+    else:
+        demos = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+        cfg = sft.SFTConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "d.jsonl", demos), out=str(out), batch_size=4,
+                            checkpoint_every=1, device="cpu")
+    with pytest.raises(NonFiniteError, match=f"non-finite .*after {trainer.upper()} step 3"):
+        module.train_dpo(cfg) if trainer == "dpo" else module.train_sft(cfg)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
