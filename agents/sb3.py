@@ -725,12 +725,15 @@ def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> di
     callback = TextGenCallback(cfg.sample_every, kl_coef=cfg.callback_kl_coef())
     t0 = time.perf_counter()
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
-    with StopOnInterrupt() as interrupt:
-        checkpoints = CheckpointCallback(run_dir, cfg.checkpoint_every, asdict(cfg), interrupt)
-        remaining = cfg.total_steps - agent.num_timesteps
-        if remaining > 0:
-            agent.learn(remaining, callback=[callback, checkpoints], progress_bar=True, reset_num_timesteps=checkpoint is None)
-        path = checkpoints.save()
+    try:
+        with StopOnInterrupt() as interrupt:
+            checkpoints = CheckpointCallback(run_dir, cfg.checkpoint_every, asdict(cfg), interrupt)
+            remaining = cfg.total_steps - agent.num_timesteps
+            if remaining > 0:
+                agent.learn(remaining, callback=[callback, checkpoints], progress_bar=True, reset_num_timesteps=checkpoint is None)
+            path = checkpoints.save()
+    finally:
+        agent.logger.close()  # progress.csv and the event file, whatever happened
     if interrupt.requested:
         print(f"\ninterrupted after {agent.num_timesteps} env steps of {cfg.total_steps}; checkpoint: {path}\n"
               f"resume with: textgym {command} --resume {out}", file=sys.stderr)
