@@ -27,7 +27,7 @@ minimises the Huber loss of the TD error
 weighted by the importance-sampling weights under prioritized replay (whose priorities become
 |delta|). The soft-Q backup with temperature beta is the KL-regularised objective in Q-learning
 form: its optimal policy softmax(Q / beta) maximises E[R] + beta H, i.e. E[R] - beta KL(pi || pi_ref)
-when the env pays beta log pi_ref (``--env-kl-coef beta``). The target network is a copy updated
+when the env pays beta log pi_ref (``--env-ref-logprob-coef beta``). The target network is a copy updated
 hard every ``target_update_every`` steps, or by Polyak averaging with ``tau < 1``. Exploration:
 epsilon-greedy with epsilon annealed linearly, or Boltzmann sampling softmax(Q / T) (``temperature``; by
 default T = the Q-form's beta, so exploration starts as the LM itself).
@@ -47,7 +47,7 @@ from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from pretrain.model import position_ids_from_mask
+from pretrain.padding import position_ids_from_mask
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DQNConfig:
     num_envs: int = hparam(16, "parallel envs (episodes collected per update)")
     total_steps: int = hparam(4_000, "env steps (transitions) to train for")
     max_new_tokens: int = hparam(4, "tokens per episode")
-    env_kl_coef: float = hparam(0.0, "beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
+    env_ref_logprob_coef: float = hparam(0.0, "beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
     lr: float = hparam(1e-3, "Adam learning rate")
     gamma: float = hparam(1.0, "discount")
     n_step: int = hparam(1, "n-step returns")
@@ -105,7 +105,7 @@ class DQNConfig:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the Q-scale beta), got {self.temperature}")
         require_positive(self, "max_new_tokens", "target_update_every", "checkpoint_every", "sample_every", "keep_checkpoints")
-        require_non_negative(self, "env_kl_coef", "lr", "per_alpha", "learning_starts", "max_grad_norm")
+        require_non_negative(self, "env_ref_logprob_coef", "lr", "per_alpha", "learning_starts", "max_grad_norm")
         require_unit_interval(self, "gamma", "per_beta0", "epsilon_start", "epsilon_end", "epsilon_fraction")
 
     @property
@@ -152,9 +152,9 @@ def train(cfg: DQNConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
-    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions,
+    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.valid_actions,
                            value_head=cfg.q_form == "log_policy")
     check_policy_fits_env(policy, env)
     q_net, valid = policy, policy.valid_actions  # the Q-network: the LM (+ the value head for "log_policy")
@@ -163,7 +163,8 @@ def train(cfg: DQNConfig) -> dict:
     optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
     buffer_cls = PrioritizedReplayBuffer if cfg.prioritized else ReplayBuffer
     kwargs = dict(alpha=cfg.per_alpha, beta=cfg.per_beta0) if cfg.prioritized else {}
-    buffer = buffer_cls(cfg.buffer_size, env.task.max_len, seed=cfg.seed, pad_id=env.batch.pad_id, **kwargs)
+    context_length = env.single_observation_space["input_ids"].shape[0]  # the observation window
+    buffer = buffer_cls(cfg.buffer_size, context_length, seed=cfg.seed, pad_id=env.pad_token_id, **kwargs)
     gen = torch.Generator().manual_seed(cfg.seed)  # exploration randomness (checkpointed)
     grad_steps = 0
     if cfg.resume:
@@ -192,9 +193,9 @@ def train(cfg: DQNConfig) -> dict:
     with run:
         while run.update < run.total_updates and not run.should_stop():
             # ---- collect one episode per env ------------------------------------------------------
-            env.reset()
+            start = env.reset_tensor()
             steps_before = run.env_steps
-            ids, attn = env.batch.input_ids.clone(), env.batch.attention_mask.clone()
+            ids, attn = start.input_ids.clone(), start.attention_mask.clone()
             windows = [deque() for _ in range(cfg.num_envs)]
             done = torch.zeros(cfg.num_envs, dtype=torch.bool)
             episode_rm, episode_gold, texts, td_log, loss_log = [], [], [], [], []

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.policy import LMPolicy, reference_logprobs
+from agents.policy import LMPolicy, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
 from pretrain.config import hparam, require_positive, validate_fields
@@ -89,15 +89,15 @@ def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
 @torch.no_grad()
 def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress=None, task=None) -> dict[str, float]:
     """Metrics of one policy over ``episodes`` held-out episodes (``progress.update(task, advance=n)`` per batch)."""
-    policy = LMPolicy.load(model_dir, env.task.device, valid_actions=env.task.valid_actions, value_head=False).eval()
+    policy = LMPolicy.load(model_dir, env.device, valid_actions=env.valid_actions, value_head=False).eval()
     torch.manual_seed(seed)
     env.reset(seed=seed)
     gold, rm, kls, texts, prompts, ref_nll, n_tokens = [], [], [], [], [], 0.0, 0
     while len(gold) < episodes:
         rollout = collect_rollout(env, policy)
-        logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.response_start, entropy="none")
-        ref = reference_logprobs(reference, rollout.input_ids, rollout.attention_mask, rollout.response_start, policy.valid_actions)
-        mask = rollout.response_mask.float()
+        logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.completion_start, entropy="none")
+        ref = reference_logprobs(rollout, reference, policy.valid_actions)
+        mask = rollout.completion_mask.float()
         kls += ((logprobs - ref) * mask).sum(1).tolist()
         ref_nll -= float((ref * mask).sum())
         n_tokens += int(mask.sum())
@@ -136,7 +136,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for _run_path, series, models, initial in runs:
             initial = initial if cfg.reference == "auto" else cfg.reference
             initial = make_policy_model(initial or "auto", env, out, 0) if (initial or "auto") == "auto" else initial
-            reference = LMPolicy.load(initial, device, value_head=False).reference()
+            reference = load_reference(initial, env, device)
             points = [{"model": str(initial), "label": "initial",
                        **evaluate_model(initial, reference, env, cfg.episodes, cfg.seed, progress, task)}]
             for label, model_dir in models:

@@ -1,10 +1,11 @@
 """The LM policy: any HF causal LM as pi(a | s) over next tokens, with a value head and a reference.
 
 * Acting: :meth:`LMPolicy.start` / :meth:`LMPolicy.advance` run the model incrementally over a
-  batch of episodes with its own KV cache (``envs.kv_cache.CachedLM``), so sampling a token costs
+  batch of episodes with its own KV cache (``pretrain.kv_cache.CachedLM``), so sampling a token costs
   one (B, 1) forward, and :meth:`LMPolicy.distribution` is the masked next-token categorical.
-* Learning: :meth:`LMPolicy.evaluate` re-runs whole sequences [context | response] with gradients
-  and returns per-response-token log-probs, entropies and values in one forward pass.
+* Learning: :meth:`LMPolicy.evaluate` re-runs whole sequences [context | completion] with gradients
+  and returns per-completion-token log-probs, entropies and values in one forward pass (the log-prob
+  math is ``rlhf.logprobs``', shared with the reference pass, DPO, SFT and evaluation).
 * Value head: a separate ``Linear(hidden, 1)`` on the *shared* backbone's last hidden state,
   zero-initialised (so V = 0 at the start and the pretrained LM's behaviour is unchanged). A shared
   backbone is the cheap choice that fits a laptop; the value loss is scaled by ``vf_coef`` so it
@@ -30,10 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributions import Categorical
 
-from envs.kv_cache import CachedLM
 from pretrain import load_lm, save_lm
-from pretrain.model import check_vocab_fits, disable_dropout, position_ids_from_mask, resolve_device
+from pretrain.kv_cache import CachedLM
+from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
+from pretrain.padding import position_ids_from_mask
+from rlhf.logprobs import completion_logprobs, gather_logprobs, masked_log_softmax
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -89,22 +92,23 @@ class LMPolicy(nn.Module):
         return sample_categorical(torch.softmax(logits / temperature, dim=-1), generator)
 
     # -- learning -------------------------------------------------------------------------------
-    def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+    def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
                  entropy: str = "grad"):
-        """Teacher-forced pass over [context | response] sequences.
+        """Teacher-forced pass over [context | completion] sequences.
 
-        ``input_ids`` (B, S) holds the left-padded context in columns ``< response_start`` and the
-        right-padded response after it. Returns (logprobs, entropy, values), each (B, T) for the
-        T = S - response_start response positions: log pi(a_t | s_t), H(pi(. | s_t)), V(s_t).
+        ``input_ids`` (B, S) holds the left-padded context in columns ``< completion_start`` and the
+        right-padded completion after it. Returns (logprobs, entropy, values), each (B, T) float32
+        for the T = S - completion_start completion positions: log pi(a_t | s_t), H(pi(. | s_t)) in
+        nats, V(s_t); 0 on padding.
         The entropy costs a few (B, T, vocab) passes: ``entropy="grad"`` keeps it in the graph (for
         an entropy bonus), ``"detached"`` computes it without one (for logging), ``"none"`` skips it
         (returns None).
         """
         if entropy not in ("grad", "detached", "none"):
             raise ValueError(f"entropy must be 'grad', 'detached' or 'none', got {entropy!r}")
-        # The state before response token t is the sequence up to column response_start + t - 1, so
-        # only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
-        n_keep = input_ids.shape[1] - response_start + 1
+        # The state before completion token t is the sequence up to column completion_start + t - 1,
+        # so only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
+        n_keep = input_ids.shape[1] - completion_start + 1
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -112,10 +116,9 @@ class LMPolicy(nn.Module):
             output_hidden_states=self.value_head is not None,
             logits_to_keep=n_keep,
         )
-        logits = out.logits[:, -n_keep:-1].float()
-        log_probs = F.log_softmax(logits.masked_fill(~self.valid_actions, float("-inf")), dim=-1)
-        live = attention_mask[:, response_start:].bool()  # generated tokens; the rest is padding
-        logprobs = response_logprobs(log_probs, input_ids[:, response_start:], live)
+        log_probs = masked_log_softmax(out.logits[:, -n_keep:-1], self.valid_actions)
+        live = attention_mask[:, completion_start:].bool()  # generated tokens; the rest is padding
+        logprobs = gather_logprobs(log_probs, input_ids[:, completion_start:], live)
         entropies = None
         if entropy != "none":
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
@@ -123,7 +126,7 @@ class LMPolicy(nn.Module):
                 entropies = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
         values = None
         if self.value_head is not None:
-            hidden = out.hidden_states[-1][:, response_start - 1 : -1]
+            hidden = out.hidden_states[-1][:, completion_start - 1 : -1]
             values = self.value_head(hidden.float()).squeeze(-1) * live
         return logprobs, entropies, values
 
@@ -189,25 +192,28 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 def check_policy_fits_env(policy: LMPolicy, env) -> None:
     """The policy's tokenizer must be the env's (same ids), and its logits the env's actions."""
     check_vocab_fits(policy.model, policy.tokenizer)
-    env_vocab = env.unwrapped.task.tokenizer.get_vocab() if hasattr(env, "unwrapped") else env.task.tokenizer.get_vocab()
-    if policy.tokenizer.get_vocab() != env_vocab:
+    if policy.tokenizer.get_vocab() != env.tokenizer.get_vocab():
         raise ValueError("the policy's tokenizer differs from the env's: token ids would mean different text")
 
 
+def load_reference(initial_model: str | Path, env, device) -> torch.nn.Module | None:
+    """The frozen reference pi_ref (the initial policy), or None when the env already runs that
+    same model as its reference (``env.reference_model``): its per-step ``ref_logprobs`` are then
+    used (``rollout.ref_logprobs``), and no second copy of the model is loaded."""
+    env_reference = getattr(env, "reference_model", None)
+    if env_reference is not None and Path(resolve_model_path(initial_model)).resolve() == Path(env_reference).resolve():
+        return None
+    return LMPolicy.load(initial_model, device, value_head=False).reference()
+
+
 @torch.no_grad()
-def reference_logprobs(reference, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, valid_actions) -> torch.Tensor:
-    """log pi_ref(a_t | s_t) for the response tokens, (B, T), with the same action mask as the policy."""
-    n_keep = input_ids.shape[1] - response_start + 1  # the LM head only where a response token is predicted
-    logits = reference(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n_keep,
-    ).logits[:, -n_keep:-1].float()
-    log_probs = F.log_softmax(logits.masked_fill(~valid_actions, float("-inf")), dim=-1)
-    return response_logprobs(log_probs, input_ids[:, response_start:], attention_mask[:, response_start:].bool())
-
-
-def response_logprobs(log_probs: torch.Tensor, actions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """log pi(a_t | s_t) on generated tokens, exactly 0 on padding (whose pad id has log-prob -inf)."""
-    safe_actions = torch.where(live, actions, log_probs.argmax(-1))  # any valid token: never -inf
-    picked = log_probs.gather(-1, safe_actions.unsqueeze(-1)).squeeze(-1)
-    return torch.where(live, picked, torch.zeros_like(picked))
+def reference_logprobs(rollout, reference: torch.nn.Module | None, valid_actions: torch.Tensor) -> torch.Tensor:
+    """log pi_ref(a_t | s_t) of a rollout's completion tokens, (N, T), 0 on padding: the env's own
+    (``reference`` None) or one teacher-forced pass of ``reference`` with the policy's action mask."""
+    if reference is None:
+        if rollout.ref_logprobs is None:
+            raise ValueError("no reference: the env returned no ref_logprobs and none was loaded")
+        return rollout.ref_logprobs
+    start = rollout.completion_start
+    mask = torch.nn.functional.pad(rollout.completion_mask, (start, 0))
+    return completion_logprobs(reference, rollout.input_ids, rollout.attention_mask, mask, valid_actions)[:, start:]

@@ -18,8 +18,8 @@ when the approximate KL(pi_old || pi) exceeds ``target_kl``. ``loss_type="kl_pen
 clip for the PPO paper's adaptive KL penalty, L = -E[rho A] + beta_ppo KL(pi_old || pi).
 
 KL to the reference: by default the agent adds the per-token penalty itself (``kl_coef``, fixed
-or adaptive toward ``kl_target`` as in Ziegler et al.). The alternative is the env's route: make
-the env pay beta * log pi_ref (``--env-kl-coef beta``) and set ``ent_coef = beta`` with
+or adaptive toward ``adaptive_kl_target`` as in Ziegler et al.). The alternative is the env's route: make
+the env pay beta * log pi_ref (``--env-ref-logprob-coef beta``) and set ``ent_coef = beta`` with
 ``kl_coef = 0``; both optimise E[R] - beta KL(pi || pi_ref).
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
+from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -46,7 +46,7 @@ class PPOConfig:
     num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
     total_steps: int = hparam(16_384, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
-    env_kl_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping (the entropy route); 0 = off")
+    env_ref_logprob_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping (the entropy route); 0 = off")
     lr: float = hparam(5e-5, "Adam learning rate")
     gamma: float = hparam(1.0, "discount")
     gae_lambda: float = hparam(0.95, "GAE lambda")
@@ -55,11 +55,11 @@ class PPOConfig:
     clip_coef: float = hparam(0.2, "surrogate clipping epsilon")
     vf_clip: float = hparam(0.2, "value clipping epsilon (0 = no value clipping)")
     vf_coef: float = hparam(0.1, "value loss coefficient c_v")
-    ent_coef: float = hparam(0.0, "entropy bonus c_e (set to env_kl_coef for the entropy route)")
+    ent_coef: float = hparam(0.0, "entropy bonus c_e (set to env_ref_logprob_coef for the entropy route)")
     kl_coef: float = hparam(0.05, "beta of the agent's per-token KL penalty to the reference")
-    adaptive_kl: bool = hparam(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
-    kl_horizon: int = hparam(10_000, "adaptive controller horizon")
+    adaptive_kl: bool = hparam(False, "adapt kl_coef toward adaptive_kl_target (Ziegler et al. 2019)")
+    adaptive_kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
+    adaptive_kl_horizon: int = hparam(10_000, "adaptive controller horizon")
     target_kl: float = hparam(0.05, "stop the epochs early when approx KL(pi_old||pi) exceeds 1.5x this (0 = never)")
     loss_type: str = hparam("clip", "'clip' (PPO-clip) or 'kl_penalty' (PPO's adaptive KL penalty variant)")
     penalty_coef: float = hparam(1.0, "initial beta_ppo of the kl_penalty variant")
@@ -80,8 +80,8 @@ class PPOConfig:
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches",
-                         "clip_coef", "penalty_coef", "kl_target", "kl_horizon", "checkpoint_every", "sample_every", "keep_checkpoints")
-        require_non_negative(self, "env_kl_coef", "lr", "vf_clip", "vf_coef", "ent_coef", "kl_coef", "target_kl", "max_grad_norm")
+                         "clip_coef", "penalty_coef", "adaptive_kl_target", "adaptive_kl_horizon", "checkpoint_every", "sample_every", "keep_checkpoints")
+        require_non_negative(self, "env_ref_logprob_coef", "lr", "vf_clip", "vf_coef", "ent_coef", "kl_coef", "target_kl", "max_grad_norm")
         require_unit_interval(self, "gamma", "gae_lambda")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches={self.num_minibatches}")
@@ -141,14 +141,14 @@ def train(cfg: PPOConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
     model_dir = run.resume_model_dir() or initial_dir
-    policy = LMPolicy.load(model_dir, device, valid_actions=env.task.valid_actions)
+    policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions)
     check_policy_fits_env(policy, env)
-    reference = LMPolicy.load(initial_dir, device, value_head=False).reference()
+    reference = load_reference(initial_dir, env, device)  # None: the env's per-step ref_logprobs are pi_ref's
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     penalty_coef = cfg.penalty_coef
     if cfg.resume:
@@ -163,11 +163,11 @@ def train(cfg: PPOConfig) -> dict:
             policy.eval()
             rollout: Rollout = collect_rollout(env, policy)
             run.env_steps += rollout.n_tokens
-            ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-            mask = rollout.response_mask.float()
+            ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
+            mask = rollout.completion_mask.float()
             with torch.no_grad():
                 old_logprobs, old_entropy, old_values = policy.evaluate(ids, attn, start, entropy="detached")
-                ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
+                ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 kl = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
                 rewards = rollout.env_rewards - kl_ctl.value * kl  # r_t = r_env - beta (log pi - log pi_ref)
                 old_values = old_values * mask

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.policy import LMPolicy, check_policy_fits_env, reference_logprobs
+from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -43,16 +43,16 @@ class ReinforceConfig:
     num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
     total_steps: int = hparam(32_768, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
-    env_kl_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping; 0 = off")
+    env_ref_logprob_coef: float = hparam(0.0, "beta of the env's own beta*log pi_ref shaping; 0 = off")
     baseline: str = hparam("rloo", f"one of {BASELINES}")
     rloo_k: int = hparam(4, "samples per prompt for the RLOO baseline (num_envs must be a multiple)")
     baseline_decay: float = hparam(0.9, "decay of the moving-average baseline")
     lr: float = hparam(1e-4, "Adam learning rate")
     kl_coef: float = hparam(0.05, "beta of the per-token KL penalty to the reference")
-    adaptive_kl: bool = hparam(False, "adapt kl_coef toward kl_target")
-    kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
-    kl_horizon: int = hparam(10_000, "adaptive controller horizon")
-    ent_coef: float = hparam(0.0, "entropy bonus (set to env_kl_coef for the entropy route)")
+    adaptive_kl: bool = hparam(False, "adapt kl_coef toward adaptive_kl_target")
+    adaptive_kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
+    adaptive_kl_horizon: int = hparam(10_000, "adaptive controller horizon")
+    ent_coef: float = hparam(0.0, "entropy bonus (set to env_ref_logprob_coef for the entropy route)")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
@@ -70,8 +70,8 @@ class ReinforceConfig:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
             raise ValueError(f"rloo needs rloo_k >= 2 dividing num_envs, got rloo_k={self.rloo_k}, num_envs={self.num_envs}")
-        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "kl_target", "kl_horizon", "checkpoint_every", "sample_every", "keep_checkpoints")
-        require_non_negative(self, "env_kl_coef", "lr", "kl_coef", "ent_coef", "max_grad_norm")
+        require_positive(self, "num_envs", "total_steps", "max_new_tokens", "adaptive_kl_target", "adaptive_kl_horizon", "checkpoint_every", "sample_every", "keep_checkpoints")
+        require_non_negative(self, "env_ref_logprob_coef", "lr", "kl_coef", "ent_coef", "max_grad_norm")
         require_unit_interval(self, "baseline_decay")
 
 
@@ -91,13 +91,13 @@ def train(cfg: ReinforceConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.env_kl_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
-    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.valid_actions, value_head=False)
     check_policy_fits_env(policy, env)
-    reference = LMPolicy.load(initial_dir, device, value_head=False).reference()
+    reference = load_reference(initial_dir, env, device)  # None: the env's per-step ref_logprobs are pi_ref's
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     moving_baseline = 0.0
     if cfg.resume:
@@ -108,17 +108,17 @@ def train(cfg: ReinforceConfig) -> dict:
         while run.update < run.total_updates and not run.should_stop():
             prompts = None
             if cfg.baseline == "rloo":  # k copies of num_envs / k prompts, laid out prompt-major
-                chosen = run.np_rng.choice(len(env.task.prompts), size=cfg.num_envs // cfg.rloo_k)
-                prompts = [env.task.prompts[i] for i in chosen for _ in range(cfg.rloo_k)]
+                chosen = run.np_rng.choice(len(env.prompts), size=cfg.num_envs // cfg.rloo_k)
+                prompts = [env.prompts[i] for i in chosen for _ in range(cfg.rloo_k)]
             policy.eval()
             rollout = collect_rollout(env, policy, prompts)
             run.env_steps += rollout.n_tokens
-            ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.response_start, rollout.response_mask.float()
+            ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_start, rollout.completion_mask.float()
 
             policy.train()
             logprobs, entropy, _ = policy.evaluate(ids, attn, start, entropy="grad" if cfg.ent_coef else "detached")
             with torch.no_grad():
-                ref_logprobs = reference_logprobs(reference, ids, attn, start, policy.valid_actions)
+                ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 kl = kl_estimate(logprobs.detach(), ref_logprobs, "k1") * mask
                 returns = (rollout.env_rewards * mask - kl_ctl.value * kl).sum(1)  # R = sum_t r_t
             check_finite("the return", returns)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import envs  # noqa: F401  (registers the suite)
+from envs.api import TextVectorEnv
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
@@ -38,28 +39,37 @@ from pretrain.progress import progress_bar
 from pretrain.run_dir import RunDir, StopOnInterrupt, atomic_write_dir, check_same_config, resolve_out, verify_dir
 
 
-def make_env(env_id: str, num_envs: int, device, seed: int, **env_kwargs):
+def make_env(env_id: str, num_envs: int, device, seed: int, **env_kwargs) -> TextVectorEnv:
+    """The registered env's native vector version, reset with ``seed``; it must provide the tensor
+    API the agents use (``envs.api.TextVectorEnv``)."""
     if env_id not in envs.ENV_IDS and env_id not in gym.registry:
         raise ValueError(f"unknown env id {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
     env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", device=str(device), **env_kwargs)
+    env = env.unwrapped if hasattr(env, "unwrapped") else env
+    if not isinstance(env, TextVectorEnv):
+        raise ValueError(f"{env_id!r} makes a {type(env).__name__}, which lacks the tensor API the agents use "
+                         "(envs.api.TextVectorEnv: reset_tensor, step_tensor, valid_actions, ...)")
     env.reset(seed=seed)
-    return env.unwrapped if hasattr(env, "unwrapped") else env
+    return env
 
 
-def make_policy_model(model: str, env, out: Path, seed: int) -> str:
-    """The policy's initial model dir: ``auto`` = the shipped LM, or a tiny GPT-2 for the toy env."""
+def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int) -> str:
+    """The policy's initial model dir. ``auto``: the LM the env speaks (``env.lm_path``), or, for an
+    env no pretrained LM speaks (the toy's 8 words), a tiny random GPT-2 over its vocabulary, saved in
+    ``out/init-model``."""
     if model != "auto":
         return model
-    if env.task.reference is None and env.task.toy_ref_logits is not None:  # the toy env
-        target = out / "init-model"
-        if verify_dir(target) is None:  # a resumed run: the model it started from
-            return str(target)
-        torch.manual_seed(seed)
-        tiny = build_gpt2(env.task.n_actions, n_layer=2, n_embd=32, n_head=2, n_positions=64,
-                          eos_token_id=env.task.tokenizer.eos_token_id, pad_token_id=env.task.tokenizer.pad_token_id)
-        atomic_write_dir(target, lambda directory: save_lm(tiny, env.task.tokenizer, directory))
+    if env.lm_path is not None:
+        return str(env.lm_path)
+    target = out / "init-model"
+    if verify_dir(target) is None:  # a resumed run: the model it started from
         return str(target)
-    return "default"
+    torch.manual_seed(seed)
+    tokenizer = env.tokenizer
+    tiny = build_gpt2(env.valid_actions.shape[0], n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    atomic_write_dir(target, lambda directory: save_lm(tiny, tokenizer, directory))
+    return str(target)
 
 
 __all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step"]
@@ -100,8 +110,7 @@ class Run:
         """Load optimizer, RNGs, env RNGs and counters from the newest complete checkpoint; returns
         the saved state (the algorithm's extra state, and its extra tensors under "tensors")."""
         state, tensors = load_training_state(self.resume_from, optimizer=optimizer, np_rng=self.np_rng)
-        for rng, saved in zip(env._rngs, state["env_rngs"]):
-            rng.bit_generator.state = saved
+        env.set_rng_state(state["env_rngs"])
         self.update, self.env_steps = state["update"], state["env_steps"]
         lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= self.update]
@@ -199,7 +208,7 @@ class Run:
                     "algorithm": self.algorithm,
                     "update": self.update,
                     "env_steps": self.env_steps,
-                    "env_rngs": [rng.bit_generator.state for rng in env._rngs],
+                    "env_rngs": env.get_rng_state(),
                     "config": asdict(self.cfg),
                     **(extra_state or {}),
                 },

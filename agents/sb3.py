@@ -5,7 +5,7 @@
     from agents.sb3 import LMActorCriticPolicy
 
     beta = 0.05
-    model = PPO(LMActorCriticPolicy, gym.make("TextGen-v0", kl_coef=beta), policy_kwargs={"model": "default"})
+    model = PPO(LMActorCriticPolicy, gym.make("TextGen-v0", ref_logprob_coef=beta), policy_kwargs={"model": "default"})
     model.learn(4096, callback=TextGenCallback(kl_coef=beta))   # + reward -= beta log pi: the KL penalty
 
 or ``textgym train sb3-ppo | sb3-a2c | sb3-dqn``. What this file adds to SB3, and nothing more:
@@ -32,7 +32,7 @@ or ``textgym train sb3-ppo | sb3-a2c | sb3-dqn``. What this file adds to SB3, an
 * ``TextGenCallback``: ``reward/rm``, ``reward/gold``, ``kl/ref`` and sample texts in SB3's logger;
   with ``kl_coef=beta`` it also charges the policy's own log-prob, see below.
 
-KL regularisation. The env pays beta * log pi_ref(a_t | s_t) per token (``kl_coef=beta``; default
+KL regularisation. The env pays beta * log pi_ref(a_t | s_t) per token (``ref_logprob_coef=beta``; default
 beta = 0.05, the custom PPO's). Two ways to supply the missing -beta log pi term of the per-token
 KL penalty r_t = RM [t = T] - beta (log pi(a_t|s_t) - log pi_ref(a_t|s_t)):
 
@@ -48,7 +48,7 @@ KL penalty r_t = RM [t = T] - beta (log pi(a_t|s_t) - log pi_ref(a_t|s_t)):
 
 Caching. SB3 hands the policy whole observations (the left-padded context) every step, so a plain
 policy re-encodes the full context for every generated token. While *acting* (no gradients),
-our policies keep a KV cache (``envs.kv_cache.CachedLM``) and check each row of the new
+our policies keep a KV cache (``pretrain.kv_cache.CachedLM``) and check each row of the new
 observation against the last one: a row that equals the previous row shifted left by one token
 continues its episode and costs a (B, 1) forward; any other row (a reset, another env) is
 re-encoded. Any optimizer step or weight load drops the cache, since the cached keys/values were
@@ -90,13 +90,14 @@ from tqdm import TqdmExperimentalWarning
 import envs  # noqa: F401  (registers the suite)
 from agents.policy import VALUE_HEAD_FILE, sample_categorical, zero_value_head
 from agents.run import make_env, make_policy_model
-from envs.kv_cache import CachedLM
 from envs.task import valid_action_mask
 from envs.vector import TextGenVectorEnv
 from pretrain import load_lm, save_lm
 from pretrain.checkpoint import load_training_state, save_training_state, write_text_atomic
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from pretrain.model import disable_dropout, position_ids_from_mask, resolve_device
+from pretrain.kv_cache import CachedLM
+from pretrain.model import disable_dropout, resolve_device
+from pretrain.padding import position_ids_from_mask
 from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
@@ -416,7 +417,8 @@ class SB3VecEnv(VecEnv):
             for i in np.flatnonzero(dones):
                 infos[i].update(out.finished[int(i)])
                 infos[i]["terminal_observation"] = {"input_ids": final_ids[i].copy(), "attention_mask": final_mask[i].copy()}
-        return self.env.batch.observation(), out.rewards.cpu().numpy().astype(np.float32), dones, infos
+        obs = {"input_ids": out.input_ids.cpu().numpy().copy(), "attention_mask": out.attention_mask.cpu().numpy().copy()}
+        return obs, out.rewards.cpu().numpy().astype(np.float32), dones, infos
 
     def close(self) -> None:
         self.env.close()
@@ -712,7 +714,7 @@ def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> di
         print(f"{out} already finished; final model: {run_dir.final()}", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
     torch.manual_seed(cfg.seed)
-    venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef)
+    venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.kl_coef)
     model_dir = make_policy_model(cfg.model, venv.unwrapped.env, out, cfg.seed)
     agent = make_sb3_agent(algorithm, venv, model=model_dir, learning_rate=cfg.lr, gamma=cfg.gamma, seed=cfg.seed,
                            device=device, **cfg.algorithm_kwargs())

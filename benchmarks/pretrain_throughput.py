@@ -23,13 +23,13 @@ from pretrain.train import PretrainConfig, autocast, make_optimizer
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def ours(model, optimizer, batch, device, grad_clip=1.0):
+def ours(model, optimizer, batch, device, max_grad_norm=1.0):
     with autocast(device):
         logits = model(input_ids=batch[:, :-1]).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
 
 

@@ -8,11 +8,11 @@ list, seed 0; each number is the median of ``--repeats`` timed runs after one wa
 
 * ``generate_tokens_per_s``: the naive baseline, ``model.generate(do_sample=True)`` for the batch
   (no environment, no reward, nothing else);
-* ``rollout_tokens_per_s`` with ``kl_coef=0`` and ``kl_coef>0``: ``agents.rollout.collect_rollout``
+* ``rollout_tokens_per_s`` with ``ref_logprob_coef=0`` and ``ref_logprob_coef>0``: ``agents.rollout.collect_rollout``
   on ``TextGenVectorEnv`` (the policy samples with its own KV cache, the env steps all episodes in
-  one tensor step, the reward model scores finished episodes in one batch; with kl_coef > 0 the env
+  one tensor step, the reward model scores finished episodes in one batch; with ref_logprob_coef > 0 the env
   also runs the KV-cached reference LM), and each one's ratio to generate;
-* ``single_env_step_overhead``: a ``TextGenEnv.step`` with ``kl_coef>0`` (one cached reference
+* ``single_env_step_overhead``: a ``TextGenEnv.step`` with ``ref_logprob_coef>0`` (one cached reference
   forward + bookkeeping) vs one bare cached forward of the same model, as a fraction.
 """
 
@@ -29,11 +29,11 @@ import torch
 
 from agents.policy import LMPolicy
 from agents.rollout import collect_rollout
-from envs.kv_cache import CachedLM
 from envs.task import read_prompts
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 from pretrain import default_model_dir, load_lm, save_lm
+from pretrain.kv_cache import CachedLM
 from pretrain.model import build_gpt2, count_parameters, resolve_device
 
 
@@ -67,11 +67,11 @@ def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: in
     return median_rate(run, repeats, device)
 
 
-def time_rollout(model_dir, prompts, max_new_tokens, kl_coef, device, repeats: int) -> float:
-    env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, kl_coef=kl_coef,
+def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int) -> float:
+    env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef,
                            device=str(device), gold=False)
     env.reset(seed=0)
-    policy = LMPolicy.load(model_dir, device, valid_actions=env.task.valid_actions, value_head=False)
+    policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions, value_head=False)
     policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
     return median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
 
@@ -79,14 +79,14 @@ def time_rollout(model_dir, prompts, max_new_tokens, kl_coef, device, repeats: i
 def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 15) -> float:
     """Median over ``repeats`` of (time of ``steps`` env steps) / (time of ``steps`` bare forwards) - 1.
 
-    The env is ``TextGenEnv`` with kl_coef > 0, so each step runs its KV-cached reference LM; the
+    The env is ``TextGenEnv`` with ref_logprob_coef > 0, so each step runs its KV-cached reference LM; the
     bare side is that same model advanced by ``CachedLM.step`` from the same prompt, alone.
     """
-    env = TextGenEnv(model=model_dir, kl_coef=0.05, max_new_tokens=steps + 1, device=str(device), gold=False)
+    env = TextGenEnv(model=model_dir, ref_logprob_coef=0.05, max_new_tokens=steps + 1, device=str(device), gold=False)
     prompt = "This movie was"
     prompt_ids = env.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     token = int(env.tokenizer(" good", add_special_tokens=False)["input_ids"][0])
-    bare = CachedLM(env.task.reference, 1, env.tokenizer.pad_token_id)
+    bare = CachedLM(env.batch.reference.model, 1, env.tokenizer.pad_token_id)  # the very model the env runs
     tokens = torch.tensor([token], device=device)
 
     def timed(start_episode, step) -> float:

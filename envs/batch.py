@@ -9,14 +9,15 @@ produces exactly what N single envs produce. All state lives in tensors on the t
     n_generated, done           (B,)         the completion so far is the last n_generated
                                               tokens of input_ids (see ``generated_ids``)
 
-Per step and row, with a_t the action and beta = ``kl_coef``:
+Per step and row, with a_t the action and beta = ``ref_logprob_coef``:
 
     reward_t = beta * log pi_ref(a_t | s_t)  +  [episode ends at t] * RM(prompt, completion)
 
 The episode ends when a_t is EOS or ``max_new_tokens`` tokens have been generated. The completion
-is the *text* of the generated tokens (EOS excluded): the reward model scores (prompt, completion)
-texts, canonically re-tokenised (``RewardModel.rewards``), all rows that finish in a step in one
-batch; the gold scorer (monitoring only, never in the reward) sees prompt + completion.
+is the *text* of the generated tokens (EOS excluded): the task's reward function (``envs.rewards``;
+for the LM tasks a reward model's score of the canonically re-tokenised text) pays all rows that
+finish in a step in one call; the gold scorer (monitoring only, never in the reward) sees prompt +
+completion.
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ class StepResult:
 
 
 class TextGenBatch:
+    """B episodes of a :class:`~envs.task.TextGenTask`, as tensors on the task's device (the module
+    docstring gives the state and the reward). ``reset_rows`` starts episodes, ``validate`` checks
+    actions (``ValueError`` naming the first bad one), ``step`` advances every live row by its
+    action and scores the rows that finish."""
+
     def __init__(self, task: TextGenTask, batch_size: int):
         self.task = task
         self.batch_size = batch_size
         device = task.device
-        self.pad_id = task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else task.tokenizer.eos_token_id
+        self.pad_id = task.pad_token_id
         self.eos_id = task.tokenizer.eos_token_id
         L = task.max_len
         self.input_ids = torch.full((batch_size, L), self.pad_id, dtype=torch.long, device=device)
@@ -52,7 +58,7 @@ class TextGenBatch:
         self.done = torch.ones(batch_size, dtype=torch.bool, device=device)  # nothing started yet
         self.done_rows = set(range(batch_size))  # the same, known on the host without a device sync
         self.episodes = [None] * batch_size
-        self.reference = task.make_reference(batch_size)
+        self.reference = task.make_reference(batch_size) if task.make_reference is not None else None
         self.invalid_actions = ~task.valid_actions
         self.ones = torch.ones((batch_size, 1), dtype=torch.long, device=device)
 
@@ -158,7 +164,7 @@ class TextGenBatch:
             ref_logits = self.reference.next_logits.masked_fill_(self.invalid_actions, float("-inf"))
             # log pi_ref(a_t | s_t) = -cross-entropy of a_t: log-softmax and gather in one kernel.
             ref_logprobs = -F.cross_entropy(ref_logits, actions.long(), reduction="none")
-            rewards = task.kl_coef * ref_logprobs
+            rewards = task.ref_logprob_coef * ref_logprobs
             if not every_row:
                 rewards = torch.where(active, rewards, 0.0)  # inactive rows: no reward
         else:
@@ -219,10 +225,7 @@ class TextGenBatch:
         completion_ids = [[t for t, keep in zip(g, m) if keep] for g, m in zip(gen.tolist(), gen_mask.tolist())]
         completions = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         prompts = [self.episodes[r].prompt for r in row_list]
-        if task.toy_reward is not None:
-            scores = task.toy_reward(gen, gen_mask)
-        else:  # a function of the text: (prompt, completion) re-tokenised, whatever the policy's segmentation
-            scores = task.reward_model.rewards(prompts, completions).to(task.device)
+        scores = task.reward_fn(prompts, completions, gen, gen_mask)
         gold = task.gold([p + c for p, c in zip(prompts, completions)]) if task.gold is not None else None
         finished = {}
         for j, r in enumerate(row_list):

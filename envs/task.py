@@ -20,17 +20,21 @@ preface are context for the LM only; neither the reward model nor the gold score
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from envs.inputs import check_prompt
+from envs.rewards import RewardFunction, RewardModelReward
 from pretrain import corpus, load_lm
 from pretrain.config import check_float, check_int
+from pretrain.kv_cache import CachedLM
 from pretrain.model import load_config, resolve_device, resolve_model_path
 from pretrain.tokenizer import load_tokenizer
 from rlhf.gold import GoldScorer, VaderGold
@@ -54,26 +58,66 @@ class Episode:
     context: str  # what the LM continues (the prompt, after demonstrations or an instruction)
 
 
+class Reference(Protocol):
+    """A reference LM advanced alongside B episodes: ``pretrain.kv_cache.CachedLM``, or the toy's fixed one."""
+
+    next_logits: torch.Tensor  # (B, V) logits of every row's next token
+
+    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class TextGenTask:
+    """Everything a TextGen environment is made of, built once and shared by its single and vector envs.
+
+    Built by :func:`build_lm_task` (an LM's tokenizer and reference, a reward model) or
+    ``envs.toy.build_toy_task``; any other task is built the same way, with its own reward function
+    and reference.
+
+    Attributes:
+        tokenizer: the env's tokenizer; its token ids are the actions.
+        prompts: the prompts episodes are drawn from (non-empty, each checked by ``envs.inputs.check_prompt``).
+        max_new_tokens: the episode horizon in tokens.
+        ref_logprob_coef: beta of the per-step shaping reward beta * log pi_ref(a_t | s_t), >= 0.
+        device: where the episode state and the models live.
+        n_actions: V, the logit width of the env's LM (>= the tokenizer's size).
+        valid_actions: (V,) bool, the token ids a policy may emit.
+        reward_fn: pays the episodes that finish in a step (``envs.rewards``).
+        make_reference: ``batch_size -> Reference``, the reference LM advanced alongside the
+            episodes (KV-cached), or None when no step needs it (no shaping, no top-k/top-p).
+        gold: the gold scorer of the judged text (prompt + completion), monitoring only; or None.
+        variant, shots, cot: how a prompt becomes the LM's context (module docstring).
+        top_k, top_p: restrict the valid actions to the reference's top-k / nucleus tokens (0, 1 = off).
+        max_context_tokens: the longest context over the prompts (computed when 0); the observation
+            length is this + ``max_new_tokens``.
+        lm_path: the causal-LM dir whose tokenizer this is (None: no pretrained LM speaks it).
+        reference_model: the dir of the reference LM that ``make_reference`` runs, or None.
+    """
+
     tokenizer: object
     prompts: list[str]
     max_new_tokens: int
-    kl_coef: float
+    ref_logprob_coef: float
     device: torch.device
     n_actions: int
-    reference: torch.nn.Module | None = None
-    reward_model: RewardModel | None = None
+    valid_actions: torch.Tensor
+    reward_fn: RewardFunction
+    make_reference: Callable[[int], Reference] | None = None
     gold: GoldScorer | None = None
     variant: str = "plain"
     shots: Sequence[str] = ()
     cot: bool = False
     top_k: int = 0
     top_p: float = 1.0
-    max_context_tokens: int = 0  # longest context over the prompts (sets the observation length)
-    toy_reward: object | None = None  # envs.toy: a reward function of token ids (replaces the RM)
-    toy_ref_logits: torch.Tensor | None = None  # envs.toy: the fixed next-token logits of its reference
-    valid_actions: torch.Tensor = field(default=None)  # (n_actions,) bool
+    max_context_tokens: int = 0
+    lm_path: Path | None = None
+    reference_model: Path | None = None
+
+    def __post_init__(self):
+        if not self.max_context_tokens:
+            self.max_context_tokens = max(len(self.encode(self.episode(p, i).context)) for i, p in enumerate(self.prompts))
 
     @cached_property
     def valid_actions_host(self) -> np.ndarray:
@@ -82,18 +126,9 @@ class TextGenTask:
         mask.setflags(write=False)
         return mask
 
-    def make_reference(self, batch_size: int):
-        """The reference LM advanced alongside B episodes (KV-cached), or None when not needed."""
-        if self.reference is not None:
-            from envs.kv_cache import CachedLM
-
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-            return CachedLM(self.reference, batch_size, pad)
-        if self.toy_ref_logits is not None:
-            from envs.toy import ToyReference
-
-            return ToyReference(self.toy_ref_logits, batch_size)
-        return None
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def episode(self, prompt: str, topic_index: int = 0) -> Episode:
         if self.variant == "few_shot":
@@ -166,7 +201,7 @@ def build_lm_task(
     prompts=None,
     prompt_split: str = "train",
     max_new_tokens: int = 24,
-    kl_coef: float = 0.0,
+    ref_logprob_coef: float = 0.0,
     device: str | torch.device = "cpu",
     variant: str = "plain",
     shots: int = 2,
@@ -174,11 +209,12 @@ def build_lm_task(
     top_k: int = 0,
     top_p: float = 1.0,
     gold: bool = True,
+    kl_coef: float | None = None,
 ) -> TextGenTask:
     """Load everything an LM-backed TextGen env needs (validates every argument first: ``TypeError``
     for a wrong type, ``ValueError`` for a bad value, each naming the argument and the value)."""
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    check_kl_coef(kl_coef)
+    ref_logprob_coef = renamed_kl_coef(ref_logprob_coef, kl_coef)
     top_k, top_p = check_int("top_k", top_k, 0), check_float("top_p", top_p, 0.0, 1.0)
     if top_p == 0:
         raise ValueError("top_p must be in (0, 1], got 0.0")
@@ -191,9 +227,8 @@ def build_lm_task(
     device = resolve_device(device)
     model_dir = resolve_model_path(model)
     tokenizer = load_tokenizer(model_dir)
-    needs_reference = kl_coef > 0 or top_k > 0 or top_p < 1
     reference = None
-    if needs_reference:
+    if ref_logprob_coef > 0 or top_k > 0 or top_p < 1:  # a step needs the reference's next-token distribution
         reference, _ = load_lm(model_dir, device=device)
         reference.requires_grad_(False)
     config = load_config(model_dir)
@@ -210,25 +245,25 @@ def build_lm_task(
             raise ValueError(f"shots={shots} demonstrations take {demo_tokens} tokens; with max_new_tokens={max_new_tokens} "
                              f"they leave no room for a prompt in the model's context of {n_positions} tokens")
     rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel.load(reward_model, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = TextGenTask(
         tokenizer=tokenizer,
         prompts=read_prompts(prompts, prompt_split, tokenizer),
         max_new_tokens=max_new_tokens,
-        kl_coef=kl_coef,
+        ref_logprob_coef=ref_logprob_coef,
         device=device,
         n_actions=n_actions,
-        reference=reference,
-        reward_model=rm,
+        valid_actions=valid_action_mask(tokenizer, n_actions, device),
+        reward_fn=RewardModelReward(rm, device),
+        make_reference=None if reference is None else (lambda batch_size: CachedLM(reference, batch_size, pad)),
         gold=VaderGold() if gold else None,
         variant=variant,
         shots=demonstrations,
         cot=cot,
         top_k=top_k,
         top_p=top_p,
-    )
-    task.valid_actions = valid_action_mask(tokenizer, n_actions, device)
-    task.max_context_tokens = max(
-        len(task.encode(task.episode(p, i).context)) for i, p in enumerate(task.prompts)
+        lm_path=model_dir,
+        reference_model=model_dir if reference is not None else None,
     )
     if n_positions and task.max_len > n_positions:
         raise ValueError(
@@ -238,10 +273,22 @@ def build_lm_task(
     return task
 
 
-def check_kl_coef(kl_coef: float) -> None:
-    """``kl_coef`` must be a finite number >= 0 (NaN would silently switch the KL shaping off)."""
-    if isinstance(kl_coef, bool) or not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+def check_ref_logprob_coef(coef: float, name: str = "ref_logprob_coef") -> float:
+    """The shaping coefficient must be a finite number >= 0 (NaN would silently switch the shaping off)."""
+    if isinstance(coef, bool) or not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
+    return float(coef)
+
+
+def renamed_kl_coef(ref_logprob_coef: float, kl_coef: float | None) -> float:
+    """``ref_logprob_coef``, or ``kl_coef`` (its old name: deprecated, with a warning)."""
+    if kl_coef is None:
+        return check_ref_logprob_coef(ref_logprob_coef)
+    warnings.warn("the env's kl_coef is now called ref_logprob_coef (it is beta of the beta * log pi_ref(a_t|s_t) "
+                  "shaping, not an agent's full KL penalty); kl_coef will be removed", DeprecationWarning, stacklevel=3)
+    if ref_logprob_coef:
+        raise ValueError("give ref_logprob_coef or its old name kl_coef, not both")
+    return check_ref_logprob_coef(kl_coef, "kl_coef")
 
 
 def valid_action_mask(tokenizer, n_actions: int, device) -> torch.Tensor:

@@ -1,66 +1,7 @@
 """TextGen-v0: continue a movie-review opening, one token per step, rewarded by a learned reward model.
 
-## Description
-A pretrained causal LM's text generation as an MDP. The state is a prompt plus the tokens
-generated so far; an action is the next token. The default task is the IMDb controlled-sentiment
-experiment (Ziegler et al. 2019) at small scale: continue a review opening so that the review
-turns positive, scored by the shipped reward model, without drifting far from the pretrained LM.
-
-## Action Space
-``Discrete(V)``, V = the model's logit width (``config.vocab_size``). Pad and special tokens
-other than EOS are never valid (``action_masks()``, ``info["action_mask"]``, the sb3-contrib
-MaskablePPO convention); with ``top_k``/``top_p`` the valid set is further restricted to the
-reference LM's top-k / nucleus tokens (as RL4LMs' NLPO does). An invalid action raises
-``ValueError``; nothing is clipped. The space is a :class:`TokenActions`, a ``Discrete`` whose
-``sample()`` draws only valid tokens, so random exploration (SB3's epsilon-greedy and warm-up,
-the env checkers) never produces an action the env must reject.
-
-## Observation Space
-``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
-L = longest prompt context + ``max_new_tokens``, **left-padded**: the newest token is always at
-index -1 and ``input_ids[attention_mask == 1]`` is the current context. An agent that keeps its own
-KV cache only needs ``input_ids[-1]`` per step (the token it just chose) after the first step.
-
-## Rewards
-With beta = ``kl_coef``, each step pays ``beta * log pi_ref(a_t | s_t)`` (the frozen reference =
-the pretrained LM, KV-cached), and the last step adds the reward model's score of (prompt,
-completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std better). The
-completion is the decoded *text* of the generated tokens (EOS excluded), re-tokenised canonically
-for the reward model, so the reward is a function of the text: exactly ``rm.score([prompt],
-[completion])``, whatever segmentation the policy sampled; an immediate EOS is the empty
-completion. In every variant the judged text is the review, prompt + completion: few-shot
-demonstrations and instructions are context for the LM only. Because
-
-    E_pi[ R - beta log(pi / pi_ref) ] = E_pi[ R + beta log pi_ref ] + beta * H(pi),
-
-an agent that adds an entropy bonus with coefficient beta optimises the KL-regularised RLHF
-objective without ever evaluating the reference itself, provided the entropy is part of its
-*return* (soft RL: entropy-regularised returns, a soft-Q backup, or charging -beta log pi(a_t|s_t)
-per token as ``agents.sb3.TextGenCallback(kl_coef=beta)`` does). A per-state entropy bonus in the
-loss (SB3's ``ent_coef``) is exact for one token only: it never credits an action with the
-entropy it removes from later states, and on TextGen-v0 it let the policy drift to low-entropy
-text (measured in ``agents/sb3.py``).
-
-## Episode End
-Terminated when the action is EOS or ``max_new_tokens`` tokens have been generated (the reward is
-final then, so this is termination, not truncation). ``step`` after the end raises ``RuntimeError``.
-
-## Info
-Every step: ``action_mask`` and, when a reference is loaded (``kl_coef > 0`` or top-k/top-p),
-``ref_logprob``. At the end: ``rm_score``, ``gold_score`` (VADER compound of prompt + completion;
-monitoring only, never in the reward), ``text`` (the completion) and ``prompt``.
-``kl_coef`` must be a finite number >= 0 (a ``ValueError`` otherwise).
-
-## Arguments
-``model`` ("default" or an HF causal-LM dir: tokenizer + reference), ``reward_model`` ("default",
-an RM dir, or a ``RewardModel``), ``prompts`` (None = shipped train prompts, a list, or a text file
-with one per line), ``prompt_split``, ``max_new_tokens``, ``kl_coef``, ``device``, ``render_mode``
-("ansi" returns the text, "human" prints it), ``top_k``, ``top_p``, ``gold`` (compute gold scores),
-``variant``/``shots``/``cot`` (the FewShot and Instruct versions). ``reset(options={"prompt": s})``
-forces a prompt.
-
-## Version History
-* v0: initial version.
+The single env; ``envs.vector.TextGenVectorEnv`` runs the same episode logic (``envs.batch``) for N
+episodes at once. The class docstring below is the env's documentation, in Gymnasium's sections.
 """
 
 from __future__ import annotations
@@ -68,40 +9,82 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
 from envs.batch import TextGenBatch
 from envs.inputs import as_action, check_prompt, check_seed, reset_options
+from envs.spaces import action_space, observation_space
 from envs.task import TextGenTask, build_lm_task
 
 
-class TokenActions(spaces.Discrete):
-    """``Discrete(V)`` whose ``sample()`` (without an explicit mask) draws only valid tokens."""
-
-    def __init__(self, valid: np.ndarray, seed: int | None = None):
-        super().__init__(len(valid), seed=seed)
-        self.valid = np.asarray(valid, dtype=np.int8)
-
-    def sample(self, mask=None, probability=None):
-        if mask is None and probability is None:
-            mask = self.valid
-        return super().sample(mask=mask, probability=probability)
-
-
-def action_space(task: TextGenTask) -> TokenActions:
-    return TokenActions(task.valid_actions.cpu().numpy())
-
-
-def observation_space(task: TextGenTask) -> spaces.Dict:
-    return spaces.Dict(
-        {
-            "input_ids": spaces.Box(0, task.n_actions - 1, shape=(task.max_len,), dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=(task.max_len,), dtype=np.int64),
-        }
-    )
-
-
 class TextGenEnv(gym.Env):
+    """A pretrained causal LM's text generation as a Gymnasium env.
+
+    ## Description
+    A pretrained causal LM's text generation as an MDP. The state is a prompt plus the tokens
+    generated so far; an action is the next token. The default task is the IMDb controlled-sentiment
+    experiment (Ziegler et al. 2019) at small scale: continue a review opening so that the review
+    turns positive, scored by the shipped reward model, without drifting far from the pretrained LM.
+
+    ## Action Space
+    ``Discrete(V)``, V = the model's logit width (``config.vocab_size``). Pad and special tokens
+    other than EOS are never valid (``action_masks()``, ``info["action_mask"]``, the sb3-contrib
+    MaskablePPO convention); with ``top_k``/``top_p`` the valid set is further restricted to the
+    reference LM's top-k / nucleus tokens (as RL4LMs' NLPO does). An invalid action raises
+    ``ValueError``; nothing is clipped. The space is an ``envs.spaces.TokenActions``, a ``Discrete`` whose
+    ``sample()`` draws only valid tokens, so random exploration (SB3's epsilon-greedy and warm-up,
+    the env checkers) never produces an action the env must reject.
+
+    ## Observation Space
+    ``Dict(input_ids=Box(0, V-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
+    L = longest prompt context + ``max_new_tokens``, **left-padded**: the newest token is always at
+    index -1 and ``input_ids[attention_mask == 1]`` is the current context. An agent that keeps its own
+    KV cache only needs ``input_ids[-1]`` per step (the token it just chose) after the first step.
+
+    ## Rewards
+    With beta = ``ref_logprob_coef``, each step pays ``beta * log pi_ref(a_t | s_t)`` (the frozen reference =
+    the pretrained LM, KV-cached), and the last step adds the reward model's score of (prompt,
+    completion) (normalised: 0 = an average pretrained-LM completion, 1 = one std better). The
+    completion is the decoded *text* of the generated tokens (EOS excluded), re-tokenised canonically
+    for the reward model, so the reward is a function of the text: exactly ``rm.score([prompt],
+    [completion])``, whatever segmentation the policy sampled; an immediate EOS is the empty
+    completion. In every variant the judged text is the review, prompt + completion: few-shot
+    demonstrations and instructions are context for the LM only. Because
+
+        E_pi[ R - beta log(pi / pi_ref) ] = E_pi[ R + beta log pi_ref ] + beta * H(pi),
+
+    an agent that adds an entropy bonus with coefficient beta optimises the KL-regularised RLHF
+    objective without ever evaluating the reference itself, provided the entropy is part of its
+    *return* (soft RL: entropy-regularised returns, a soft-Q backup, or charging -beta log pi(a_t|s_t)
+    per token as ``agents.sb3.TextGenCallback(kl_coef=beta)`` does). A per-state entropy bonus in the
+    loss (SB3's ``ent_coef``) is exact for one token only: it never credits an action with the
+    entropy it removes from later states, and on TextGen-v0 it let the policy drift to low-entropy
+    text (measured in ``agents/sb3.py``).
+
+    ## Episode End
+    Terminated when the action is EOS or ``max_new_tokens`` tokens have been generated (the reward is
+    final then, so this is termination, not truncation). ``step`` after the end raises ``RuntimeError``.
+
+    ## Info
+    Every step: ``action_mask`` and, when a reference is loaded (``ref_logprob_coef > 0`` or top-k/top-p),
+    ``ref_logprob``. At the end: ``rm_score``, ``gold_score`` (VADER compound of prompt + completion;
+    monitoring only, never in the reward), ``text`` (the completion) and ``prompt``.
+    Invalid arguments, seeds, options and actions raise ``ValueError`` (``TypeError`` for a wrong
+    type) naming the value (``envs.inputs``); the env stays usable after any of them.
+
+    ## Arguments
+    ``model`` ("default" or an HF causal-LM dir: tokenizer + reference), ``reward_model`` ("default",
+    an RM dir, or a ``RewardModel``), ``prompts`` (None = shipped train prompts, a list, or a text file
+    with one per line), ``prompt_split``, ``max_new_tokens``, ``ref_logprob_coef`` (beta of the shaping above; ``kl_coef``
+    is its deprecated name), ``device``, ``render_mode``
+    ("ansi" returns the text, "human" prints it), ``top_k``, ``top_p``, ``gold`` (compute gold scores),
+    ``variant``/``shots``/``cot`` (the FewShot and Instruct versions). ``reset(options={"prompt": s})``
+    forces a prompt.
+
+    ## Version History
+    * v0: initial version. The env's ``kl_coef`` was renamed ``ref_logprob_coef`` (the old name still
+      works, with a ``DeprecationWarning``).
+    """
+
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
@@ -111,7 +94,7 @@ class TextGenEnv(gym.Env):
         prompts=None,
         prompt_split: str = "train",
         max_new_tokens: int = 24,
-        kl_coef: float = 0.0,
+        ref_logprob_coef: float = 0.0,
         device: str = "cpu",
         render_mode: str | None = None,
         top_k: int = 0,
@@ -121,19 +104,20 @@ class TextGenEnv(gym.Env):
         shots: int = 2,
         cot: bool = False,
         task: TextGenTask | None = None,
+        kl_coef: float | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
         self.render_mode = render_mode
         self.task = task or build_lm_task(
             model=model, reward_model=reward_model, prompts=prompts, prompt_split=prompt_split,
-            max_new_tokens=max_new_tokens, kl_coef=kl_coef, device=device, variant=variant, shots=shots,
-            cot=cot, top_k=top_k, top_p=top_p, gold=gold,
+            max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef, device=device, variant=variant, shots=shots,
+            cot=cot, top_k=top_k, top_p=top_p, gold=gold, kl_coef=kl_coef,
         )
         self.batch = TextGenBatch(self.task, 1)
         self._action = torch.zeros(1, dtype=torch.long, device=self.task.device)
-        self.observation_space = observation_space(self.task)
-        self.action_space = action_space(self.task)
+        self.observation_space = observation_space(self.task.n_actions, self.task.max_len)
+        self.action_space = action_space(self.task.valid_actions)
         self._started = False
 
     @property

@@ -6,10 +6,12 @@ as the pad token, so every action is valid. Prompts: "the movie was", "the plot 
 
     R = (#good - #bad) / max_new_tokens
 
-so the optimal policy (with ``kl_coef = 0``) writes "good" at every step and earns exactly 1.0;
+so the optimal policy (with ``ref_logprob_coef = 0``) writes "good" at every step and earns exactly 1.0;
 stopping early (EOS) or writing anything else earns less. The reference "LM" is a fixed,
-state-independent next-token distribution that prefers neutral words, so with ``kl_coef > 0``
+state-independent next-token distribution that prefers neutral words, so with ``ref_logprob_coef > 0``
 the shaping term beta * log pi_ref(a) pulls against "good" exactly like a real reference does.
+The task is built with the same ``TextGenTask`` constructor as the LM tasks: its reward function
+(``ToyReward``) counts token ids, its reference (``ToyReference``) is a fixed distribution.
 The gold score is R itself.
 """
 
@@ -19,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from envs.task import TextGenTask, check_kl_coef, read_prompts, valid_action_mask
+from envs.task import TextGenTask, read_prompts, renamed_kl_coef, valid_action_mask
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 from pretrain.config import check_int
@@ -54,12 +56,14 @@ class ToyReference:
 
 
 class ToyReward:
+    """R = (#good - #bad) / horizon, from the generated token ids (an ``envs.rewards.RewardFunction``)."""
+
     def __init__(self, horizon: int):
         self.horizon = horizon
 
-    def __call__(self, generated: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        good = ((generated == GOOD) & mask).sum(1)
-        bad = ((generated == BAD) & mask).sum(1)
+    def __call__(self, prompts, completions, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        good = ((completion_ids == GOOD) & completion_mask).sum(1)
+        bad = ((completion_ids == BAD) & completion_mask).sum(1)
         return (good - bad).float() / self.horizon
 
 
@@ -75,38 +79,41 @@ class ToyGold:
 MAX_NEW_TOKENS = 1024  # the toy's horizon; its reward is (#good - #bad) / horizon
 
 
-def build_toy_task(max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None) -> TextGenTask:
+def build_toy_task(max_new_tokens: int = 4, ref_logprob_coef: float = 0.0, device: str = "cpu", prompts=None,
+                   kl_coef: float | None = None) -> TextGenTask:
     """The toy task; ``max_new_tokens`` in [1, 1024], ``prompts`` (None = the two defaults) use only
     the vocabulary's words. ``TypeError`` / ``ValueError`` naming the argument otherwise."""
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    check_kl_coef(kl_coef)
+    ref_logprob_coef = renamed_kl_coef(ref_logprob_coef, kl_coef)
     tokenizer = toy_tokenizer()
     device = resolve_device(device)
-    task = TextGenTask(
+    ref_logits = REF_PROBS.log().to(device)
+    return TextGenTask(
         tokenizer=tokenizer,
         prompts=PROMPTS.copy() if prompts is None else read_prompts(prompts, "train", tokenizer),
         max_new_tokens=max_new_tokens,
-        kl_coef=kl_coef,
+        ref_logprob_coef=ref_logprob_coef,
         device=device,
         n_actions=len(WORDS),
+        valid_actions=valid_action_mask(tokenizer, len(WORDS), device),
+        reward_fn=ToyReward(max_new_tokens),
+        make_reference=lambda batch_size: ToyReference(ref_logits, batch_size),
         gold=ToyGold(max_new_tokens),
-        toy_reward=ToyReward(max_new_tokens),
-        toy_ref_logits=REF_PROBS.log().to(device),
     )
-    task.valid_actions = valid_action_mask(tokenizer, len(WORDS), device)
-    task.max_context_tokens = max(len(task.encode(p)) for p in task.prompts)
-    return task
 
 
 class TextGenToyEnv(TextGenEnv):
     """TextGen on an 8-word vocabulary; see the module docstring for the optimal policy."""
 
-    def __init__(self, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None, render_mode=None):
-        super().__init__(task=build_toy_task(max_new_tokens, kl_coef, device, prompts), render_mode=render_mode)
+    def __init__(self, max_new_tokens: int = 4, ref_logprob_coef: float = 0.0, device: str = "cpu", prompts=None,
+                 render_mode=None, kl_coef: float | None = None):
+        super().__init__(task=build_toy_task(max_new_tokens, ref_logprob_coef, device, prompts, kl_coef), render_mode=render_mode)
 
 
 class TextGenToyVectorEnv(TextGenVectorEnv):
-    def __init__(self, num_envs: int = 8, max_new_tokens: int = 4, kl_coef: float = 0.0, device: str = "cpu", prompts=None,
-                 render_mode=None, autoreset_mode="next_step"):
-        super().__init__(num_envs=num_envs, task=build_toy_task(max_new_tokens, kl_coef, device, prompts),
+    """The toy task's native vector env (see ``envs.vector``)."""
+
+    def __init__(self, num_envs: int = 8, max_new_tokens: int = 4, ref_logprob_coef: float = 0.0, device: str = "cpu",
+                 prompts=None, render_mode=None, autoreset_mode="next_step", kl_coef: float | None = None):
+        super().__init__(num_envs=num_envs, task=build_toy_task(max_new_tokens, ref_logprob_coef, device, prompts, kl_coef),
                          render_mode=render_mode, autoreset_mode=autoreset_mode)

@@ -12,13 +12,17 @@ API expects; ``agents.sb3`` uses it). Sub-env i is seeded with seed + i
 and draws its prompts exactly like a single ``TextGenEnv`` reset with that seed, so the vector env
 reproduces N single envs (tested).
 
-Fast path for our own agents: :meth:`step_tensor` takes a device tensor of actions and returns
-device tensors (observation, rewards, terminated) with no host copy of the observation.
+The tensor API for batched agents (``envs.api.TextVectorEnv``, what this library's agents use
+and all they use): :meth:`reset_tensor` and :meth:`step_tensor` take and return device tensors
+(observation, rewards, ``ref_logprobs``, termination, finished episodes) with no host copy, plus
+the properties ``tokenizer``, ``pad_token_id``, ``eos_token_id``, ``valid_actions``, ``prompts``,
+``max_new_tokens``, ``device``, ``lm_path``, ``reference_model`` and ``get_rng_state`` /
+``set_rng_state`` for exact resume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,28 +30,14 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from envs.api import VectorReset, VectorStep
 from envs.batch import TextGenBatch
 from envs.inputs import as_actions, check_prompt, reset_options, vector_seeds
+from envs.spaces import action_space, observation_space
 from envs.task import TextGenTask, build_lm_task
-from envs.text_gen import action_space, observation_space
 from pretrain.config import check_int
 
 MAX_STATE_BYTES = 8 * 2**30  # observations of all sub-envs; beyond this, a typo (num_envs=10**9) rather than a plan
-
-
-@dataclass
-class VectorStep:
-    """What :meth:`TextGenVectorEnv.step_tensor` returns; tensors stay on the env's device."""
-
-    input_ids: torch.Tensor  # (N, L) left-padded observation
-    attention_mask: torch.Tensor  # (N, L)
-    rewards: torch.Tensor  # (N,) float32
-    terminated: torch.Tensor  # (N,) bool
-    reset: torch.Tensor  # (N,) bool: sub-envs auto-reset by this step (NEXT_STEP: their actions were ignored)
-    ref_logprobs: torch.Tensor | None  # (N,) log pi_ref(a_t | s_t), with a reference loaded
-    finished: dict  # sub-env index -> {"rm_score", "gold_score", "text", "prompt"}
-    final_input_ids: torch.Tensor | None = None  # SAME_STEP: the terminal observations (rows in ``reset``)
-    final_attention_mask: torch.Tensor | None = None
 
 
 def parse_autoreset_mode(mode: str | AutoresetMode) -> AutoresetMode:
@@ -62,6 +52,10 @@ def parse_autoreset_mode(mode: str | AutoresetMode) -> AutoresetMode:
 
 
 class TextGenVectorEnv(VectorEnv):
+    """N TextGen episodes in one tensor step (the module docstring); ``env_kwargs`` are
+    ``TextGenEnv``'s arguments. Raises ``ValueError`` / ``TypeError`` naming any bad argument,
+    seed, option or action (``envs.inputs``)."""
+
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
     def __init__(
@@ -72,7 +66,6 @@ class TextGenVectorEnv(VectorEnv):
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         **env_kwargs,
     ):
-        """``env_kwargs`` are ``TextGenEnv``'s arguments (model, reward_model, prompts, max_new_tokens, kl_coef, ...)."""
         num_envs = check_int("num_envs", num_envs, 1)
         self.autoreset_mode = parse_autoreset_mode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
@@ -86,19 +79,68 @@ class TextGenVectorEnv(VectorEnv):
                              f"of observations (limit {MAX_STATE_BYTES / 2**30:.0f} GiB); use fewer envs or tokens")
         self.num_envs = num_envs
         self.batch = TextGenBatch(self.task, num_envs)
-        self.single_observation_space = observation_space(self.task)
-        self.single_action_space = action_space(self.task)
+        self.single_observation_space = observation_space(self.task.n_actions, self.task.max_len)
+        self.single_action_space = action_space(self.task.valid_actions)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._autoreset = torch.zeros(num_envs, dtype=torch.bool, device=self.task.device)
         self._started = False
 
+    # -- the tensor API (envs.api.TextVectorEnv) ----------------------------------------------------
     @property
     def tokenizer(self):
         return self.task.tokenizer
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.task.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.task.tokenizer.eos_token_id
+
+    @property
+    def valid_actions(self) -> torch.Tensor:
+        """(V,) bool on the env's device: the token ids a policy may emit."""
+        return self.task.valid_actions
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.task.prompts
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.task.device
+
+    @property
+    def lm_path(self) -> Path | None:
+        return self.task.lm_path
+
+    @property
+    def reference_model(self) -> Path | None:
+        return self.task.reference_model
+
+    def get_rng_state(self) -> list[dict]:
+        """The prompt-drawing RNG state of every sub-env (JSON-able), for exact resume."""
+        return [rng.bit_generator.state for rng in self._rngs]
+
+    def set_rng_state(self, state: list[dict]) -> None:
+        if len(state) != self.num_envs:
+            raise ValueError(f"got {len(state)} RNG states for {self.num_envs} envs")
+        for rng, saved in zip(self._rngs, state):
+            rng.bit_generator.state = saved
+
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        out = self.reset_tensor(seed=seed, options=options)
+        return self.batch.observation(), {"prompt": np.array(out.prompts, dtype=object)}
+
+    def reset_tensor(self, *, seed: int | list[int | None] | None = None, options: dict | None = None) -> VectorReset:
+        """Start an episode in every sub-env; device tensors (see ``envs.api.VectorReset``)."""
         # Everything is checked before anything changes: a rejected reset leaves the env as it was.
         seeds, options = vector_seeds(seed, self.num_envs), reset_options(options)
         prompts = None
@@ -119,13 +161,13 @@ class TextGenVectorEnv(VectorEnv):
             self.batch.reset_rows(rows, self._draw_prompts(rows))
         self._autoreset[:] = False
         self._started = True
-        return self.batch.observation(), {"prompt": np.array([e.prompt for e in self.batch.episodes], dtype=object)}
+        return VectorReset(self.batch.input_ids, self.batch.attention_mask, [e.prompt for e in self.batch.episodes])
 
     def _draw_prompts(self, rows: list[int]) -> list[int]:
         return [int(self._rngs[r].integers(len(self.task.prompts))) for r in rows]
 
     def step_tensor(self, actions: torch.Tensor) -> VectorStep:
-        """Device-tensor step (no host copy of observations); see :class:`VectorStep`."""
+        """Advance every sub-env by its action (any integer dtype); device tensors (see ``envs.api.VectorStep``)."""
         if not self._started:
             raise RuntimeError("step() called before reset()")
         actions = as_actions(actions, self.num_envs).to(self.task.device)

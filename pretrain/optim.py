@@ -68,7 +68,7 @@ def check_model_finite(model: torch.nn.Module, input_ids: torch.Tensor | None = 
         if not torch.isfinite(param).all():
             raise NonFiniteError(f"the weights became non-finite ({name}){' ' + where if where else ''}")
     if input_ids is not None:
-        from pretrain.model import position_ids_from_mask
+        from pretrain.padding import position_ids_from_mask
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]

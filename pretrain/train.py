@@ -51,7 +51,7 @@ class PretrainConfig:
     min_lr: float = hparam(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = hparam(100, "linear warmup steps")
     weight_decay: float = hparam(0.1, "AdamW weight decay (matrices only)")
-    grad_clip: float = hparam(1.0, "clip the global gradient norm to this (0 = off)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm to this (0 = off)")
     vocab_size: int = hparam(8192, "BPE vocabulary size (when training a new tokenizer)")
     n_layer: int = hparam(6, "transformer blocks")
     n_embd: int = hparam(192, "hidden size")
@@ -70,7 +70,7 @@ class PretrainConfig:
 
     def __post_init__(self):
         validate_fields(self)
-        require_non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "max_train_reviews", "threads", "eval_tokens")
+        require_non_negative(self, "warmup_steps", "weight_decay", "max_grad_norm", "max_train_reviews", "threads", "eval_tokens")
         require_positive(self, "steps", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "eval_interval",
                          "keep_checkpoints")
         if self.n_embd % self.n_head:
@@ -273,7 +273,7 @@ def train(cfg: PretrainConfig) -> dict:
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             last = run.latest_checkpoint()
             last = f"the last good checkpoint is {last}" if last else "no checkpoint has been written yet"
-            grad_norm = optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, where=f"at step {step + 1} ({last})")
+            grad_norm = optimizer_step(loss, optimizer, model.parameters(), cfg.max_grad_norm, where=f"at step {step + 1} ({last})")
             step += 1
             n_tokens = batch[:, 1:].numel()
             tokens_seen += n_tokens

@@ -89,7 +89,7 @@ class DPOConfig:
     batch_size: int = hparam(32, "pairs per step")
     lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
-    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
     eval_prompts: int = hparam(200, "held-out prompts for the base-vs-DPO gold comparison")
     eval_samples: int = hparam(2, "samples per held-out prompt")
     seed: int = hparam(0, "seed")
@@ -104,7 +104,7 @@ class DPOConfig:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens", "eval_samples")
-        require_non_negative(self, "tau", "grad_clip", "eval_prompts", "checkpoint_every")
+        require_non_negative(self, "tau", "max_grad_norm", "eval_prompts", "checkpoint_every")
         require_positive(self, "keep_checkpoints")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
@@ -176,7 +176,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
                 cfg.beta, cfg.loss_type, cfg.label_smoothing,
             )
             loss = losses.mean()
-            optimizer_step(loss, optimizer, policy.parameters(), cfg.grad_clip, scheduler, f"at DPO step {step}")
+            optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm, scheduler, f"at DPO step {step}")
             accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
             writer.add_scalar("loss/dpo", loss.item(), step)
             writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)

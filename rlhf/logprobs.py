@@ -1,7 +1,12 @@
-"""Per-token and per-sequence log-probabilities of given tokens under a causal LM.
+"""Log-probabilities of completions under a causal LM: the one home of this computation.
 
-Shared by DPO, the RL agents and evaluation. Position ids are derived from the attention mask, so
-a left-padded sequence gets exactly the log-probs it gets unpadded.
+PPO, REINFORCE, DQN's evaluation, ``textgym eval``, DPO and SFT all score completions here::
+
+    log pi(y_t | x, y_<t) = logits_t[y_t] - logsumexp(logits_t)        (over the valid tokens, if given)
+
+for the completion tokens y of each row and 0 elsewhere. Position ids are derived from the
+attention mask, so a left-padded row gets exactly the log-probs it gets unpadded, and the LM head
+runs only on the positions that predict a completion token (``logits_to_keep``), not on the prompt.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from pretrain.model import position_ids_from_mask
+from pretrain.padding import position_ids_from_mask
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,23 +28,52 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def masked_log_softmax(logits: torch.Tensor, valid_actions: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 log-softmax over the last dim, with the tokens outside ``valid_actions`` (V,) at -inf."""
+    logits = logits.float()
+    if valid_actions is not None:
+        logits = logits.masked_fill(~valid_actions, float("-inf"))
+    return F.log_softmax(logits, dim=-1)
+
+
+def gather_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log_probs (B, T, V) at ``tokens`` (B, T) where ``mask`` (B, T) is True, exactly 0 elsewhere
+    (never the -inf of a padding token that the valid-action mask excludes)."""
+    safe = torch.where(mask, tokens, log_probs.argmax(-1))  # any valid token: its log-prob is finite
+    picked = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked))
+
+
+def keep_from(completion_mask: torch.Tensor) -> int:
+    """How many last positions need the LM head: from the one before the first completion column on."""
+    columns = completion_mask.any(0).nonzero()
+    return min(completion_mask.shape[1] - int(columns[0]) + 1, completion_mask.shape[1]) if len(columns) else 1
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    valid_actions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token log pi(x_t | x_<t) for t in the completion, zero elsewhere: (B, T).
+    """Per-token log pi(x_t | x_<t) for the completion tokens, zero elsewhere: (B, S) float32.
 
-    ``completion_mask`` (B, T) is 1 on completion tokens (never on padding or the prompt).
+    ``input_ids``, ``attention_mask`` (B, S) left-padded rows; ``completion_mask`` (B, S) 1 on
+    completion tokens (never on padding or the prompt; the first column is never a completion
+    token, as nothing predicts it); ``valid_actions`` (V,) bool restricts the softmax to the tokens
+    a policy may emit (the agents' action mask), None = the full vocabulary.
     """
+    n_keep = keep_from(completion_mask)
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).logits
-    # Logits at position t predict token t+1.
-    logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-    mask = completion_mask[:, 1:].to(logps.dtype)
-    return F.pad(logps * mask, (1, 0))
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n_keep,
+    ).logits[:, -n_keep:]
+    # The logits at position t predict token t + 1.
+    log_probs = masked_log_softmax(logits[:, :-1], valid_actions)
+    targets, mask = input_ids[:, -n_keep + 1:], completion_mask[:, -n_keep + 1:].bool()
+    logps = gather_logprobs(log_probs, targets, mask)
+    return F.pad(logps, (input_ids.shape[1] - logps.shape[1], 0))
 
 
 def sequence_logprobs(

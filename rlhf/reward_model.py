@@ -48,16 +48,14 @@ from pretrain.model import (
     check_vocab_fits,
     check_weights_finite,
     disable_dropout,
-    left_pad,
-    length_buckets,
     load_config,
-    position_ids_from_mask,
     resolve_device,
     resolve_model_path,
     sha256_file,
     verify_manifest,
 )
 from pretrain.optim import NonFiniteError, check_finite, check_model_finite, optimizer_step
+from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
 from pretrain.progress import progress_bar
 from pretrain.tokenizer import load_tokenizer
 from rlhf.gold import VaderGold, review_texts
@@ -243,7 +241,7 @@ class RewardConfig:
     warmup_ratio: float = hparam(0.05, "fraction of steps spent warming up")
     weight_decay: float = hparam(0.0, "AdamW weight decay")
     margin: float = hparam(0.0, "Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)")
-    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
     ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
@@ -255,7 +253,7 @@ class RewardConfig:
     def __post_init__(self):
         validate_fields(self)
         require_positive(self, "epochs", "batch_size", "lr", "num_prompts", "max_new_tokens", "eval_prompts")
-        require_non_negative(self, "tau", "weight_decay", "grad_clip", "checkpoint_every")
+        require_non_negative(self, "tau", "weight_decay", "max_grad_norm", "checkpoint_every")
         require_positive(self, "keep_checkpoints")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
@@ -363,7 +361,7 @@ def fit(
             epoch, batch = batches[step - 1]
             chosen, rejected = pair_rewards(rm, batch)
             loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
-            optimizer_step(loss, optimizer, rm.parameters(), cfg.grad_clip, scheduler, f"at reward-model step {step}")
+            optimizer_step(loss, optimizer, rm.parameters(), cfg.max_grad_norm, scheduler, f"at reward-model step {step}")
             accuracy = (chosen > rejected).float().mean().item()
             if writer is not None:
                 writer.add_scalar("loss/bradley_terry", loss.item(), step)

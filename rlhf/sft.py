@@ -43,7 +43,7 @@ class SFTConfig:
     lr: float = hparam(1e-4, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
     weight_decay: float = hparam(0.0, "AdamW weight decay")
-    grad_clip: float = hparam(1.0, "clip the global gradient norm (0 = off)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
     resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
@@ -54,7 +54,7 @@ class SFTConfig:
     def __post_init__(self):
         validate_fields(self)
         require_positive(self, "epochs", "batch_size", "lr", "num_examples", "completion_words")
-        require_non_negative(self, "weight_decay", "grad_clip", "checkpoint_every")
+        require_non_negative(self, "weight_decay", "max_grad_norm", "checkpoint_every")
         require_positive(self, "keep_checkpoints")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -146,7 +146,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         for step in range(steps.step + 1, n_steps + 1):
             epoch, index = batches[step - 1]
             loss = sft_loss(model, tokenizer, [demos[i] for i in index], device)
-            optimizer_step(loss, optimizer, model.parameters(), cfg.grad_clip, scheduler, f"at SFT step {step}")
+            optimizer_step(loss, optimizer, model.parameters(), cfg.max_grad_norm, scheduler, f"at SFT step {step}")
             writer.add_scalar("loss/sft", loss.item(), step)
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
             bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")

@@ -13,16 +13,25 @@ from transformers import AutoModelForCausalLM
 
 from agents import dqn, ppo, reinforce
 from agents.cli import main
-from agents.policy import LMPolicy, reference_logprobs
+from agents.policy import LMPolicy
 from agents.run import NonFiniteError
 from envs.toy import TextGenToyEnv
-from pretrain.model import position_ids_from_mask
+from pretrain.padding import position_ids_from_mask
+from rlhf.logprobs import completion_logprobs
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
 
 
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def teacher_forced(model, ids, attn, start, valid_actions):
+    """log pi(a_t | s_t) of the completion columns >= start, through the shared completion log-prob function."""
+    mask = attn.clone()
+    mask[:, :start] = 0
+    with torch.no_grad():
+        return completion_logprobs(model, ids, attn, mask, valid_actions)[:, start:]
 
 
 def greedy_return(model_dir) -> float:
@@ -143,8 +152,8 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         original_checkpoint(self, *args, **kwargs)
         state["checkpointed"] = True
 
-    def nan_after_first_checkpoint(self, generated, mask):
-        scores = original_reward(self, generated, mask)
+    def nan_after_first_checkpoint(self, *args):
+        scores = original_reward(self, *args)
         return scores * float("nan") if state["checkpointed"] else scores
 
     monkeypatch.setattr(ppo.Run, "checkpoint", checkpoint)
@@ -163,29 +172,29 @@ def test_padding_after_an_early_eos_gives_finite_logprobs(tiny_gpt2_dir):
     policy.valid_actions[pad] = False
     ids = torch.tensor([[5, 6, 7, eos, pad, pad], [5, 6, 7, 8, 9, 10]])
     attn = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    logprobs, entropy, values = policy.evaluate(ids, attn, response_start=3)
+    logprobs, entropy, values = policy.evaluate(ids, attn, completion_start=3)
     assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all() and torch.isfinite(values).all()
     assert logprobs[0, 1:].eq(0).all() and entropy[0, 1:].eq(0).all()
     assert logprobs[0, 0] < 0 and logprobs[1].lt(0).all()
 
 
 def test_evaluate_logprobs_equal_unpadded_forwards_for_each_architecture(tiny_model_dir):
-    """Left-padded contexts, right-padded responses: each response token's log-prob is the one a
-    lone, unpadded forward gives (only the response positions go through the LM head)."""
+    """Left-padded contexts, right-padded completions: each completion token's log-prob is the one a
+    lone, unpadded forward gives (only the completion positions go through the LM head)."""
     policy = LMPolicy.load(tiny_model_dir, "cpu", valid_actions=None, value_head=False)
     pad = policy.tokenizer.pad_token_id
-    contexts, responses = [[11, 12], [13, 14, 15, 16]], [[20, 21, 22], [23, 24]]
+    contexts, completions = [[11, 12], [13, 14, 15, 16]], [[20, 21, 22], [23, 24]]
     width = max(map(len, contexts))
-    ids = torch.tensor([[pad] * (width - len(c)) + c + r + [pad] * (3 - len(r)) for c, r in zip(contexts, responses)])
-    attn = torch.tensor([[0] * (width - len(c)) + [1] * (len(c) + len(r)) + [0] * (3 - len(r)) for c, r in zip(contexts, responses)])
+    ids = torch.tensor([[pad] * (width - len(c)) + c + r + [pad] * (3 - len(r)) for c, r in zip(contexts, completions)])
+    attn = torch.tensor([[0] * (width - len(c)) + [1] * (len(c) + len(r)) + [0] * (3 - len(r)) for c, r in zip(contexts, completions)])
     logprobs, _, _ = policy.evaluate(ids, attn, width, entropy="none")
-    for row, (c, r) in enumerate(zip(contexts, responses)):
+    for row, (c, r) in enumerate(zip(contexts, completions)):
         with torch.no_grad():
             logits = policy.model(input_ids=torch.tensor([c + r])).logits[0].float()
         expected = torch.log_softmax(logits[len(c) - 1 : -1], -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
         torch.testing.assert_close(logprobs[row, : len(r)], expected, atol=1e-4, rtol=1e-4)
         assert logprobs[row, len(r) :].eq(0).all()
-    ref = reference_logprobs(policy.reference(), ids, attn, width, policy.valid_actions)
+    ref = teacher_forced(policy.reference(), ids, attn, width, policy.valid_actions)
     torch.testing.assert_close(ref, logprobs.detach())
 
 
@@ -194,16 +203,16 @@ def test_entropy_modes_give_the_same_values_with_and_without_a_graph(tiny_gpt2_d
     policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=None)
     ids = torch.tensor([[5, 6, 7, 8, 9], [7, 6, 5, 4, 3]])
     attn = torch.ones_like(ids)
-    logprobs, entropy, _ = policy.evaluate(ids, attn, response_start=2)
-    logprobs_detached, entropy_detached, _ = policy.evaluate(ids, attn, response_start=2, entropy="detached")
-    logprobs_none, entropy_none, _ = policy.evaluate(ids, attn, response_start=2, entropy="none")
+    logprobs, entropy, _ = policy.evaluate(ids, attn, completion_start=2)
+    logprobs_detached, entropy_detached, _ = policy.evaluate(ids, attn, completion_start=2, entropy="detached")
+    logprobs_none, entropy_none, _ = policy.evaluate(ids, attn, completion_start=2, entropy="none")
     assert entropy.requires_grad and not entropy_detached.requires_grad and entropy_none is None
     torch.testing.assert_close(entropy_detached, entropy.detach())
     assert (entropy.detach() > 0).all()
     torch.testing.assert_close(logprobs_detached, logprobs)
     torch.testing.assert_close(logprobs_none, logprobs)
     with pytest.raises(ValueError, match="entropy must be 'grad', 'detached' or 'none', got 'yes'"):
-        policy.evaluate(ids, attn, response_start=2, entropy="yes")
+        policy.evaluate(ids, attn, completion_start=2, entropy="yes")
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
@@ -242,11 +251,11 @@ def test_policy_networks_are_deterministic_for_a_dropout_model(tiny_dropout_dir)
     policy = LMPolicy.load(tiny_dropout_dir, "cpu", valid_actions=None).train()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 6, 5, 4, 3, 2]])
     attn = torch.ones_like(ids)
-    first, _, values = policy.evaluate(ids, attn, response_start=2, entropy="none")
-    again, _, values_again = policy.evaluate(ids, attn, response_start=2, entropy="none")
+    first, _, values = policy.evaluate(ids, attn, completion_start=2, entropy="none")
+    again, _, values_again = policy.evaluate(ids, attn, completion_start=2, entropy="none")
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     torch.testing.assert_close(values, values_again, rtol=0, atol=0)
-    ref = reference_logprobs(policy.reference(), ids, attn, 2, policy.valid_actions)
+    ref = teacher_forced(policy.reference(), ids, attn, 2, policy.valid_actions)
     torch.testing.assert_close(ref, first.detach(), rtol=0, atol=1e-6)
     cfg = dqn.DQNConfig(q_form="log_policy")
     target = dqn.q_values(copy.deepcopy(policy).eval(), ids, attn, cfg)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from pretrain.model import left_pad, length_buckets
+from pretrain.padding import left_pad, length_buckets
 
 
 def padded_cost(lengths, groups):

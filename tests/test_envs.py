@@ -14,6 +14,7 @@ import envs
 from envs.text_gen import TextGenEnv
 from envs.toy import GOOD, REF_PROBS, TextGenToyEnv
 from envs.vector import TextGenVectorEnv
+from pretrain import load_lm
 from rlhf.reward_model import RewardModel
 
 
@@ -54,18 +55,18 @@ def rollout(env, seed, actions_from, steps=14):
 
 
 def test_same_seed_same_rollout(tiny_env_kwargs):
-    a = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 3, None)
-    b = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 3, None)
+    a = rollout(TextGenEnv(ref_logprob_coef=0.1, **tiny_env_kwargs), 3, None)
+    b = rollout(TextGenEnv(ref_logprob_coef=0.1, **tiny_env_kwargs), 3, None)
     assert a == b
-    c = rollout(TextGenEnv(kl_coef=0.1, **tiny_env_kwargs), 4, None)
+    c = rollout(TextGenEnv(ref_logprob_coef=0.1, **tiny_env_kwargs), 4, None)
     assert a != c
 
 
 def test_vector_env_reproduces_single_envs(tiny_env_kwargs):
     n, steps = 3, 12
     seed = 7
-    singles = [TextGenEnv(kl_coef=0.05, **tiny_env_kwargs) for _ in range(n)]
-    vec = TextGenVectorEnv(num_envs=n, kl_coef=0.05, **tiny_env_kwargs)
+    singles = [TextGenEnv(ref_logprob_coef=0.05, **tiny_env_kwargs) for _ in range(n)]
+    vec = TextGenVectorEnv(num_envs=n, ref_logprob_coef=0.05, **tiny_env_kwargs)
     vec_obs, _ = vec.reset(seed=seed)
     single_obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
     for i in range(n):
@@ -106,9 +107,9 @@ def test_observation_is_left_padded_context(tiny_env_kwargs):
 
 
 def test_kl_shaping_is_beta_times_reference_logprob(tiny_env_kwargs):
-    env = TextGenEnv(kl_coef=0.3, **tiny_env_kwargs)
+    env = TextGenEnv(ref_logprob_coef=0.3, **tiny_env_kwargs)
     env.reset(seed=0, options={"prompt": "This movie was"})
-    ref = env.task.reference
+    ref, _ = load_lm(env.task.reference_model)  # the env's reference: the LM it was built on
     context = env.tokenizer("This movie was", add_special_tokens=False)["input_ids"]
     token = int(np.flatnonzero(env.action_masks())[10])
     with torch.no_grad():
@@ -235,8 +236,8 @@ def test_bad_input_is_a_clear_error(tiny_env_kwargs):
         env.reset(options={"prompt": "word " * 200})
     with pytest.raises(ValueError, match="unknown render_mode"):
         TextGenEnv(render_mode="rgb_array", **tiny_env_kwargs)
-    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
-        TextGenEnv(**{**tiny_env_kwargs, "kl_coef": -1})
+    with pytest.raises(ValueError, match="ref_logprob_coef must be a finite number >= 0"):
+        TextGenEnv(**{**tiny_env_kwargs, "ref_logprob_coef": -1})
 
 
 def test_render_modes(tiny_env_kwargs, capsys):
@@ -262,7 +263,7 @@ def test_toy_env_optimal_policy_earns_one():
 def test_entropy_bonus_with_shaping_equals_kl_regularised_objective():
     """E_pi[R - b log(pi/pi_ref)] == E_pi[R + b log pi_ref] + b H(pi), measured through the toy env."""
     beta = 0.2
-    env = TextGenToyEnv(max_new_tokens=1, kl_coef=beta)
+    env = TextGenToyEnv(max_new_tokens=1, ref_logprob_coef=beta)
     pi = torch.tensor([0.05, 0.5, 0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
     env_return = []  # R + beta log pi_ref(a), as the env pays it, for each action
     for a in range(len(pi)):
@@ -279,12 +280,20 @@ def test_entropy_bonus_with_shaping_equals_kl_regularised_objective():
     assert env_return[GOOD].item() == pytest.approx(1.0 + beta * math.log(REF_PROBS[GOOD]), abs=1e-6)
 
 
-@pytest.mark.parametrize("kl_coef", [float("nan"), float("inf"), -0.5])
-def test_kl_coef_must_be_finite_and_non_negative(tiny_env_kwargs, kl_coef):
+@pytest.mark.parametrize("coef", [float("nan"), float("inf"), -0.5])
+def test_ref_logprob_coef_must_be_finite_and_non_negative(tiny_env_kwargs, coef):
     """NaN used to pass (``kl_coef < 0`` is False): TextGen-v0 silently dropped the shaping, the toy env paid NaN."""
-    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
-        TextGenEnv(kl_coef=kl_coef, **tiny_env_kwargs)
-    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
-        gym.make("TextGenToy-v0", kl_coef=kl_coef)
-    with pytest.raises(ValueError, match="kl_coef must be a finite number >= 0"):
-        gym.make_vec("TextGenToy-v0", num_envs=2, vectorization_mode="vector_entry_point", kl_coef=kl_coef)
+    with pytest.raises(ValueError, match="ref_logprob_coef must be a finite number >= 0"):
+        TextGenEnv(ref_logprob_coef=coef, **tiny_env_kwargs)
+    with pytest.raises(ValueError, match="ref_logprob_coef must be a finite number >= 0"):
+        gym.make("TextGenToy-v0", ref_logprob_coef=coef)
+    with pytest.raises(ValueError, match="ref_logprob_coef must be a finite number >= 0"):
+        gym.make_vec("TextGenToy-v0", num_envs=2, vectorization_mode="vector_entry_point", ref_logprob_coef=coef)
+
+
+def test_the_old_name_kl_coef_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="kl_coef is now called ref_logprob_coef"):
+        env = gym.make("TextGenToy-v0", kl_coef=0.2).unwrapped
+    assert env.task.ref_logprob_coef == 0.2
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="kl_coef must be a finite number >= 0, got nan"):
+        gym.make("TextGenToy-v0", kl_coef=float("nan"))

@@ -111,7 +111,7 @@ def test_vector_reset_rejects_bad_seeds_and_options():
     ({"max_new_tokens": 4.0}, TypeError, "got float 4.0"),
     ({"max_new_tokens": 10**9}, ValueError, r"max_new_tokens must be in \[1, 1024\], got 1000000000"),
     ({"max_new_tokens": 0}, ValueError, r"in \[1, 1024\], got 0"),
-    ({"kl_coef": True}, ValueError, "kl_coef must be a finite number >= 0, got True"),
+    ({"ref_logprob_coef": True}, ValueError, "ref_logprob_coef must be a finite number >= 0, got True"),
     ({"device": "gpu"}, ValueError, "unknown device 'gpu'"),
     ({"device": 0}, ValueError, "got int 0"),
     ({"prompts": []}, ValueError, "the prompt list is empty"),
@@ -398,8 +398,8 @@ def test_fuzz_toy_constructor(max_new_tokens, kl_coef, num_envs):
              and np.isfinite(kl_coef) and kl_coef >= 0 and isinstance(num_envs, int) and num_envs >= 1)
     if legal:
         TextGenVectorEnv.__init__  # noqa: B018 - the class under test
-        toy_vec(num_envs, max_new_tokens=max_new_tokens, kl_coef=kl_coef).reset(seed=0)
+        toy_vec(num_envs, max_new_tokens=max_new_tokens, ref_logprob_coef=kl_coef).reset(seed=0)
         return
     with pytest.raises((ValueError, TypeError)) as err:
-        toy_vec(num_envs, max_new_tokens=max_new_tokens, kl_coef=kl_coef)
+        toy_vec(num_envs, max_new_tokens=max_new_tokens, ref_logprob_coef=kl_coef)
     assert_names(err.value, repr(max_new_tokens), max_new_tokens, kl_coef, num_envs)

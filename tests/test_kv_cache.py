@@ -2,8 +2,8 @@
 
 import torch
 
-from envs.kv_cache import CachedLM
 from pretrain import load_lm
+from pretrain.kv_cache import CachedLM
 
 
 def full_forward_logits(model, ids):

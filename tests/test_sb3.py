@@ -101,8 +101,8 @@ def test_acting_cache_equals_full_context_forward_across_resets_and_updates(tiny
 
 def test_sb3_vec_env_reproduces_single_envs_with_same_step_resets(tiny_env_kwargs):
     n, seed = 3, 11
-    venv = SB3VecEnv(TextGenVectorEnv(num_envs=n, autoreset_mode="same_step", kl_coef=0.05, **tiny_env_kwargs))
-    singles = [TextGenEnv(kl_coef=0.05, **tiny_env_kwargs) for _ in range(n)]
+    venv = SB3VecEnv(TextGenVectorEnv(num_envs=n, autoreset_mode="same_step", ref_logprob_coef=0.05, **tiny_env_kwargs))
+    singles = [TextGenEnv(ref_logprob_coef=0.05, **tiny_env_kwargs) for _ in range(n)]
     venv.seed(seed)
     obs = venv.reset()
     for i, env in enumerate(singles):
@@ -191,7 +191,7 @@ def test_kl_callback_charges_beta_log_pi_on_the_stored_rewards(tmp_path):
             return obs, rewards, dones, infos
 
     beta = 0.1
-    env = RecordRewards(make_sb3_vec_env("TextGenToy-v0", 4, seed=0, max_new_tokens=4, kl_coef=beta))
+    env = RecordRewards(make_sb3_vec_env("TextGenToy-v0", 4, seed=0, max_new_tokens=4, ref_logprob_coef=beta))
     model_dir = make_policy_model("auto", env.unwrapped.env, tmp_path, seed=0)
     agent = make_sb3_agent("ppo", env, model=model_dir, n_steps=8, batch_size=32, seed=0, device="cpu")
     agent.learn(32, callback=TextGenCallback(kl_coef=beta))

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from pretrain.model import left_pad, length_buckets, position_ids_from_mask
+from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
