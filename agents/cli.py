@@ -29,7 +29,7 @@ from pretrain.train import PretrainConfig
 from pretrain.train import train as pretrain
 from rlhf.dpo import DPOConfig, train_dpo
 from rlhf.preferences import PreferenceConfig, make_preferences
-from rlhf.reward_model import RewardConfig, train_reward_model
+from rlhf.reward_training import RewardConfig, train_reward_model
 from rlhf.sft import SFTConfig, train_sft
 
 

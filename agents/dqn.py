@@ -149,6 +149,8 @@ def epsilon_at(step: int, total: int, cfg: DQNConfig) -> float:
 
 
 def train(cfg: DQNConfig) -> dict:
+    """Run DQN as ``cfg`` says (the same run dir, resume, errors and summary as ``agents.ppo.train``);
+    the replay buffer is checkpointed with the run."""
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
@@ -256,9 +258,9 @@ def train(cfg: DQNConfig) -> dict:
             metrics = {
                 "reward/rm": float(np.mean(episode_rm)),
                 "reward/gold": float(np.mean(episode_gold)),
-                "dqn/td_error": float(np.mean(td_log)) if td_log else 0.0,
+                "value/td_error": float(np.mean(td_log)) if td_log else 0.0,
                 "loss/value": float(np.mean(loss_log)) if loss_log else 0.0,
-                "dqn/epsilon": eps,
+                "explore/epsilon": eps,
                 "replay/size": len(buffer),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": (run.env_steps - steps_before) / run.seconds_since_last_log(),

@@ -6,6 +6,9 @@ For every policy dir (a run dir contributes its complete ``checkpoint-<update>/`
 ``final/``, each distinct model once, plus the initial model at KL 0), episodes are played in the env on held-out prompts (the ``test`` split;
 the toy env has only its own prompts) with plain sampling, and we report
 
+One evaluator serves every method (PPO, REINFORCE, DQN, SB3, DPO, SFT): ``textgym eval --runs
+runs/dpo`` evaluates a DPO run exactly like a PPO run.
+
     gold         mean gold score (VADER compound of prompt + completion; the toy: its true reward)
     rm           mean reward-model score (what the agent optimised)
     kl_ref       E_y~pi[ sum_t log pi(y_t|.) - log pi_ref(y_t|.) ], the sequence KL to the reference
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +33,9 @@ from agents.policy import LMPolicy, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
 from pretrain.config import hparam, require_positive, validate_fields
-from pretrain.model import resolve_device, sha256_file
+from pretrain.model import resolve_device, resolve_model_path, sha256_file
 from pretrain.progress import progress_bar
 from pretrain.run_dir import FINAL, RUN_FILE, RunDir, verify_dir
-from rlhf.evaluate import distinct_n
 from rlhf.kl import warn_if_negative_kl
 
 
@@ -40,8 +43,10 @@ from rlhf.kl import warn_if_negative_kl
 class EvalConfig:
     """Compare policies (run dirs or HF model dirs) on held-out prompts."""
 
-    runs: list[str] = hparam(None, "run dirs (from textgym train) and/or HF model dirs to evaluate")
+    runs: list[str] = hparam(None, "run dirs (from textgym train, dpo, sft) and/or HF model dirs to evaluate")
     env: str = hparam("TextGen-v0", "env whose reward model and gold scorer to use")
+    model: str = hparam("auto", "the LM the env is built on (its tokenizer and prompts' encoding): 'auto' = the runs' initial "
+                                "model, 'default' or an HF causal-LM dir")
     reference: str = hparam("auto", "reference model for KL: 'auto' = each run's initial model")
     episodes: int = hparam(256, "held-out episodes per model")
     num_envs: int = hparam(64, "episodes per batch")
@@ -56,6 +61,12 @@ class EvalConfig:
         if not self.runs:
             raise ValueError("give at least one run or model dir with --runs")
         require_positive(self, "episodes", "num_envs", "max_new_tokens")
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over whitespace tokens of all texts (Li et al. 2016)."""
+    ngrams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
 def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
@@ -128,7 +139,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     runs = [(run_path, *models_of(Path(run_path))) for run_path in cfg.runs]  # every path checked before any work
     RunDir(out, "eval", overwrite=cfg.overwrite, config=asdict(cfg))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split)
+    env_model = {} if cfg.model == "auto" else {"model": cfg.model}
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split, **env_model)
+    initials = {str(initial) for _, _, _, initial in runs if initial and initial != "auto"}
+    if cfg.model == "auto" and env.lm_path is not None and len(initials) == 1:  # the runs' own LM, e.g. a user's
+        initial = Path(resolve_model_path(initials.pop())).resolve()
+        if initial != Path(env.lm_path).resolve():
+            env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split, model=str(initial))
     results: dict[str, list[dict]] = {}
     n_models = sum(1 + len(models) for _, _, models, _ in runs)
     with progress_bar("eval") as progress:

@@ -42,6 +42,19 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class LMPolicy(nn.Module):
+    """A causal LM as the policy pi(a | s) over next tokens, with an optional value head.
+
+    Attributes:
+        model: the HF causal LM (dropout off, see the module docstring); its logits are the policy's.
+        tokenizer: the model's tokenizer (its ids must be the env's actions: ``check_policy_fits_env``).
+        valid_actions: (V,) bool buffer; invalid tokens get logit -inf when acting and evaluating.
+        value_head: ``Linear(hidden, 1)`` on the last hidden state, zero-initialised, or None.
+
+    Raises ``ValueError`` when ``valid_actions`` does not have one entry per logit of the model.
+    Acting: ``start(contexts)``, ``sample()`` (B,) int64, ``advance(tokens)``; learning:
+    ``evaluate(input_ids, attention_mask, completion_start)``; ``save(dir)`` writes an HF dir.
+    """
+
     def __init__(self, model, tokenizer, valid_actions: torch.Tensor | None = None, value_head: bool = True):
         super().__init__()
         self.model = disable_dropout(model)

@@ -138,6 +138,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def train(cfg: PPOConfig) -> dict:
+    """Run PPO as ``cfg`` says, in the run dir ``cfg.out`` (or resume ``cfg.resume``); returns the
+    run's summary: ``final`` (the final/ HF dir) and the last update's metrics. Raises ``ValueError``
+    for settings that do not fit the env or the checkpoint, ``NonFiniteError`` when a value blows up,
+    ``KeyboardInterrupt`` after a Ctrl-C (once the checkpoint is written)."""
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
@@ -219,9 +223,9 @@ def train(cfg: PPOConfig) -> dict:
                 "policy/entropy": float(masked_mean(old_entropy, mask)),  # of pi_old, on the rollout
                 "loss/policy": float(np.mean(stats["policy"])),
                 "loss/value": float(np.mean(stats["value"])),
-                "ppo/clipfrac": float(np.mean(stats["clipfrac"])),
-                "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
-                "ppo/epochs": epoch + 1,
+                "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+                "policy/approx_kl": float(np.mean(stats["approx_kl"])),
+                "policy/epochs": epoch + 1,
                 "value/explained_variance": explained_variance(old_values, returns, mask),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),

@@ -88,6 +88,7 @@ def reinforce_loss(logprobs: torch.Tensor, mask: torch.Tensor, returns: torch.Te
 
 
 def train(cfg: ReinforceConfig) -> dict:
+    """Run REINFORCE as ``cfg`` says (the same run dir, resume, errors and summary as ``agents.ppo.train``)."""
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
@@ -144,7 +145,7 @@ def train(cfg: ReinforceConfig) -> dict:
                 "kl/coef": kl_ctl.value,
                 "policy/entropy": float(ent.detach()),
                 "loss/policy": float(loss.detach()),
-                "reinforce/baseline": float(baseline.mean()),
+                "value/baseline": float(baseline.mean()),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
             }

@@ -43,6 +43,15 @@ class Batch:
 
 
 class ReplayBuffer:
+    """A ring buffer of the ``capacity`` most recent transitions (s, a, r, s', done, gamma^n), sampled
+    uniformly; contexts of up to ``max_len`` tokens stored as int32 (module docstring).
+
+    ``add`` raises ``ValueError`` for a context longer than ``max_len`` or a non-finite reward;
+    ``sample(batch_size)`` returns a :class:`Batch` of (B, max_len) left-padded int64 contexts and
+    their masks, (B,) actions, n-step returns, dones, discounts and weights (1: uniform); sampling an
+    empty buffer raises ``RuntimeError``.
+    """
+
     def __init__(self, capacity: int, max_len: int, seed: int = 0, pad_id: int = 0):
         if capacity <= 0 or max_len <= 0:
             raise ValueError(f"capacity and max_len must be positive, got {capacity}, {max_len}")
@@ -177,6 +186,11 @@ class SumTree:
 
 
 class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay (Schaul et al. 2016): P(i) = p_i^alpha / sum_k p_k^alpha,
+    p_i = |td_error_i| + eps, importance weights w_i = (N P(i))^-beta / max_j w_j (``Batch.weights``,
+    the ``is_weights`` of the loss). ``ValueError`` for alpha < 0, beta outside [0, 1] or eps <= 0
+    (with eps = 0, all-zero TD errors would leave nothing to sample by)."""
+
     def __init__(self, capacity: int, max_len: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
                  seed: int = 0, pad_id: int = 0):
         super().__init__(capacity, max_len, seed, pad_id)

@@ -34,7 +34,6 @@ from pretrain.config import hparam, require_non_negative, require_positive, vali
 from pretrain.model import disable_dropout, resolve_device
 from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
-from rlhf.evaluate import evaluate_policy
 from rlhf.logprobs import encode, sequence_logprobs
 from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
@@ -90,8 +89,7 @@ class DPOConfig:
     lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
-    eval_prompts: int = hparam(200, "held-out prompts for the base-vs-DPO gold comparison")
-    eval_samples: int = hparam(2, "samples per held-out prompt")
+    weight_decay: float = hparam(0.0, "AdamW weight decay")
     seed: int = hparam(0, "seed")
     device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
     resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
@@ -103,8 +101,8 @@ class DPOConfig:
         validate_fields(self)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens", "eval_samples")
-        require_non_negative(self, "tau", "max_grad_norm", "eval_prompts", "checkpoint_every")
+        require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens")
+        require_non_negative(self, "tau", "max_grad_norm", "weight_decay", "checkpoint_every")
         require_positive(self, "keep_checkpoints")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
@@ -126,7 +124,8 @@ def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[t
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
-    """``textgym dpo``: DPO training, then held-out gold / KL of base vs trained policy.
+    """``textgym dpo``: DPO training; ``final/`` is an HF dir that ``textgym eval --runs OUT`` evaluates
+    against the initial model (held-out gold, RM, KL), as every other method's run.
 
     Checkpoints every ``checkpoint_every`` steps and on Ctrl-C (``pretrain.checkpoint.StepRun``);
     ``--resume OUT`` continues exactly (built preference data is kept in ``OUT/train_pairs.jsonl``).
@@ -158,12 +157,13 @@ def train_dpo(cfg: DPOConfig) -> dict:
         order = rng.permutation(len(pairs))
         batches += [order[start : start + cfg.batch_size] for start in range(0, len(pairs), cfg.batch_size)]
     n_steps = len(batches)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
     steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
     writer = steps.writer()
     probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)  # checked finite before each save
     policy.train()
+    last = {}
     with steps, progress_bar("dpo") as bar:
         task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="")
         for step in range(steps.step + 1, n_steps + 1):
@@ -187,18 +187,12 @@ def train_dpo(cfg: DPOConfig) -> dict:
             writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
             bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
+            last = {"loss": loss.item(), "accuracy": accuracy, "margin": (chosen_rewards - rejected_rewards).mean().item()}
             steps.after_step(step, lambda d: save_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng, scheduler=scheduler,
                              check=lambda s: check_model_finite(policy, probe["input_ids"], probe["attention_mask"], f"after DPO step {s}"))
     check_model_finite(policy, probe["input_ids"], probe["attention_mask"], "after DPO")
 
-    policy.eval()
-    eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
-    kwargs = dict(prompts=eval_prompts, samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    base = evaluate_policy(reference, tokenizer, reference, **kwargs)
-    trained = evaluate_policy(policy, tokenizer, reference, **kwargs)
-    metrics = {"steps": n_steps, "train_pairs": len(pairs), "base": base, "dpo": trained}
-    for name, value in trained.items():
-        writer.add_scalar(f"eval/{name}", value, n_steps)
+    metrics = {"steps": n_steps, "train_pairs": len(pairs), **last}
     writer.close()
 
     def write_final(directory: Path) -> None:

@@ -8,7 +8,8 @@ With the log-ratio ``log r = log pi_ref(a|s) - log pi(a|s)`` of a token sampled 
     k3 = (r - 1) - log r        unbiased, low variance, always >= 0
 
 RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) maximises
-E[R(x, y)] - beta * KL(pi || pi_ref), implemented as a per-token shaped reward
+E[R(x, y)] - beta * KL(pi || pi_ref), implemented as a per-token shaped reward (``agents.ppo``,
+``agents.reinforce``)
 
     r_t = -beta * (log pi(y_t|.) - log pi_ref(y_t|.)) + [t = T] * R(x, y)
 
@@ -69,32 +70,6 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     if kind == "k3":
         return torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, expm1 for precision near r = 1
     raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
-
-
-def shaped_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> torch.Tensor:
-    """Per-token rewards r_t = -beta (log pi - log pi_ref)_t + [t = T] * score.
-
-    ``scores`` (B,) are sequence rewards; ``logprobs``, ``ref_logprobs``, ``mask`` are (B, T) with
-    ``mask`` = 1 on generated tokens. The score lands on each row's last generated token.
-    """
-    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
-        raise ValueError(f"shape mismatch: logprobs {tuple(logprobs.shape)}, ref {tuple(ref_logprobs.shape)}, mask {tuple(mask.shape)}")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"non-finite reward scores: {scores[~torch.isfinite(scores)][:3].tolist()}")
-    mask = mask.to(logprobs.dtype)
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
-    lengths = mask.sum(1).long()
-    if (lengths == 0).any():
-        raise ValueError("a sequence has no generated tokens (mask row of zeros)")
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # index of the last generated token
-    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
-    return rewards
 
 
 def _check_kl_reading(current_kl: float) -> None:

@@ -18,32 +18,21 @@ immediate EOS) is the single token EOS. The saved tokenizer pads on the right, t
 plain transformers' ``*ForSequenceClassification`` (which derives positions from the sequence
 start) scores a padded batch exactly like this class does.
 
-Training (``textgym reward``): pairs are grouped by prompt and every distinct completion in a batch
-goes through the network once, however many pairs it is in (InstructGPT's trick: a ranking of K
-costs K forward passes, not K(K-1)).
+Training, evaluation and shipping (``textgym reward``) are in ``rlhf.reward_training``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from scipy.stats import spearmanr
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification
 
 from pretrain import load_lm
-from pretrain.checkpoint import StepRun
-from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import (
     check_vocab_fits,
     check_weights_finite,
@@ -51,16 +40,12 @@ from pretrain.model import (
     load_config,
     resolve_device,
     resolve_model_path,
-    sha256_file,
     verify_manifest,
 )
-from pretrain.optim import NonFiniteError, check_finite, check_model_finite, optimizer_step
+from pretrain.optim import NonFiniteError
 from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
-from pretrain.progress import progress_bar
 from pretrain.tokenizer import load_tokenizer
-from rlhf.gold import VaderGold, review_texts
 from rlhf.logprobs import tokenize_pairs
-from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 DEFAULT_RM_DIR = Path(__file__).parent / "default_rm"
 
@@ -220,252 +205,3 @@ class RewardModel(nn.Module):
         finally:
             self.tokenizer.padding_side = side
         return path
-
-
-@dataclass
-class RewardConfig:
-    """Train a Bradley-Terry reward model on preference pairs; defaults build the shipped one."""
-
-    model: str = hparam("default", "backbone initialisation: 'default' or an HF causal-LM dir")
-    data: str = hparam("", "preference JSONL {prompt, chosen, rejected}; empty = build it with the gold labeller")
-    out: str = hparam("", "run dir: TensorBoard events, checkpoint-<step>/, final/ (the reward model) (default: runs/reward; "
-                          "with --resume: the resumed run's dir)")
-    num_prompts: int = hparam(8000, "train prompts when building data")
-    k: int = hparam(6, "completions per prompt when building data (k(k-1)/2 pairs each)")
-    tau: float = hparam(0.0, "labeller noise when building data (0 = noiseless)")
-    max_new_tokens: int = hparam(32, "completion length when building data")
-    eval_prompts: int = hparam(500, "held-out (test split) prompts for accuracy and Spearman")
-    epochs: int = hparam(2, "passes over the pairs")
-    batch_size: int = hparam(64, "pairs per step (grouped by prompt)")
-    lr: float = hparam(3e-4, "peak AdamW learning rate (linear warmup and decay)")
-    warmup_ratio: float = hparam(0.05, "fraction of steps spent warming up")
-    weight_decay: float = hparam(0.0, "AdamW weight decay")
-    margin: float = hparam(0.0, "Bradley-Terry margin m in -log sigmoid(r_w - r_l - m)")
-    max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    ship: bool = hparam(False, "write the result (fp16) + manifest into the package's default_rm dir")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files")
-    checkpoint_every: int = hparam(200, "optimizer steps between checkpoints (0 = only on Ctrl-C)")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-
-    def __post_init__(self):
-        validate_fields(self)
-        require_positive(self, "epochs", "batch_size", "lr", "num_prompts", "max_new_tokens", "eval_prompts")
-        require_non_negative(self, "tau", "weight_decay", "max_grad_norm", "checkpoint_every")
-        require_positive(self, "keep_checkpoints")
-        if self.k < 2:
-            raise ValueError(f"k must be >= 2 to form pairs, got {self.k}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-
-
-def group_by_prompt(pairs: Sequence[PreferencePair]) -> list[list[PreferencePair]]:
-    groups: dict[str, list[PreferencePair]] = defaultdict(list)
-    for pair in pairs:
-        groups[pair.prompt].append(pair)
-    return list(groups.values())
-
-
-def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw rewards of chosen and rejected, each distinct (prompt, completion) computed once."""
-    texts: dict[tuple[str, str], int] = {}
-    for pair in pairs:
-        for completion in (pair.chosen, pair.rejected):
-            texts.setdefault((pair.prompt, completion), len(texts))
-    keys = list(texts)
-    rewards = rm.sequence_rewards(rm.tokenize([p for p, _ in keys], [c for _, c in keys]))
-    chosen = torch.stack([rewards[texts[(p.prompt, p.chosen)]] for p in pairs])
-    rejected = torch.stack([rewards[texts[(p.prompt, p.rejected)]] for p in pairs])
-    return chosen, rejected
-
-
-def check_finite_rm(rm: RewardModel, pairs: Sequence[PreferencePair], step: int) -> None:
-    """Weights and the rewards of a few pairs finite: a reward model fit to save."""
-    check_model_finite(rm, where=f"after reward-model step {step}")
-    with torch.no_grad():
-        check_finite("the reward model's scores", torch.stack(pair_rewards(rm, pairs[:2])), f"after reward-model step {step}")
-
-
-def batches_by_prompt(pairs: Sequence[PreferencePair], batch_size: int, rng: np.random.Generator):
-    """Shuffled batches of whole prompt groups, each holding about ``batch_size`` pairs."""
-    groups = group_by_prompt(pairs)
-    batch: list[PreferencePair] = []
-    for i in rng.permutation(len(groups)):
-        batch += groups[i]
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@torch.no_grad()
-def pairwise_accuracy(rm: RewardModel, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
-    """Fraction of pairs whose chosen completion the RM scores higher; ``ValueError`` for no pairs."""
-    if not pairs:
-        raise ValueError("no preference pairs to measure the accuracy on")
-    was_training = rm.training
-    rm.eval()
-    correct = 0
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_rewards(rm, pairs[start : start + batch_size])
-        correct += (chosen > rejected).sum().item()
-    rm.train(was_training)
-    return correct / len(pairs)
-
-
-def evaluate_reward_model(
-    rm: RewardModel, prompts: Sequence[str], completions: Sequence[str], gold_scores: Sequence[float],
-    pairs: Sequence[PreferencePair],
-) -> dict[str, float]:
-    """Held-out pairwise accuracy (NaN without pairs: every completion tied on gold) and Spearman
-    rank correlation of RM scores with gold scores."""
-    scores = rm.score(prompts, completions)
-    return {
-        "pairwise_accuracy": pairwise_accuracy(rm, pairs) if pairs else float("nan"),
-        "spearman_gold": float(spearmanr(scores, gold_scores).statistic),
-        "eval_pairs": len(pairs),
-        "eval_samples": len(scores),
-    }
-
-
-def fit(
-    rm: RewardModel,
-    pairs: Sequence[PreferencePair],
-    cfg: RewardConfig,
-    rng: np.random.Generator,
-    writer: SummaryWriter | None = None,
-    eval_pairs: Sequence[PreferencePair] = (),
-    steps: StepRun | None = None,
-) -> int:
-    """Minimise the Bradley-Terry loss over ``pairs`` (AdamW, linear warmup/decay); returns steps.
-
-    With ``steps`` (``textgym reward``), it checkpoints and resumes (``pretrain.checkpoint.StepRun``).
-    """
-    if not pairs:
-        raise ValueError("no preference pairs to train on")
-    # Draw every epoch's batches up front (the same rng draws as drawing them per epoch) so the
-    # schedule's length is exact (batch counts vary with the shuffle, as groups differ in size) and
-    # a resumed run skips exactly the batches it already took.
-    batches = [(epoch, batch) for epoch in range(cfg.epochs) for batch in list(batches_by_prompt(pairs, cfg.batch_size, rng))]
-    n_steps = len(batches)
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
-    start = steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)["step"] if steps is not None else 0
-    rm.train()
-    with progress_bar("reward") as bar:
-        task = bar.add_task("reward", total=n_steps, completed=start, status="")
-        for step in range(start + 1, n_steps + 1):
-            epoch, batch = batches[step - 1]
-            chosen, rejected = pair_rewards(rm, batch)
-            loss = bradley_terry_loss(chosen, rejected, cfg.margin).mean()
-            optimizer_step(loss, optimizer, rm.parameters(), cfg.max_grad_norm, scheduler, f"at reward-model step {step}")
-            accuracy = (chosen > rejected).float().mean().item()
-            if writer is not None:
-                writer.add_scalar("loss/bradley_terry", loss.item(), step)
-                writer.add_scalar("train/accuracy", accuracy, step)
-                writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f} acc {accuracy:.2f}")
-            if writer is not None and eval_pairs and (step == n_steps or batches[step][0] != epoch):
-                writer.add_scalar("eval/pairwise_accuracy", pairwise_accuracy(rm, eval_pairs), step)
-            if steps is not None:
-                steps.after_step(step, rm.save, optimizer=optimizer, np_rng=rng, scheduler=scheduler,
-                                 check=lambda s: check_finite_rm(rm, pairs[:2], s))
-    rm.eval()
-    return n_steps
-
-
-def normalise(rm: RewardModel, pairs: Sequence[PreferencePair]) -> None:
-    """Set ``reward_mean``/``reward_std`` so scores have mean 0, std 1 over the pairs' completions."""
-    texts = sorted({(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)})
-    rm.model.config.reward_mean, rm.model.config.reward_std = 0.0, 1.0
-    raw = torch.tensor(rm.score([p for p, _ in texts], [c for _, c in texts]))
-    check_finite("the reward model's scores of its training completions", raw)
-    rm.model.config.reward_mean = float(raw.mean())
-    rm.model.config.reward_std = float(raw.std().clamp(min=1e-6)) if len(raw) > 1 else 1.0
-
-
-def train_reward_model(cfg: RewardConfig) -> dict:
-    """``textgym reward``: train, evaluate on held-out prompts, save ``OUT/final`` (and ship).
-
-    Checkpoints every ``checkpoint_every`` steps and on Ctrl-C; ``--resume OUT`` continues exactly
-    (built train and held-out pairs are kept in ``OUT/train_pairs.jsonl`` and ``OUT/eval_pairs.jsonl``).
-    """
-    steps = StepRun(cfg, "reward")
-    if (finished := steps.finished) is not None:
-        return finished
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out = steps.out
-    rm = RewardModel.load(steps.checkpoint, device) if steps.checkpoint else RewardModel.from_lm(cfg.model, device)
-    policy, tokenizer = load_lm(cfg.model, device=device)
-
-    def kept(name: str) -> list[PreferencePair] | None:  # data built by the run being resumed
-        return load_jsonl(out / name, allow_empty=True) if cfg.resume and (out / name).is_file() else None
-
-    if cfg.data:
-        pairs = load_jsonl(cfg.data)
-    elif (pairs := kept("train_pairs.jsonl")) is None:
-        prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
-        pairs = build_preferences(policy, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        save_jsonl(pairs, out / "train_pairs.jsonl")
-
-    # Held-out evaluation data: fresh samples for test-split prompts, labelled without noise.
-    gold = VaderGold()
-    if (eval_pairs := kept("eval_pairs.jsonl")) is None:
-        eval_prompts = prompt_texts("test", cfg.eval_prompts, cfg.seed)
-        eval_pairs = build_preferences(
-            policy, tokenizer, eval_prompts, 4, 0.0, gold, cfg.max_new_tokens, seed=cfg.seed + 1_000_003
-        )
-        save_jsonl(eval_pairs, out / "eval_pairs.jsonl")
-    del policy
-    eval_texts = sorted({(p.prompt, c) for p in eval_pairs for c in (p.chosen, p.rejected)})
-    eval_gold = gold(review_texts([p for p, _ in eval_texts], [c for _, c in eval_texts]))
-
-    with steps:
-        writer = steps.writer()
-        step = fit(rm, pairs, cfg, rng, writer, eval_pairs, steps)
-
-    check_model_finite(rm, where="after reward-model training")
-    normalise(rm, pairs)
-    metrics = evaluate_reward_model(rm, [p for p, _ in eval_texts], [c for _, c in eval_texts], eval_gold, eval_pairs)
-    metrics.update(train_pairs=len(pairs), steps=step)
-    for key in ("pairwise_accuracy", "spearman_gold"):
-        writer.add_scalar(f"eval/{key}", metrics[key], step)
-    writer.close()
-
-    def write_final(directory: Path) -> None:
-        rm.save(directory)
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
-
-    steps.save_final(write_final)
-    print(json.dumps(metrics))
-    if cfg.ship:
-        ship(rm, cfg, metrics)
-    return metrics
-
-
-def ship(rm: RewardModel, cfg: RewardConfig, metrics: dict) -> Path:
-    target = default_reward_model_dir()
-    target.mkdir(exist_ok=True)
-    for stale in target.glob("*"):
-        stale.unlink()
-    rm.save(target, dtype=torch.float16)
-    manifest = {
-        "command": "textgym reward --out runs/default-rm --ship",
-        "backbone": cfg.model,
-        "gold": VaderGold.name,
-        "config": asdict(cfg),
-        **{k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()},
-        "reward_mean": rm.mean,
-        "reward_std": rm.std,
-        "dtype": "float16",
-        "sha256": sha256_file(target / "model.safetensors"),
-    }
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(f"shipped to {target}")
-    return target

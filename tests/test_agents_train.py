@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -74,13 +75,13 @@ def test_dqn_with_prioritized_replay_reaches_the_optimal_policy(tmp_path):
     result = dqn.train(dqn.DQNConfig(**TOY, total_steps=2500, prioritized=True, n_step=2, out=str(out)))
     assert greedy_return(result["final"]) == 1.0
     last = metrics(out)[-1]
-    assert last["replay/size"] == last["env_steps"] and last["dqn/epsilon"] == pytest.approx(0.05)
+    assert last["replay/size"] == last["env_steps"] and last["explore/epsilon"] == pytest.approx(0.05)
 
 
 TAGS = {
-    "ppo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "loss/value", "ppo/clipfrac",
-            "ppo/approx_kl", "value/explained_variance", "lr", "perf/tokens_per_s"],
-    "dqn": ["reward/rm", "reward/gold", "dqn/td_error", "dqn/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
+    "ppo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "loss/value", "policy/clipfrac",
+            "policy/approx_kl", "value/explained_variance", "lr", "perf/tokens_per_s"],
+    "dqn": ["reward/rm", "reward/gold", "value/td_error", "explore/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
 }
 
 
@@ -274,5 +275,103 @@ def test_learning_rate_zero_gives_ratio_one_and_zero_kl_with_a_dropout_model(tmp
     for row in metrics(tmp_path / algo):
         assert row["kl/ref"] == pytest.approx(0.0, abs=1e-6)
         if algo == "ppo":
-            assert row["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-7) and row["ppo/clipfrac"] == 0.0
+            assert row["policy/approx_kl"] == pytest.approx(0.0, abs=1e-7) and row["policy/clipfrac"] == 0.0
 
+
+
+# -- the agents are not tied to TextGenVectorEnv: a user's env, written against envs.api alone ---------------------
+class MovieCountEnv(gym.vector.VectorEnv):
+    """A user's own task: continue "the plot was" over the toy's 8 words; the reward, paid at the end,
+    is the fraction of "movie" tokens. Written against the documented tensor API (envs.api) only."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 8, max_new_tokens: int = 3, device: str = "cpu", ref_logprob_coef: float = 0.0):
+        from envs.spaces import action_space, observation_space
+        from envs.toy import WORDS, toy_tokenizer
+
+        self.num_envs, self.horizon, self._device = num_envs, max_new_tokens, torch.device(device)
+        self._tokenizer = toy_tokenizer()
+        self.prompt_ids = self._tokenizer("the plot was", add_special_tokens=False)["input_ids"]
+        self.movie = WORDS.index("movie")
+        self.length = len(self.prompt_ids) + max_new_tokens
+        self._valid = torch.ones(len(WORDS), dtype=torch.bool)
+        self.single_observation_space = observation_space(len(WORDS), self.length)
+        self.single_action_space = action_space(self._valid)
+        self.rng = np.random.default_rng()
+
+    tokenizer = property(lambda self: self._tokenizer)
+    pad_token_id = property(lambda self: self._tokenizer.pad_token_id)
+    eos_token_id = property(lambda self: self._tokenizer.eos_token_id)
+    valid_actions = property(lambda self: self._valid)
+    prompts = property(lambda self: ["the plot was"])
+    max_new_tokens = property(lambda self: self.horizon)
+    device = property(lambda self: self._device)
+    lm_path = property(lambda self: None)  # no pretrained LM speaks 8 words: the agents build a tiny one
+    reference_model = property(lambda self: None)
+
+    def get_rng_state(self):
+        return [self.rng.bit_generator.state]
+
+    def set_rng_state(self, state):
+        self.rng.bit_generator.state = state[0]
+
+    def _start(self, rows):
+        self.ids[rows] = self.pad_token_id
+        self.ids[rows, -len(self.prompt_ids):] = torch.tensor(self.prompt_ids)
+        self.mask[rows] = 0
+        self.mask[rows, -len(self.prompt_ids):] = 1
+        self.n[rows], self.needs_reset[rows] = 0, False
+
+    def reset_tensor(self, *, seed=None, options=None):
+        from envs.api import VectorReset
+
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.ids = torch.full((self.num_envs, self.length), self.pad_token_id)
+        self.mask = torch.zeros((self.num_envs, self.length), dtype=torch.long)
+        self.n = torch.zeros(self.num_envs, dtype=torch.long)
+        self.needs_reset = torch.zeros(self.num_envs, dtype=torch.bool)
+        self._start(torch.arange(self.num_envs))
+        return VectorReset(self.ids.clone(), self.mask.clone(), ["the plot was"] * self.num_envs)
+
+    def reset(self, *, seed=None, options=None):
+        out = self.reset_tensor(seed=seed, options=options)
+        return {"input_ids": out.input_ids.numpy(), "attention_mask": out.attention_mask.numpy()}, {}
+
+    def step_tensor(self, actions):
+        from envs.api import VectorStep
+
+        actions = torch.as_tensor(actions).long()
+        restart = self.needs_reset.clone()
+        live = ~restart
+        self.ids[live] = torch.cat([self.ids[live, 1:], actions[live, None]], 1)
+        self.mask[live] = torch.cat([self.mask[live, 1:], torch.ones_like(self.mask[live, :1])], 1)
+        self.n[live] += 1
+        ended = live & ((actions == self.eos_token_id) | (self.n >= self.horizon))
+        rewards = torch.zeros(self.num_envs)
+        finished = {}
+        for i in ended.nonzero().flatten().tolist():
+            completion = self.ids[i, -int(self.n[i]):]
+            rewards[i] = float((completion == self.movie).sum()) / self.horizon
+            text = self.tokenizer.decode(completion.tolist(), skip_special_tokens=True)
+            finished[i] = {"rm_score": float(rewards[i]), "gold_score": float(rewards[i]), "text": text, "prompt": "the plot was"}
+        if restart.any():
+            self._start(restart.nonzero().flatten())
+        self.needs_reset = ended
+        return VectorStep(self.ids.clone(), self.mask.clone(), rewards, ended, restart, None, finished)
+
+
+def test_reinforce_trains_on_a_user_defined_env_through_the_public_surface_only(tmp_path):
+    from gymnasium.envs.registration import register, registry
+
+    from envs.api import TextVectorEnv
+
+    if "MovieCount-v0" not in registry:
+        register(id="MovieCount-v0", entry_point=None, vector_entry_point=MovieCountEnv)
+    assert isinstance(MovieCountEnv(), TextVectorEnv)
+    out = tmp_path / "user-env"
+    reinforce.train(reinforce.ReinforceConfig(env="MovieCount-v0", max_new_tokens=3, device="cpu", num_envs=16,
+                                              total_steps=16 * 3 * 30, lr=5e-3, kl_coef=0.0, rloo_k=4, out=str(out)))
+    rewards = [m["reward/rm"] for m in metrics(out)]
+    assert rewards[0] < 0.35 and np.mean(rewards[-3:]) > 0.8, rewards

@@ -217,15 +217,15 @@ def test_no_warning_for_a_clean_resume(tmp_path, monkeypatch, straight):
 
 # -- the step-counted trainers: SFT, DPO, reward model ---------------------------------------------------------
 def step_trainer(name, tiny_gpt2_dir, data, out, **kw):
-    from rlhf import dpo, reward_model, sft
+    from rlhf import dpo, reward_training, sft
 
     common = dict(model=str(tiny_gpt2_dir), data=str(data), batch_size=4, epochs=2, checkpoint_every=2, device="cpu",
                   out=str(out) if out else "", **kw)
     if name == "sft":
         return sft.train_sft, sft.SFTConfig(**common, lr=1e-3)
     if name == "dpo":
-        return dpo.train_dpo, dpo.DPOConfig(**common, lr=1e-3, eval_prompts=2, eval_samples=1, max_new_tokens=4)
-    return reward_model.train_reward_model, reward_model.RewardConfig(**common, lr=1e-3, eval_prompts=2, max_new_tokens=4)
+        return dpo.train_dpo, dpo.DPOConfig(**common, lr=1e-3, max_new_tokens=4)
+    return reward_training.train_reward_model, reward_training.RewardConfig(**common, lr=1e-3, eval_prompts=2, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "reward"])

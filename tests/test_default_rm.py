@@ -12,7 +12,7 @@ from pretrain.model import sha256_file
 from rlhf import RewardModel, default_reward_model_dir
 from rlhf.gold import VaderGold, review_texts
 from rlhf.preferences import build_preferences, prompt_texts
-from rlhf.reward_model import pairwise_accuracy
+from rlhf.reward_training import pairwise_accuracy
 
 MANIFEST = json.loads((default_reward_model_dir() / "manifest.json").read_text())
 

@@ -1,6 +1,5 @@
 """The TextGen suite: checkers, determinism, vector == N singles, rewards, masks, bad input."""
 
-import math
 import warnings
 
 import gymnasium as gym
@@ -12,7 +11,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
 from envs.text_gen import TextGenEnv
-from envs.toy import GOOD, REF_PROBS, TextGenToyEnv
+from envs.toy import BAD, GOOD, REF_PROBS, TextGenToyEnv
 from envs.vector import TextGenVectorEnv
 from pretrain import load_lm
 from rlhf.reward_model import RewardModel
@@ -212,32 +211,39 @@ def test_action_masks(tiny_env_kwargs):
     assert 1 <= nucleus.action_masks().sum() < mask.sum()
 
 
-def test_bad_input_is_a_clear_error(tiny_env_kwargs):
-    env = TextGenEnv(**tiny_env_kwargs)
+def test_step_before_reset_is_a_clear_error(tiny_env_kwargs):
     with pytest.raises(RuntimeError, match="before reset"):
-        env.step(5)
+        TextGenEnv(**tiny_env_kwargs).step(5)
+
+
+BAD_LM_ENV_INPUTS = [  # (call on a reset env, message)
+    (lambda env: env.step(env.action_space.n), r"action 512 is out of range: valid token ids are 0..511"),
+    (lambda env: env.step(-1), "action -1 is out of range"),
+    (lambda env: env.step(env.tokenizer.pad_token_id), r"action 1 \('<\|pad\|>'\) is masked"),
+    (lambda env: env.step(3.0), "got float"),
+    (lambda env: env.step(np.array(3, dtype=np.float32)), "got dtype float32"),
+    (lambda env: env.step(True), "got bool"),
+    (lambda env: env.reset(options={"promt": "x"}), r"unknown reset option\(s\) \['promt'\]"),
+    (lambda env: env.reset(options={"prompt": "word " * 200}), "longer than this env's context budget"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_LM_ENV_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_LM_ENV_INPUTS])
+def test_bad_input_to_the_lm_env_is_a_clear_error(tiny_env_kwargs, call, message):
+    env = TextGenEnv(**tiny_env_kwargs)
     env.reset(seed=0)
-    n = env.action_space.n
-    with pytest.raises(ValueError, match=f"action {n} is out of range: valid token ids are 0..{n - 1}"):
-        env.step(n)
-    with pytest.raises(ValueError, match="action -1 is out of range"):
-        env.step(-1)
-    with pytest.raises(ValueError, match=r"action 1 \('<\|pad\|>'\) is masked"):
-        env.step(env.tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="got float"):
-        env.step(3.0)
-    with pytest.raises(ValueError, match="got dtype float32"):
-        env.step(np.array(3, dtype=np.float32))
-    with pytest.raises(ValueError, match="got bool"):
-        env.step(True)
-    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['promt'\]"):
-        env.reset(options={"promt": "x"})
-    with pytest.raises(ValueError, match="longer than this env's context budget"):
-        env.reset(options={"prompt": "word " * 200})
-    with pytest.raises(ValueError, match="unknown render_mode"):
-        TextGenEnv(render_mode="rgb_array", **tiny_env_kwargs)
-    with pytest.raises(ValueError, match="ref_logprob_coef must be a finite number >= 0"):
-        TextGenEnv(**{**tiny_env_kwargs, "ref_logprob_coef": -1})
+    with pytest.raises(ValueError, match=message):
+        call(env)
+    env.step(int(np.flatnonzero(env.action_masks())[5]))  # still usable
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"render_mode": "rgb_array"}, "unknown render_mode"),
+    ({"ref_logprob_coef": -1}, "ref_logprob_coef must be a finite number >= 0"),
+])
+def test_bad_lm_env_arguments_are_clear_errors(tiny_env_kwargs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TextGenEnv(**{**tiny_env_kwargs, **kwargs})
 
 
 def test_render_modes(tiny_env_kwargs, capsys):
@@ -261,23 +267,25 @@ def test_toy_env_optimal_policy_earns_one():
 
 
 def test_entropy_bonus_with_shaping_equals_kl_regularised_objective():
-    """E_pi[R - b log(pi/pi_ref)] == E_pi[R + b log pi_ref] + b H(pi), measured through the toy env."""
+    """What the env pays, plus an entropy bonus beta H(pi), is the KL-regularised objective
+    E_pi[R] - beta KL(pi || pi_ref) computed by hand from the task's true reward and reference
+    (one-token episodes of the toy env, so the expectations are exact sums)."""
     beta = 0.2
     env = TextGenToyEnv(max_new_tokens=1, ref_logprob_coef=beta)
-    pi = torch.tensor([0.05, 0.5, 0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
-    env_return = []  # R + beta log pi_ref(a), as the env pays it, for each action
+    pi = torch.tensor([0.05, 0.5, 0.05, 0.1, 0.1, 0.1, 0.05, 0.05], dtype=torch.float64)
+    env_return = []  # what the env pays for each first (and last) token
     for a in range(len(pi)):
         env.reset(seed=0)
         _, reward, terminated, _, _ = env.step(a)
         assert terminated
         env_return.append(reward)
-    env_return = torch.tensor(env_return)
+    env_return = torch.tensor(env_return, dtype=torch.float64)
+    true_reward = torch.zeros(len(pi), dtype=torch.float64)
+    true_reward[GOOD], true_reward[BAD] = 1.0, -1.0  # (#good - #bad) / horizon, horizon 1
+    ref = REF_PROBS.double()
+    objective = (pi * true_reward).sum() - beta * (pi * (pi.log() - ref.log())).sum()
     entropy = -(pi * pi.log()).sum()
-    lhs = (pi * (env_return - beta * REF_PROBS.log() - beta * (pi.log() - REF_PROBS.log()))).sum()
-    rhs = (pi * env_return).sum() + beta * entropy
-    assert lhs.item() == pytest.approx(rhs.item(), abs=1e-6)
-    # and the env's payment really is R + beta log pi_ref:
-    assert env_return[GOOD].item() == pytest.approx(1.0 + beta * math.log(REF_PROBS[GOOD]), abs=1e-6)
+    assert (pi * env_return).sum().item() + beta * entropy.item() == pytest.approx(objective.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("coef", [float("nan"), float("inf"), -0.5])

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, shaped_rewards
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
 
 def test_k1_and_k3_are_unbiased_on_a_toy_categorical():
@@ -30,24 +30,6 @@ def test_estimators_match_their_formulas():
     assert kl_estimate(logp, logq, "k3").item() == pytest.approx(math.exp(log_r) - 1 - log_r)
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         kl_estimate(logp, logq, "k4")
-
-
-def test_shaped_rewards_hand_computation():
-    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
-    ref = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-2.0, -1.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    scores = torch.tensor([2.0, -1.0])
-    r = shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
-    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0, 0.0], [-0.1, 0.0 - 1.0, 0.0, 0.0]])
-    torch.testing.assert_close(r, expected)
-
-
-def test_shaped_rewards_rejects_bad_input():
-    z = torch.zeros(1, 3)
-    with pytest.raises(ValueError, match="non-finite reward"):
-        shaped_rewards(torch.tensor([float("nan")]), z, z, torch.ones(1, 3), 0.1)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        shaped_rewards(torch.tensor([1.0]), z, torch.zeros(1, 2), torch.ones(1, 3), 0.1)
 
 
 def test_controllers_move_beta_the_right_way():

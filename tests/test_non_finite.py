@@ -14,7 +14,7 @@ import torch
 from agents import dqn, ppo, reinforce
 from agents.policy import LMPolicy, sample_categorical
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
-from rlhf import dpo, reward_model, sft
+from rlhf import dpo, reward_training, sft
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
 
@@ -104,7 +104,7 @@ def test_rlhf_trainers_never_save_a_blown_up_model(tmp_path, monkeypatch, tiny_g
     if trainer == "dpo":
         blow_up_at(dpo, monkeypatch, step=1)
         cfg = dpo.DPOConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "p.jsonl", pairs), out=str(out),
-                            batch_size=8, eval_prompts=2, eval_samples=1, max_new_tokens=4, device="cpu")
+                            batch_size=8, max_new_tokens=4, device="cpu")
         run = dpo.train_dpo
     elif trainer == "sft":
         blow_up_at(sft, monkeypatch, step=1)
@@ -113,10 +113,10 @@ def test_rlhf_trainers_never_save_a_blown_up_model(tmp_path, monkeypatch, tiny_g
                             batch_size=8, device="cpu")
         run = sft.train_sft
     else:
-        blow_up_at(reward_model, monkeypatch, step=1)
-        cfg = reward_model.RewardConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "p.jsonl", pairs), out=str(out),
+        blow_up_at(reward_training, monkeypatch, step=1)
+        cfg = reward_training.RewardConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "p.jsonl", pairs), out=str(out),
                                         batch_size=8, epochs=1, eval_prompts=2, max_new_tokens=4, device="cpu")
-        run = reward_model.train_reward_model
+        run = reward_training.train_reward_model
     with pytest.raises(NonFiniteError, match="non-finite"):
         run(cfg)
     assert not (out / "final").exists()
@@ -144,7 +144,7 @@ def test_step_trainers_never_checkpoint_a_blown_up_model(tmp_path, monkeypatch, 
     out = tmp_path / trainer
     if trainer == "dpo":
         cfg = dpo.DPOConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "p.jsonl", pairs), out=str(out), batch_size=4,
-                            checkpoint_every=1, eval_prompts=2, eval_samples=1, max_new_tokens=4, device="cpu")
+                            checkpoint_every=1, max_new_tokens=4, device="cpu")
     else:
         demos = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
         cfg = sft.SFTConfig(model=str(tiny_gpt2_dir), data=write_jsonl(tmp_path / "d.jsonl", demos), out=str(out), batch_size=4,

@@ -5,7 +5,8 @@ from transformers import AutoModelForSequenceClassification
 
 from pretrain.optim import NonFiniteError
 from rlhf.preferences import PreferencePair
-from rlhf.reward_model import RewardConfig, RewardModel, bradley_terry_loss, fit, normalise, pair_rewards, pairwise_accuracy
+from rlhf.reward_model import RewardModel, bradley_terry_loss
+from rlhf.reward_training import RewardConfig, fit, normalise, pair_rewards, pairwise_accuracy
 
 
 def random_head_rm(model_dir, seed: int = 0) -> RewardModel:

@@ -263,7 +263,10 @@ def test_cli_trains_logs_exports_and_evaluates(tmp_path):
                  "--out", str(out)]) == 0
     events = EventAccumulator(str(out))
     events.Reload()
-    assert {"reward/rm", "reward/gold", "kl/ref", "train/entropy_loss", "rollout/ep_rew_mean"} <= set(events.Tags()["scalars"])
+    tags = set(events.Tags()["scalars"])
+    assert {"reward/rm", "reward/gold", "kl/ref", "policy/entropy", "policy/approx_kl", "loss/value", "rollout/ep_rew_mean"} <= tags
+    assert not {"train/entropy_loss", "train/approx_kl"} & tags, "one tag scheme: SB3's names are mapped"
+    assert min(e.value for e in events.Scalars("policy/entropy")) > 0, "an entropy, not SB3's entropy loss"
     assert "samples" in str(events.Tags()["tensors"])
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.vocab_size == 8
     summary = json.loads((out / "summary.json").read_text())

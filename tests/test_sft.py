@@ -23,9 +23,19 @@ def test_sft_loss_counts_completion_tokens_only(tiny_gpt2_dir):
 
 
 def test_default_demonstrations_are_positive_review_openings():
+    """Each demonstration is the opening of a review labelled positive (and of none labelled negative)."""
+    from pretrain import corpus
+
     demos = review_demonstrations("train", 20, 10, seed=0)
     assert len(demos) == 20
     assert all(2 <= len(d["prompt"].split()) <= 8 and d["completion"].startswith(" ") for d in demos)
+    reviews = corpus.reviews("train", 0)
+    positive = [r.text for r in reviews if r.label == 1]
+    negative = [r.text for r in reviews if r.label == 0]
+    for d in demos:
+        text = d["prompt"] + d["completion"]
+        assert any(r.startswith(text) for r in positive), text
+        assert not any(r.startswith(text) for r in negative), text
     assert demos == review_demonstrations("train", 20, 10, seed=0)
 
 
