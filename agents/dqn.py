@@ -241,7 +241,7 @@ def train(cfg: DQNConfig) -> dict:
                     targets = td_targets(batch, q_net, target_net, cfg)
                     q_sa = q_values(q_net, batch.contexts, batch.context_mask, cfg).gather(-1, batch.actions.view(-1, 1)).squeeze(-1)
                     td_error = q_sa - targets
-                    loss = (batch.weights * F.smooth_l1_loss(q_sa, targets, reduction="none")).mean()  # Huber
+                    loss = (batch.is_weights * F.smooth_l1_loss(q_sa, targets, reduction="none")).mean()  # Huber, IS-weighted
                     optimizer_step(loss, optimizer, q_net.parameters(), cfg.max_grad_norm)
                     grad_steps += 1
                     if cfg.prioritized:

@@ -38,7 +38,7 @@ class Batch:
     next_mask: torch.Tensor
     dones: torch.Tensor  # (B,) float
     discounts: torch.Tensor  # (B,) gamma^n
-    weights: torch.Tensor  # (B,) importance-sampling weights (1 for uniform replay)
+    is_weights: torch.Tensor  # (B,) importance-sampling weights (1 for uniform replay)
     indices: np.ndarray  # (B,) buffer slots, for update_priorities
 
 
@@ -48,7 +48,7 @@ class ReplayBuffer:
 
     ``add`` raises ``ValueError`` for a context longer than ``max_len`` or a non-finite reward;
     ``sample(batch_size)`` returns a :class:`Batch` of (B, max_len) left-padded int64 contexts and
-    their masks, (B,) actions, n-step returns, dones, discounts and weights (1: uniform); sampling an
+    their masks, (B,) actions, n-step returns, dones, discounts and ``is_weights`` (1: uniform); sampling an
     empty buffer raises ``RuntimeError``.
     """
 
@@ -96,7 +96,7 @@ class ReplayBuffer:
         return self.rng.integers(0, self.size, size=batch_size), np.ones(batch_size, dtype=np.float32)
 
     def sample(self, batch_size: int, device="cpu") -> Batch:
-        indices, weights = self.sample_indices(batch_size)
+        indices, is_weights = self.sample_indices(batch_size)
         positions = np.arange(self.max_len)
 
         def ids_and_mask(ids, lengths):
@@ -108,7 +108,7 @@ class ReplayBuffer:
         next_contexts, next_mask = ids_and_mask(self.next_contexts, self.next_lengths)
         as_t = lambda a, dtype=torch.float32: torch.as_tensor(a[indices], dtype=dtype, device=device)  # noqa: E731
         return Batch(contexts, context_mask, as_t(self.actions, torch.long), as_t(self.rewards), next_contexts, next_mask,
-                     as_t(self.dones), as_t(self.discounts), torch.as_tensor(weights, device=device), indices)
+                     as_t(self.dones), as_t(self.discounts), torch.as_tensor(is_weights, device=device), indices)
 
     # -- memory and checkpointing ----------------------------------------------------------------
     _ARRAYS = ("contexts", "next_contexts", "lengths", "next_lengths", "actions", "rewards", "dones", "discounts")
@@ -187,8 +187,8 @@ class SumTree:
 
 class PrioritizedReplayBuffer(ReplayBuffer):
     """Proportional prioritized replay (Schaul et al. 2016): P(i) = p_i^alpha / sum_k p_k^alpha,
-    p_i = |td_error_i| + eps, importance weights w_i = (N P(i))^-beta / max_j w_j (``Batch.weights``,
-    the ``is_weights`` of the loss). ``ValueError`` for alpha < 0, beta outside [0, 1] or eps <= 0
+    p_i = |td_error_i| + eps, importance-sampling weights w_i = (N P(i))^-beta / max_j w_j
+    (``Batch.is_weights``, which scale each transition's loss). ``ValueError`` for alpha < 0, beta outside [0, 1] or eps <= 0
     (with eps = 0, all-zero TD errors would leave nothing to sample by)."""
 
     def __init__(self, capacity: int, max_len: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
@@ -215,8 +215,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         masses = (np.arange(batch_size) + self.rng.random(batch_size)) * segment
         indices = np.array([min(self.tree.find(m), self.size - 1) for m in masses])
         probs = self.tree.get(indices) / total
-        weights = (self.size * probs) ** (-self.beta)
-        return indices, (weights / weights.max()).astype(np.float32)
+        is_weights = (self.size * probs) ** (-self.beta)
+        return indices, (is_weights / is_weights.max()).astype(np.float32)
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         """p_i = |delta_i| + eps, stored as p_i^alpha."""

@@ -3,14 +3,16 @@
 The algorithms (``ppo.py``, ``reinforce.py``, ``dqn.py``) stay readable top to bottom; this file
 holds the machinery around them:
 
-* ``make_env`` builds the vector env (``gym.make_vec(..., vectorization_mode="vector_entry_point")``)
-  and ``make_policy_model`` resolves ``--model auto`` (the shipped LM, or a tiny random GPT-2 for
-  the toy env, whose 8-word vocabulary no pretrained LM shares).
+* ``make_env`` builds the vector env (``gym.make_vec(..., vectorization_mode="vector_entry_point")``;
+  any env with the tensor API of ``envs.api`` will do) and ``make_policy_model`` resolves ``--model
+  auto`` (the LM the env speaks, or a tiny random GPT-2 for an env no pretrained LM speaks, like the
+  toy's 8 words).
 * ``Run`` owns the TensorBoard writer (``runs/`` by default), the metric stream (``metrics.jsonl``,
   one line per update, what resume must reproduce), the rich progress bar, and checkpoints:
   an HF dir for the policy plus optimizer / RNG / env-RNG / counters in safetensors + JSON
-  (never pickle). ``resume`` restores all of it so the continued metric stream equals an
-  uninterrupted run's. Ctrl-C finishes the current update, checkpoints and exits.
+  (never pickle), written atomically (``pretrain.run_dir``). ``resume`` restores all of it so the
+  continued metric stream equals an uninterrupted run's. Ctrl-C finishes the current update,
+  checkpoints, and prints the command that resumes.
 * A non-finite value (logits, loss, gradient, reward) stops the run with a ``NonFiniteError`` that
   names it, the update, and the last checkpoint that exists (or that there is none); a checkpoint
   is written only after the policy's weights and outputs are checked finite.

@@ -17,6 +17,7 @@ Conventions shared by every implementation:
   episode arrives in the step that finishes it, with its record in ``finished``.
 * Auto-reset is Gymnasium's ``NEXT_STEP``: the step after a sub-env terminates starts it over (that
   step's action is ignored, its reward is 0 and ``reset[i]`` is True).
+* The tensors returned may be the env's own state, valid until the next call: clone what you keep.
 """
 
 from __future__ import annotations
