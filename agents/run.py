@@ -140,7 +140,7 @@ class Run:
         self.metrics_file = (self.out / "metrics.jsonl").open("a")
         self.progress = progress_bar(self.algorithm)
         self.progress.__enter__()
-        self.task = self.progress.add_task(self.algorithm, total=self.total_updates, completed=self.update, status="")
+        self.progress_task = self.progress.add_task(self.algorithm, total=self.total_updates, completed=self.update, status="")
         self.t0 = time.perf_counter()
         return self
 
@@ -186,7 +186,7 @@ class Run:
         self.metrics_file.flush()
         status = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in (("reward/rm", "rm"), ("reward/gold", "gold"), ("kl/ref", "kl"))
                            if k in metrics)
-        self.progress.update(self.task, completed=self.update, status=status)
+        self.progress.update(self.progress_task, completed=self.update, status=status)
 
     def due(self) -> bool:
         """Whether the update just logged ends with a checkpoint: every ``checkpoint_every``, the last, or Ctrl-C."""
