@@ -30,6 +30,7 @@ from pretrain.train import train as pretrain
 from rlhf.dpo import DPOConfig, train_dpo
 from rlhf.preferences import PreferenceConfig, make_preferences
 from rlhf.reward_training import RewardConfig, train_reward_model
+from rlhf.sentiment_classifier import ClassifierConfig, train_classifier
 from rlhf.sft import SFTConfig, train_sft
 
 
@@ -46,6 +47,7 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(SampleConfig, sample, "sample continuations of a prompt from a model"),
     "preferences": Command(PreferenceConfig, make_preferences, "sample completions, label preference pairs with the gold scorer"),
     "reward": Command(RewardConfig, train_reward_model, "train a Bradley-Terry reward model on preference pairs"),
+    "classifier": Command(ClassifierConfig, train_classifier, "train the sentiment classifier on human review labels (the second shipped reward)"),
     "sft": Command(SFTConfig, train_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
     "dpo": Command(DPOConfig, train_dpo, "Direct Preference Optimization against a frozen reference"),
     "eval": Command(EvalConfig, evaluate, "compare trained policies on held-out prompts (gold, RM, KL); JSON + plot"),
@@ -116,6 +118,44 @@ def train_usage() -> str:
     return "\n".join(lines)
 
 
+def merge_repeated_flags(parser: HfArgumentParser, args: list[str]) -> list[str]:
+    """``--reward a --reward b`` as ``--reward a b``: a list flag may be repeated (argparse keeps only
+    the last occurrence of an ``nargs="+"`` flag)."""
+    list_flags = {opt: action for action in parser._actions if action.nargs == "+" for opt in action.option_strings}
+    out: list[str] = []
+    first: dict[str, int] = {}  # list flag -> index in out just after its values
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        action = list_flags.get(arg)
+        if action is None:
+            out.append(arg)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(args) and not (args[j].startswith("--") or (args[j].startswith("-") and not _is_number(args[j]))):
+            j += 1
+        values = args[i + 1 : j]
+        if action.dest in first:
+            at = first[action.dest]
+            out[at:at] = values
+            first = {k: v + len(values) if v >= at and k != action.dest else v for k, v in first.items()}
+            first[action.dest] = at + len(values)
+        else:
+            out += [arg, *values]
+            first[action.dest] = len(out)
+        i = j
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def given_fields(parser: HfArgumentParser, args: list[str]) -> set[str]:
     """The config fields whose flags appear in ``args`` (``--num-envs 8``, ``--num_envs=8``, ``--no-x``)."""
     given = set()
@@ -166,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     command = table[name]
     prog = f"textgym train {name}" if table is TRAIN else f"textgym {name}"
     parser = make_parser(command, prog)
+    rest = merge_repeated_flags(parser, rest)
     try:
         cfg, unknown = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
         if unknown:

@@ -45,17 +45,17 @@ import torch.nn.functional as F
 
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.padding import position_ids_from_mask
 
 
 @dataclass
-class DQNConfig:
+class DQNConfig(TaskConfig):
     """DQN fine-tuning of an LM's logits as Q-values on a TextGen env."""
 
-    env: str = hparam("TextGenToy-v0", "registered env id")
-    model: str = hparam("auto", "initial Q-network: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
+    env: str = hparam("TextGenToy-v0", "registered env id (module:MyTask-v0 imports module first)")
     num_envs: int = hparam(16, "parallel envs (episodes collected per update)")
     total_steps: int = hparam(4_000, "env steps (transitions) to train for")
     max_new_tokens: int = hparam(4, "tokens per episode")
@@ -95,6 +95,7 @@ class DQNConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_task()
         if self.q_form not in ("log_policy", "logits"):
             raise ValueError(f"unknown q_form {self.q_form!r}; expected 'log_policy' or 'logits'")
         if self.exploration not in ("epsilon", "boltzmann"):
@@ -154,7 +155,8 @@ def train(cfg: DQNConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
+                   ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
     policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.valid_actions,
                            value_head=cfg.q_form == "log_policy")
@@ -201,6 +203,7 @@ def train(cfg: DQNConfig) -> dict:
             windows = [deque() for _ in range(cfg.num_envs)]
             done = torch.zeros(cfg.num_envs, dtype=torch.bool)
             episode_rm, episode_gold, texts, td_log, loss_log = [], [], [], [], []
+            episode_terms: dict[str, list[float]] = {}
             eps = epsilon_at(run.env_steps, total_transitions, cfg) if cfg.exploration == "epsilon" else 0.0
             for _t in range(cfg.max_new_tokens):
                 with torch.no_grad():
@@ -226,6 +229,8 @@ def train(cfg: DQNConfig) -> dict:
                     if not done[i]:
                         episode_rm.append(info["rm_score"])
                         episode_gold.append(info["gold_score"])
+                        for name, value in info.get("reward_terms", {}).items():
+                            episode_terms.setdefault(name, []).append(value)
                         texts.append(info["prompt"] + info["text"])
                 done |= terminated
                 ids, attn = next_ids, next_attn
@@ -256,8 +261,7 @@ def train(cfg: DQNConfig) -> dict:
                     loss_log.append(float(loss.detach()))
 
             metrics = {
-                "reward/rm": float(np.mean(episode_rm)),
-                "reward/gold": float(np.mean(episode_gold)),
+                **reward_metrics(episode_rm, episode_gold, episode_terms),
                 "value/td_error": float(np.mean(td_log)) if td_log else 0.0,
                 "loss/value": float(np.mean(loss_log)) if loss_log else 0.0,
                 "explore/epsilon": eps,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 from agents.policy import LMPolicy, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
+from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, resolve_model_path, sha256_file
 from pretrain.progress import progress_bar
@@ -40,11 +42,12 @@ from rlhf.kl import warn_if_negative_kl
 
 
 @dataclass
-class EvalConfig:
-    """Compare policies (run dirs or HF model dirs) on held-out prompts."""
+class EvalConfig(TaskConfig):
+    """Compare policies (run dirs or HF model dirs) on held-out prompts. The task (env, reward, judge,
+    prompts) is the runs' own, from their run.json; a flag given here replaces it for every run."""
 
     runs: list[str] = hparam(None, "run dirs (from textgym train, dpo, sft) and/or HF model dirs to evaluate")
-    env: str = hparam("TextGen-v0", "env whose reward model and gold scorer to use")
+    env: str = hparam("auto", "env whose reward and gold scorer to use: 'auto' = the runs' env (TextGen-v0 for model dirs)")
     model: str = hparam("auto", "the LM the env is built on (its tokenizer and prompts' encoding): 'auto' = the runs' initial "
                                 "model, 'default' or an HF causal-LM dir")
     reference: str = hparam("auto", "reference model for KL: 'auto' = each run's initial model")
@@ -58,6 +61,7 @@ class EvalConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_task()
         if not self.runs:
             raise ValueError("give at least one run or model dir with --runs")
         require_positive(self, "episodes", "num_envs", "max_new_tokens")
@@ -133,19 +137,51 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress
     }
 
 
+TASK_FIELDS = tuple(f.name for f in fields(TaskConfig) if f.name != "model")
+
+
+def eval_task(cfg: EvalConfig, run_paths: Sequence[str], given: set[str]) -> TaskConfig:
+    """The task the runs were trained on (their run.json), with the fields of ``cfg`` in ``given``
+    (set on the command line, or differing from the defaults) on top. ``ValueError`` when runs of
+    different tasks are compared without flags that make the task one."""
+    defaults = TaskConfig()
+    tasks = {}
+    for path in run_paths:
+        saved = {}
+        if (Path(path) / RUN_FILE).is_file():
+            saved = json.loads((Path(path) / RUN_FILE).read_text()).get("config", {})
+        task = {name: saved.get(name, getattr(defaults, name)) for name in TASK_FIELDS}
+        tasks[str(path)] = {k: v for k, v in task.items() if k not in given}
+    distinct = {json.dumps(t, sort_keys=True) for t in tasks.values()}
+    if len(distinct) > 1:
+        keys = sorted({k for t in tasks.values() for k in t if len({json.dumps(u.get(k)) for u in tasks.values()}) > 1})
+        raise ValueError(f"the runs were trained on different tasks (they differ in {', '.join(keys)}); evaluate them "
+                         f"separately, or set {', '.join('--' + k.replace('_', '-') for k in keys)} to judge them alike")
+    merged = json.loads(distinct.pop()) if distinct else {}
+    task = TaskConfig(**{**merged, **{k: getattr(cfg, k) for k in given if k in TASK_FIELDS}, "model": cfg.model})
+    if task.env == "auto":
+        task.env = "TextGen-v0"
+    return task
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
-    split = {} if cfg.env == "TextGenToy-v0" else {"prompt_split": "test"}
     out = Path(cfg.out)
     runs = [(run_path, *models_of(Path(run_path))) for run_path in cfg.runs]  # every path checked before any work
+    defaults = EvalConfig(runs=["-"])
+    given = {name for name in TASK_FIELDS if getattr(cfg, name) != getattr(defaults, name)}
+    task = eval_task(cfg, cfg.runs, given)
     RunDir(out, "eval", overwrite=cfg.overwrite, config=asdict(cfg))
-    env_model = {} if cfg.model == "auto" else {"model": cfg.model}
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split, **env_model)
+    if task.prompts and not task.eval_prompts and not Path(task.prompts).is_dir():
+        warnings.warn(f"no held-out prompts (--eval-prompts) were given with --prompts {task.prompts}: evaluating on the "
+                      "training prompts", stacklevel=2)
+    env_kwargs = dict(max_new_tokens=cfg.max_new_tokens, prompt_split="test", **task_kwargs(task, split="test"))
+    env = make_env(task.env, cfg.num_envs, device, cfg.seed, model=cfg.model, **env_kwargs)
     initials = {str(initial) for _, _, _, initial in runs if initial and initial != "auto"}
     if cfg.model == "auto" and env.lm_path is not None and len(initials) == 1:  # the runs' own LM, e.g. a user's
         initial = Path(resolve_model_path(initials.pop())).resolve()
         if initial != Path(env.lm_path).resolve():
-            env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, **split, model=str(initial))
+            env = make_env(task.env, cfg.num_envs, device, cfg.seed, model=str(initial), **env_kwargs)
     results: dict[str, list[dict]] = {}
     n_models = sum(1 + len(models) for _, _, models, _ in runs)
     with progress_bar("eval") as progress:

@@ -32,17 +32,16 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TaskConfig):
     """PPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
 
-    env: str = hparam("TextGen-v0", "registered env id (TextGen-v0, TextGenFewShot-v0, TextGenInstruct-v0, TextGenToy-v0)")
-    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
     num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
     total_steps: int = hparam(16_384, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
@@ -77,6 +76,7 @@ class PPOConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_task()
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches",
@@ -145,7 +145,8 @@ def train(cfg: PPOConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
+                   ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
     model_dir = run.resume_model_dir() or initial_dir
     policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions)
@@ -215,8 +216,7 @@ def train(cfg: PPOConfig) -> dict:
             seq_kl = float(kl.sum(1).mean())
             kl_ctl.update(seq_kl, cfg.num_envs)
             metrics = {
-                "reward/rm": float(rollout.rm_scores.mean()),
-                "reward/gold": float(np.mean(rollout.gold_scores)),
+                **reward_metrics(rollout.rm_scores, rollout.gold_scores, rollout.reward_terms),
                 "reward/total": float((rewards * mask).sum(1).mean()),
                 "kl/ref": seq_kl,
                 "kl/coef": kl_ctl.value,

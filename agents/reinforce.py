@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step
+from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
@@ -35,11 +35,9 @@ BASELINES = ("none", "moving_average", "rloo")
 
 
 @dataclass
-class ReinforceConfig:
+class ReinforceConfig(TaskConfig):
     """REINFORCE fine-tuning of an LM policy on a TextGen env."""
 
-    env: str = hparam("TextGen-v0", "registered env id")
-    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
     num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
     total_steps: int = hparam(32_768, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
@@ -66,6 +64,7 @@ class ReinforceConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_task()
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
@@ -92,7 +91,8 @@ def train(cfg: ReinforceConfig) -> dict:
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
+                   ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
     initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
     policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.valid_actions, value_head=False)
     check_policy_fits_env(policy, env)
@@ -138,8 +138,7 @@ def train(cfg: ReinforceConfig) -> dict:
             seq_kl = float(kl.sum(1).mean())
             kl_ctl.update(seq_kl, cfg.num_envs)
             metrics = {
-                "reward/rm": float(rollout.rm_scores.mean()),
-                "reward/gold": float(np.mean(rollout.gold_scores)),
+                **reward_metrics(rollout.rm_scores, rollout.gold_scores, rollout.reward_terms),
                 "reward/total": float(returns.mean()),
                 "kl/ref": seq_kl,
                 "kl/coef": kl_ctl.value,

@@ -39,6 +39,7 @@ class Rollout:
     gold_scores: np.ndarray  # (N,)
     texts: list[str]  # the completions
     prompts: list[str]
+    reward_terms: dict[str, np.ndarray]  # each term of a weighted reward, (N,) per name (empty otherwise)
 
     @property
     def n_tokens(self) -> int:
@@ -59,6 +60,7 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
     has_ref = True
     rm_scores = torch.zeros(n, device=device)
     gold, texts = np.zeros(n), [""] * n
+    terms: dict[str, np.ndarray] = {}
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(horizon):
         actions = policy.sample()
@@ -73,6 +75,8 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
             ref_logprobs[:, t] = torch.where(live, step.ref_logprobs, ref_logprobs[:, t])
         for i, info in step.finished.items():  # only live episodes can finish
             rm_scores[i], gold[i], texts[i] = info["rm_score"], info["gold_score"], info["text"]
+            for name, value in info.get("reward_terms", {}).items():
+                terms.setdefault(name, np.zeros(n))[i] = value
         done |= step.terminated & live
         if bool(done.all()):
             break
@@ -91,4 +95,5 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
         gold_scores=gold,
         texts=texts,
         prompts=start.prompts,
+        reward_terms=terms,
     )

@@ -33,6 +33,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import envs  # noqa: F401  (registers the suite)
+from agents.task_config import env_parameters, resolve_env_id
 from envs.api import TextVectorEnv
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.model import build_gpt2, resolve_device, save_lm
@@ -41,12 +42,25 @@ from pretrain.progress import progress_bar
 from pretrain.run_dir import RunDir, StopOnInterrupt, atomic_write_dir, check_same_config, resolve_out, verify_dir
 
 
-def make_env(env_id: str, num_envs: int, device, seed: int, **env_kwargs) -> TextVectorEnv:
+def make_env(env_id: str, num_envs: int, device, seed: int, model: str | None = None, prompt_split: str | None = None,
+             **env_kwargs) -> TextVectorEnv:
     """The registered env's native vector version, reset with ``seed``; it must provide the tensor
-    API the agents use (``envs.api.TextVectorEnv``)."""
-    if env_id not in envs.ENV_IDS and env_id not in gym.registry:
-        raise ValueError(f"unknown env id {env_id!r}; valid ids: {', '.join(envs.ENV_IDS)}")
-    env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", device=str(device), **env_kwargs)
+    API the agents use (``envs.api.TextVectorEnv``).
+
+    ``env_id`` may be ``module:Id`` (the module registers it). ``model`` (a causal-LM dir or
+    'default'; None/'auto' = the env's own) is passed on when the env takes a ``model`` argument, so
+    the env speaks the policy's tokenizer; ``prompt_split`` likewise (an env without splits, like
+    the toy, has only its own prompts). Any other kwarg the env does not take is a ``ValueError``
+    naming it."""
+    name = resolve_env_id(env_id)
+    params, open_kwargs = env_parameters(name)
+    for key, value in (("model", None if model == "auto" else model), ("prompt_split", prompt_split)):
+        if value is not None and (key in params or open_kwargs):
+            env_kwargs[key] = value
+    unknown = sorted(k for k in env_kwargs if k not in params)
+    if unknown and not open_kwargs:
+        raise ValueError(f"env {name!r} does not take {', '.join(unknown)} (it takes: {', '.join(sorted(params - {'self'}))})")
+    env = gym.make_vec(name, num_envs=num_envs, vectorization_mode="vector_entry_point", device=str(device), **env_kwargs)
     env = env.unwrapped if hasattr(env, "unwrapped") else env
     if not isinstance(env, TextVectorEnv):
         raise ValueError(f"{env_id!r} makes a {type(env).__name__}, which lacks the tensor API the agents use "
@@ -74,7 +88,20 @@ def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int) -> s
     return str(target)
 
 
-__all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step"]
+def reward_metrics(rm_scores, gold_scores, reward_terms: dict | None = None) -> dict[str, float]:
+    """The episode-end metrics of a batch of finished episodes: ``reward/rm`` (the task's reward:
+    reward model, classifier, function or weighted sum), ``reward/gold`` (omitted when the env
+    computes no gold score) and ``reward/terms/<name>`` for each term of a weighted reward."""
+    gold = np.asarray(gold_scores, dtype=np.float64)
+    metrics = {"reward/rm": float(np.mean(np.asarray(rm_scores.cpu() if torch.is_tensor(rm_scores) else rm_scores)))}
+    if np.isfinite(gold).any():
+        metrics["reward/gold"] = float(np.nanmean(gold))
+    for name, values in (reward_terms or {}).items():
+        metrics[f"reward/terms/{name}"] = float(np.mean(values))
+    return metrics
+
+
+__all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step", "reward_metrics"]
 
 
 class Run:

@@ -12,6 +12,11 @@ list, seed 0; each number is the median of ``--repeats`` timed runs after one wa
   on ``TextGenVectorEnv`` (the policy samples with its own KV cache, the env steps all episodes in
   one tensor step, the reward model scores finished episodes in one batch; with ref_logprob_coef > 0 the env
   also runs the KV-cached reference LM), and each one's ratio to generate;
+* ``rollout_classifier_tokens_per_s``: the same rollout (``ref_logprob_coef=0``) rewarded by a
+  cross-tokenizer classifier (``--classifier``, default: the shipped BERT-style classifier of human
+  labels, its own WordPiece tokenizer) instead of the reward model, its ratio to generate, and
+  ``classifier_time_share``: the fraction of that rollout's time spent in the classifier (decode,
+  re-tokenise, score);
 * ``single_env_step_overhead``: a ``TextGenEnv.step`` with ``ref_logprob_coef>0`` (one cached reference
   forward + bookkeeping) vs one bare cached forward of the same model, as a fraction.
 """
@@ -29,7 +34,7 @@ import torch
 
 from agents.policy import LMPolicy
 from agents.rollout import collect_rollout
-from envs.task import read_prompts
+from envs.prompts import read_prompts
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 from pretrain import default_model_dir, load_lm, save_lm
@@ -67,13 +72,32 @@ def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: in
     return median_rate(run, repeats, device)
 
 
-def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int) -> float:
+class TimedReward:
+    """The env's reward function, timing its calls (seconds in ``self.seconds``)."""
+
+    def __init__(self, reward_fn, device):
+        self.reward_fn, self.device, self.seconds = reward_fn, device, 0.0
+
+    def __call__(self, *args):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.reward_fn(*args)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int, reward="default") -> tuple[float, float]:
+    """Median rollout tokens/s, and the fraction of the rollouts' time spent in the reward function."""
     env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef,
-                           device=str(device), gold=False)
+                           device=str(device), gold=False, reward=reward)
+    env.task.reward_fn = timed = TimedReward(env.task.reward_fn, device)
     env.reset(seed=0)
     policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions, value_head=False)
     policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
-    return median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
+    start = time.perf_counter()
+    rate = median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
+    return rate, timed.seconds / (time.perf_counter() - start)
 
 
 def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 15) -> float:
@@ -113,6 +137,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--models", nargs="+", default=["default", "gpt2-small"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--classifier", default="default-classifier", help="the cross-tokenizer classifier reward ('' = skip)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -134,15 +159,21 @@ def main():
             for batch in args.batches:
                 prompts = random.Random(0).sample(all_prompts, batch)
                 gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device, args.repeats)
-                r0 = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
-                r1 = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats)
+                r0, rm_share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
+                r1, _ = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats)
                 entry["batches"][batch] = {
                     "generate_tokens_per_s": round(gen, 1),
                     "rollout_kl0_tokens_per_s": round(r0, 1),
                     "rollout_kl0_ratio_vs_generate": round(r0 / gen, 3),
+                    "rm_time_share": round(rm_share, 3),
                     "rollout_kl_tokens_per_s": round(r1, 1),
                     "rollout_kl_ratio_vs_generate": round(r1 / gen, 3),
                 }
+                if args.classifier:
+                    rc, share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats, args.classifier)
+                    entry["batches"][batch].update(rollout_classifier_tokens_per_s=round(rc, 1),
+                                                   rollout_classifier_ratio_vs_generate=round(rc / gen, 3),
+                                                   classifier_time_share=round(share, 3))
                 print(json.dumps({name: entry["batches"][batch], "batch": batch}), flush=True)
             result["models"][name] = entry
     print(json.dumps(result))

@@ -48,7 +48,7 @@ class VectorStep:
     terminated: torch.Tensor  # (N,) bool: the episode ended with this step
     reset: torch.Tensor  # (N,) bool: sub-envs auto-reset by this step (their actions were ignored)
     ref_logprobs: torch.Tensor | None  # (N,) log pi_ref(a_t | s_t) of each action, when the env runs a reference LM
-    finished: dict[int, dict[str, Any]]  # sub-env -> {"rm_score", "gold_score", "text", "prompt"} of the episode it ended
+    finished: dict[int, dict[str, Any]]  # sub-env -> {"rm_score", "gold_score", "text", "prompt"[, "reward_terms"]} of the episode it ended
     final_input_ids: torch.Tensor | None = None  # SAME_STEP autoreset: the terminal observations of the rows in ``reset``
     final_attention_mask: torch.Tensor | None = None
 

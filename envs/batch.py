@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from envs.rewards import score_with_terms
 from envs.task import TextGenTask
 
 
@@ -36,7 +37,7 @@ class StepResult:
     rewards: torch.Tensor  # (B,) float32
     terminated: torch.Tensor  # (B,) bool
     ref_logprobs: torch.Tensor | None  # (B,) log pi_ref(a_t | s_t), when a reference is loaded
-    finished: dict  # per finished row index: {"rm_score", "gold_score", "text", "prompt"}
+    finished: dict  # per finished row index: {"rm_score", "gold_score", "text", "prompt"[, "reward_terms"]}
 
 
 class TextGenBatch:
@@ -225,8 +226,9 @@ class TextGenBatch:
         completion_ids = [[t for t, keep in zip(g, m) if keep] for g, m in zip(gen.tolist(), gen_mask.tolist())]
         completions = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
         prompts = [self.episodes[r].prompt for r in row_list]
-        scores = task.reward_fn(prompts, completions, gen, gen_mask)
+        scores, terms = score_with_terms(task.reward_fn, prompts, completions, gen, gen_mask)
         gold = task.gold([p + c for p, c in zip(prompts, completions)]) if task.gold is not None else None
+        terms = {name: values.tolist() for name, values in terms.items()}
         finished = {}
         for j, r in enumerate(row_list):
             finished[r] = {
@@ -235,6 +237,8 @@ class TextGenBatch:
                 "text": completions[j],
                 "prompt": self.episodes[r].prompt,
             }
+            if terms:
+                finished[r]["reward_terms"] = {name: values[j] for name, values in terms.items()}
         return scores, finished
 
     # -- numpy views for the Gymnasium API ---------------------------------------------------------

@@ -11,10 +11,11 @@ of the suite differ only in how a prompt becomes the LM's context:
                 optionally after a chain-of-thought style preface, then the prompt.
 
 What is judged is the same in every variant: *the review*, i.e. the prompt followed by the
-completion, as text. The reward model scores (prompt, completion) (``RewardModel.rewards``: each
-text canonically tokenised, so the reward is a function of the text, not of the policy's
-segmentation) and the gold scorer scores prompt + completion. Demonstrations, instruction and
-preface are context for the LM only; neither the reward model nor the gold scorer ever sees them.
+completion, as text. The reward (``envs.rewards``: by default the reward model, which scores
+(prompt, completion) with each text canonically tokenised; or a classifier, a Python function, a
+weighted sum) is a function of the text, not of the policy's segmentation, and the gold scorer
+(``rlhf.gold``) scores prompt + completion. Demonstrations, instruction and preface are context for
+the LM only; neither the reward nor the gold scorer ever sees them.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from envs.inputs import check_prompt
-from envs.rewards import RewardFunction, RewardModelReward
+from envs.prompts import read_prompts
+from envs.rewards import RewardFunction, make_reward
 from pretrain import corpus, load_lm
 from pretrain.config import check_float, check_int
 from pretrain.kv_cache import CachedLM
 from pretrain.model import load_config, resolve_device, resolve_model_path
 from pretrain.tokenizer import load_tokenizer
-from rlhf.gold import GoldScorer, VaderGold
+from rlhf.gold import GoldScorer, VaderGold, load_gold
 from rlhf.reward_model import RewardModel
 
 INSTRUCTION = "Write a glowing review of a film about {topic}: "
@@ -149,35 +150,6 @@ class TextGenTask:
         return self.max_context_tokens + self.max_new_tokens
 
 
-def read_prompts(prompts, split: str, tokenizer=None) -> list[str]:
-    """``None`` = the shipped prompts of ``split``; a list of strings; or a UTF-8 text file, one per
-    line. Each prompt is checked (``envs.inputs.check_prompt``) when a ``tokenizer`` is given."""
-    if prompts is None:
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown prompt_split {split!r}; expected 'train' or 'test'")
-        return [p.text for p in corpus.load_prompts(split)]
-    if isinstance(prompts, (str, Path)):
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist (pass a list of strings or a text file)")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"prompts file {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 8]!r})") from err
-        prompts = [line for line in text.splitlines() if line.strip()]
-    elif isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
-        raise ValueError(f"prompts must be None, a list of str or a text file path, got {type(prompts).__name__} {prompts!r}"[:300])
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("the prompt list is empty")
-    for i, p in enumerate(prompts):
-        if tokenizer is not None:
-            check_prompt(tokenizer, p, f"prompts[{i}]")
-        elif not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] must be a str holding text, got {p!r}")
-    return prompts
-
-
 DEMONSTRATION_POOL = 400  # short positive train reviews the few-shot demonstrations are chosen from
 
 
@@ -197,7 +169,7 @@ def positive_demonstrations(k: int, seed: int = 0, max_words: int = 30) -> list[
 
 def build_lm_task(
     model: str | Path = "default",
-    reward_model: str | Path | RewardModel = "default",
+    reward_model: str | Path | RewardModel | None = None,
     prompts=None,
     prompt_split: str = "train",
     max_new_tokens: int = 24,
@@ -208,11 +180,24 @@ def build_lm_task(
     cot: bool = False,
     top_k: int = 0,
     top_p: float = 1.0,
-    gold: bool = True,
+    gold=True,
     kl_coef: float | None = None,
+    reward=None,
+    reward_weights: Sequence[float] | None = None,
+    reward_label: str | int | None = None,
+    reward_output: str = "logit",
+    prompt_field: str = "prompt",
 ) -> TextGenTask:
     """Load everything an LM-backed TextGen env needs (validates every argument first: ``TypeError``
-    for a wrong type, ``ValueError`` for a bad value, each naming the argument and the value)."""
+    for a wrong type, ``ValueError`` for a bad value, each naming the argument and the value).
+
+    ``reward`` (``reward_model`` is its older name: give one of them) is any reward spec of
+    ``envs.rewards.make_reward`` or a list of them with ``reward_weights``; ``reward_label`` /
+    ``reward_output`` choose what a multi-label classifier's score is. ``gold`` is any spec of
+    ``rlhf.gold.load_gold`` (True = VADER). ``prompts`` is any source of ``envs.prompts.read_prompts``
+    (``prompt_field``: the JSONL field / CSV column / dataset column), ``prompt_split`` the split
+    asked of the shipped prompts or a ``DatasetDict``.
+    """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     ref_logprob_coef = renamed_kl_coef(ref_logprob_coef, kl_coef)
     top_k, top_p = check_int("top_k", top_k, 0), check_float("top_p", top_p, 0.0, 1.0)
@@ -221,9 +206,11 @@ def build_lm_task(
     if variant not in ("plain", "few_shot", "instruct"):
         raise ValueError(f"unknown variant {variant!r}; expected 'plain', 'few_shot' or 'instruct'")
     shots = check_int("shots", shots, 0, DEMONSTRATION_POOL)
-    for name, flag in (("cot", cot), ("gold", gold)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    if not isinstance(cot, bool):
+        raise TypeError(f"cot must be a bool, got {type(cot).__name__} {cot!r}")
+    if reward is not None and reward_model is not None:
+        raise ValueError("give reward or its older name reward_model, not both")
+    reward = reward if reward is not None else reward_model if reward_model is not None else "default"
     device = resolve_device(device)
     model_dir = resolve_model_path(model)
     tokenizer = load_tokenizer(model_dir)
@@ -244,19 +231,20 @@ def build_lm_task(
         if demo_tokens + max_new_tokens >= n_positions:
             raise ValueError(f"shots={shots} demonstrations take {demo_tokens} tokens; with max_new_tokens={max_new_tokens} "
                              f"they leave no room for a prompt in the model's context of {n_positions} tokens")
-    rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel.load(reward_model, device=device)
+    task_prompts = read_prompts(prompts, prompt_split, tokenizer, prompt_field)
+    reward_fn = make_reward(reward, device, reward_weights, reward_label, reward_output)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = TextGenTask(
         tokenizer=tokenizer,
-        prompts=read_prompts(prompts, prompt_split, tokenizer),
+        prompts=task_prompts,
         max_new_tokens=max_new_tokens,
         ref_logprob_coef=ref_logprob_coef,
         device=device,
         n_actions=n_actions,
         valid_actions=valid_action_mask(tokenizer, n_actions, device),
-        reward_fn=RewardModelReward(rm, device),
+        reward_fn=reward_fn,
         make_reference=None if reference is None else (lambda batch_size: CachedLM(reference, batch_size, pad)),
-        gold=VaderGold() if gold else None,
+        gold=load_gold(gold, device),
         variant=variant,
         shots=demonstrations,
         cot=cot,

@@ -66,19 +66,30 @@ class TextGenEnv(gym.Env):
 
     ## Info
     Every step: ``action_mask`` and, when a reference is loaded (``ref_logprob_coef > 0`` or top-k/top-p),
-    ``ref_logprob``. At the end: ``rm_score``, ``gold_score`` (VADER compound of prompt + completion;
-    monitoring only, never in the reward), ``text`` (the completion) and ``prompt``.
+    ``ref_logprob``. At the end: ``rm_score`` (the reward's score of the finished episode: the reward
+    model's, the classifier's, the function's or their weighted sum), ``gold_score`` (by default VADER
+    compound of prompt + completion; monitoring only, never in the reward; NaN with ``gold=False``),
+    ``text`` (the completion), ``prompt``, and for a weighted reward ``reward_terms`` (each term's
+    unweighted value, by name).
     Invalid arguments, seeds, options and actions raise ``ValueError`` (``TypeError`` for a wrong
     type) naming the value (``envs.inputs``); the env stays usable after any of them.
 
     ## Arguments
-    ``model`` ("default" or an HF causal-LM dir: tokenizer + reference), ``reward_model`` ("default",
-    an RM dir, or a ``RewardModel``), ``prompts`` (None = shipped train prompts, a list, or a text file
-    with one per line), ``prompt_split``, ``max_new_tokens``, ``ref_logprob_coef`` (beta of the shaping above; ``kl_coef``
-    is its deprecated name), ``device``, ``render_mode``
-    ("ansi" returns the text, "human" prints it), ``top_k``, ``top_p``, ``gold`` (compute gold scores),
-    ``variant``/``shots``/``cot`` (the FewShot and Instruct versions). ``reset(options={"prompt": s})``
-    forces a prompt.
+    ``model`` ("default" or an HF causal-LM dir: tokenizer, actions and reference).
+    ``reward`` (``reward_model`` is its older name): "default" (the shipped reward model),
+    "default-classifier" (the shipped classifier of the human review labels), a reward-model or any
+    ``*ForSequenceClassification`` dir, a ``RewardModel``, a callable ``(prompts, completions) ->
+    floats`` or "module:function"; or a list of these with ``reward_weights`` (their weighted sum);
+    ``reward_label`` / ``reward_output`` pick a multi-label classifier's score (default: the
+    ``positive`` label's logit) (``envs.rewards``). ``gold``: True/"vader", False/"none", a callable
+    ``texts -> floats``, "module:function", "default-classifier" or a classifier dir (``rlhf.gold``).
+    ``prompts`` (None = the shipped prompts of ``prompt_split``; a list, a text/JSONL/CSV file, a
+    ``datasets`` dataset or ``save_to_disk`` dir, with ``prompt_field`` the JSONL field / column;
+    ``envs.prompts``), ``max_new_tokens``, ``ref_logprob_coef`` (beta of the shaping above;
+    ``kl_coef`` is its deprecated name), ``device``, ``render_mode`` ("ansi" returns the text,
+    "human" prints it), ``top_k``, ``top_p``, ``variant``/``shots``/``cot`` (the FewShot and
+    Instruct versions). Every model is loaded and probed here, so an unusable one fails at
+    construction, naming the dir. ``reset(options={"prompt": s})`` forces a prompt.
 
     ## Version History
     * v0: initial version. The env's ``kl_coef`` was renamed ``ref_logprob_coef`` (the old name still
@@ -90,7 +101,7 @@ class TextGenEnv(gym.Env):
     def __init__(
         self,
         model: str = "default",
-        reward_model="default",
+        reward_model=None,
         prompts=None,
         prompt_split: str = "train",
         max_new_tokens: int = 24,
@@ -99,12 +110,17 @@ class TextGenEnv(gym.Env):
         render_mode: str | None = None,
         top_k: int = 0,
         top_p: float = 1.0,
-        gold: bool = True,
+        gold=True,
         variant: str = "plain",
         shots: int = 2,
         cot: bool = False,
         task: TextGenTask | None = None,
         kl_coef: float | None = None,
+        reward=None,
+        reward_weights=None,
+        reward_label=None,
+        reward_output: str = "logit",
+        prompt_field: str = "prompt",
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; expected one of {self.metadata['render_modes']}")
@@ -112,7 +128,8 @@ class TextGenEnv(gym.Env):
         self.task = task or build_lm_task(
             model=model, reward_model=reward_model, prompts=prompts, prompt_split=prompt_split,
             max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef, device=device, variant=variant, shots=shots,
-            cot=cot, top_k=top_k, top_p=top_p, gold=gold, kl_coef=kl_coef,
+            cot=cot, top_k=top_k, top_p=top_p, gold=gold, kl_coef=kl_coef, reward=reward,
+            reward_weights=reward_weights, reward_label=reward_label, reward_output=reward_output, prompt_field=prompt_field,
         )
         self.batch = TextGenBatch(self.task, 1)
         self._action = torch.zeros(1, dtype=torch.long, device=self.task.device)

@@ -21,7 +21,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from envs.task import TextGenTask, read_prompts, renamed_kl_coef, valid_action_mask
+from envs.prompts import read_prompts
+from envs.task import TextGenTask, renamed_kl_coef, valid_action_mask
 from envs.text_gen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 from pretrain.config import check_int

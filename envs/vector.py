@@ -233,6 +233,15 @@ class TextGenVectorEnv(VectorEnv):
                 for i, f in finished.items():
                     values[i] = f[key]
                 infos[key], infos[f"_{key}"] = values, mask.copy()
+            first = next(iter(finished.values()))
+            if "reward_terms" in first:  # a weighted reward: each term, as a nested info dict
+                terms = {}
+                for name in first["reward_terms"]:
+                    values = np.zeros(self.num_envs)
+                    for i, f in finished.items():
+                        values[i] = f["reward_terms"][name]
+                    terms[name], terms[f"_{name}"] = values, mask.copy()
+                infos["reward_terms"], infos["_reward_terms"] = terms, mask.copy()
         return infos
 
     def action_masks(self) -> np.ndarray:

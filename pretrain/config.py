@@ -20,11 +20,15 @@ def hparam(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's n
 
 
 def validate_fields(cfg: Any) -> None:
-    """Raise ``ValueError`` naming the first float field of ``cfg`` that is NaN or infinite."""
+    """Raise ``ValueError`` naming the first float field of ``cfg`` (or float in a list field) that is NaN or infinite."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"{f.name} must hold finite numbers, got {bad[0]}")
 
 
 def require_positive(cfg: Any, *names: str) -> None:
@@ -76,3 +80,30 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
         bounds = "finite" if low is None and high is None else f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def import_object(spec: str, what: str = "object"):
+    """The object ``module:attr`` (``attr`` may be dotted) names, e.g. ``"my_rewards:length_bonus"``.
+
+    Like ``python -m``, the current directory is importable. Raises ``ValueError`` naming the spec
+    for a malformed spec, a module that does not import, or a missing attribute.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} is not of the form module:name")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from err
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj

@@ -71,5 +71,13 @@ def check_model_finite(model: torch.nn.Module, input_ids: torch.Tensor | None = 
         from pretrain.padding import position_ids_from_mask
 
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        # In eval mode: a training-mode forward would draw dropout masks from the RNG the run
+        # checkpoints, so a resumed run would not continue bit-identically.
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        finally:
+            model.train(training)
         check_finite("the model's logits", logits.float(), where)

@@ -1,11 +1,13 @@
 """Padding and length bucketing for batches of token-id sequences of different lengths.
 
-Every batch in the library is **left-padded** (the newest token of each row at index -1, what
+Every batch the library's own models read is **left-padded** (the newest token of each row at index -1, what
 incremental decoding and the env's observations need), with positions counted over attended
 tokens only, so a padded row sees exactly the logits it sees alone:
 
 * ``position_ids_from_mask``: positions 0, 1, ... over each row's attended tokens.
 * ``left_pad``: token-id lists as one left-padded batch.
+* ``right_pad``: the same, padded on the right: what a third-party ``*ForSequenceClassification``
+  model expects (absolute positions from the sequence start, BERT's included).
 * ``length_buckets``: rows grouped into a few batches of similar length (padding the fewest
   tokens), for prefill and reward scoring.
 """
@@ -27,6 +29,14 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     width = max(len(seq) for seq in sequences)
     ids = [[pad_id] * (width - len(seq)) + list(seq) for seq in sequences]
     mask = [[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one right-padded batch: ``input_ids`` and ``attention_mask``, (B, longest), long."""
+    width = max(len(seq) for seq in sequences)
+    ids = [list(seq) + [pad_id] * (width - len(seq)) for seq in sequences]
+    mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences]
     return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
 
 

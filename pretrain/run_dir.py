@@ -49,7 +49,7 @@ RUN_ARTIFACTS = (RUN_FILE, "metrics.jsonl", FINAL, "hparams", "init-model", "sum
 
 # Settings a resumed run may change; the rest must equal the checkpoint's (a resumed run is the same run).
 MAY_CHANGE_ON_RESUME = ("resume", "out", "overwrite", "device", "total_steps", "checkpoint_every", "sample_every",
-                        "keep_checkpoints", "threads")
+                        "keep_checkpoints", "threads", "eval_prompts")
 
 
 def check_same_config(mine: dict, saved: dict, where: Path) -> None:

@@ -238,7 +238,8 @@ def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
     assert sample["prompt"] in ("the movie was", "the plot was") and isinstance(sample["completion"], str)
     assert (ev / "eval.png").stat().st_size > 1000
     assert main(["train", "ppo", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "bad")]) == 1
-    assert "unknown env id 'NoSuchEnv-v0'; valid ids: TextGen-v0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown env id 'NoSuchEnv-v0'" in err and "the suite's ids: TextGen-v0" in err
     with pytest.raises(SystemExit):
         main(["train", "dqn", "--epsilon", "0.1"])
     assert "--epsilon" in capsys.readouterr().err

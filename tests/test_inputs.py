@@ -116,7 +116,7 @@ def test_vector_reset_rejects_bad_seeds_and_options():
     ({"device": 0}, ValueError, "got int 0"),
     ({"prompts": []}, ValueError, "the prompt list is empty"),
     ({"prompts": ["the movie", "hello world"]}, ValueError, r"prompts\[1\] 'hello world' has words outside"),
-    ({"prompts": "no/such/file.txt"}, FileNotFoundError, "no/such/file.txt does not exist"),
+    ({"prompts": "no/such/file.txt"}, FileNotFoundError, "no/such/file.txt' does not exist"),
     ({"prompts": 7}, ValueError, "got int 7"),
 ])
 def test_toy_constructor_rejects_bad_arguments(kwargs, error, message):
@@ -152,7 +152,7 @@ def test_lm_env_rejects_special_tokens_bad_shots_and_budget_before_loading_much(
     with pytest.raises(ValueError, match="max_new_tokens=1000 does not fit the model's context of 128 tokens"):
         TextGenEnv(**{**tiny_env_kwargs, "max_new_tokens": 1000})
     for kw, message in (({"top_k": -1}, "top_k must be >= 0"), ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-                        ({"gold": "yes"}, "gold must be a bool"), ({"prompt_split": "dev"}, "unknown prompt_split 'dev'")):
+                        ({"gold": "yes"}, "gold 'yes' is neither 'vader', 'none'"), ({"prompt_split": "dev"}, "unknown prompt split 'dev'")):
         args = {**tiny_env_kwargs, **kw}
         if "prompt_split" in kw:
             args.pop("prompts")

@@ -63,6 +63,8 @@ class TextGenCallback(BaseCallback):
             if "rm_score" in info:
                 self.episodes["rm_score"].append(info["rm_score"])
                 self.episodes["gold_score"].append(info["gold_score"])
+                for name, value in info.get("reward_terms", {}).items():
+                    self.episodes.setdefault(f"reward/terms/{name}", deque(maxlen=self.window)).append(value)
                 self.texts.append(info["prompt"] + " ->" + info["text"])
             if self.kl_ok[i]:
                 self.episodes["kl"].append(self.kl[i])
@@ -71,9 +73,10 @@ class TextGenCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         self.rollouts += 1
-        for key, tag in (("rm_score", "reward/rm"), ("gold_score", "reward/gold"), ("kl", "kl/ref")):
-            if self.episodes[key]:
-                self.logger.record(tag, float(np.mean(self.episodes[key])))
+        tags = {"rm_score": "reward/rm", "gold_score": "reward/gold", "kl": "kl/ref"}
+        for key, values in self.episodes.items():
+            if values and np.isfinite(values).any():  # no gold score: no reward/gold
+                self.logger.record(tags.get(key, key), float(np.nanmean(values)))
         if self.texts and self.rollouts % self.sample_every == 0:
             self.logger.record("samples", "\n\n".join(f"    {t}" for t in self.texts), exclude=("stdout", "log", "json", "csv"))
 

@@ -20,6 +20,7 @@ from agents.run import make_policy_model
 from agents.sb3.callbacks import CheckpointCallback, TextGenCallback, load_sb3_state
 from agents.sb3.policies import export_hf, make_sb3_agent
 from agents.sb3.vec_env import make_sb3_vec_env
+from agents.task_config import TaskConfig, task_kwargs
 from pretrain.checkpoint import write_text_atomic
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.model import resolve_device
@@ -28,11 +29,9 @@ from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve
 
 # -- textgym train sb3-* ----------------------------------------------------------------------------
 @dataclass
-class SB3Config:
+class SB3Config(TaskConfig):
     """Shared settings of the SB3 agents (defaults: the embedded default task)."""
 
-    env: str = hparam("TextGen-v0", "registered env id (TextGen-v0, TextGenFewShot-v0, TextGenInstruct-v0, TextGenToy-v0)")
-    model: str = hparam("auto", "initial policy: 'auto' (shipped LM; a tiny LM for the toy env), 'default' or an HF dir")
     num_envs: int = hparam(16, "parallel envs, advanced in one batched step")
     total_steps: int = hparam(8_192, "env steps (generated tokens) to train for")
     max_new_tokens: int = hparam(16, "tokens per episode")
@@ -52,6 +51,7 @@ class SB3Config:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_task()
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "lr", "sample_every", "checkpoint_every",
                          "keep_checkpoints")
         require_non_negative(self, "kl_coef")
@@ -121,7 +121,7 @@ class SB3A2CConfig(SB3ActorCriticConfig):
 class SB3DQNConfig(SB3Config):
     """SB3 DQN with LMQNetworkPolicy (SB3's replay buffer and target network, Boltzmann exploration)."""
 
-    env: str = hparam("TextGenToy-v0", "registered env id")
+    env: str = hparam("TextGenToy-v0", "registered env id (module:MyTask-v0 imports module first)")
     out: str = hparam("", "run dir: TensorBoard events, progress.csv, checkpoint-<steps>/, sb3_model.zip, final/ (HF dir) "
                           "(default: runs/sb3-dqn; with --resume: the resumed run's dir)")
     num_envs: int = hparam(8, "parallel envs, advanced in one batched step")
@@ -161,7 +161,8 @@ def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> di
         print(f"{out} already finished; final model: {run_dir.final()}", file=sys.stderr)
         return json.loads((out / "summary.json").read_text())
     torch.manual_seed(cfg.seed)
-    venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.kl_coef)
+    venv = make_sb3_vec_env(cfg.env, cfg.num_envs, cfg.seed, device, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
+                            ref_logprob_coef=cfg.kl_coef, **task_kwargs(cfg))
     model_dir = make_policy_model(cfg.model, venv.unwrapped.env, out, cfg.seed)
     agent = make_sb3_agent(algorithm, venv, model=model_dir, learning_rate=cfg.lr, gamma=cfg.gamma, seed=cfg.seed,
                            device=device, **cfg.algorithm_kwargs())
