@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
 
-from pretrain.config import hparam
+from pretrain.config import hparam, import_user_module
 
 OUTPUTS = ("logit", "prob", "logprob")
 
@@ -96,22 +96,13 @@ def task_kwargs(cfg: TaskConfig, split: str = "train") -> dict:
 def resolve_env_id(env_id: str) -> str:
     """The registered id ``env_id`` names; ``module:Id`` imports ``module`` first (the current
     directory is importable, as with ``python -m``). ``ValueError`` listing the ids otherwise."""
-    import importlib
-    import os
-    import sys
-
     import envs
 
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"env must be a registered env id, got {env_id!r}")
     module, sep, name = env_id.rpartition(":")
     if sep:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.append(os.getcwd())
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ValueError(f"env {env_id!r}: cannot import {module!r}, the module that should register {name!r} ({err})") from err
+        import_user_module(module, f"env {env_id!r} (the module should register {name!r})")
     else:
         name = env_id
     if name not in gym.registry:

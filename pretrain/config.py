@@ -82,25 +82,31 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
     return value
 
 
+def import_user_module(name: str, what: str):
+    """``importlib.import_module(name)`` with the current directory importable, as with ``python -m``
+    (a console script's ``sys.path`` lacks it); ``ValueError`` naming ``what`` if it does not import."""
+    import importlib
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ValueError(f"{what}: cannot import module {name!r} ({err})") from err
+
+
 def import_object(spec: str, what: str = "object"):
     """The object ``module:attr`` (``attr`` may be dotted) names, e.g. ``"my_rewards:length_bonus"``.
 
     Like ``python -m``, the current directory is importable. Raises ``ValueError`` naming the spec
     for a malformed spec, a module that does not import, or a missing attribute.
     """
-    import importlib
-    import os
-    import sys
-
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{what} {spec!r} is not of the form module:name")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from err
+    module = import_user_module(module_name, f"{what} {spec!r}")
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pretrain.model import check_weights_finite, disable_dropout, load_config, resolve_device, verify_manifest
+from pretrain.model import check_weights_finite, disable_dropout, load_config, resolve_device, resolve_model_path, verify_manifest
 from pretrain.optim import NonFiniteError
 from pretrain.padding import length_buckets, right_pad
 
@@ -106,11 +106,7 @@ class SequenceClassifier:
     def __init__(self, path: str | Path, label: str | int | None = None, output: str = "logit",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  batch_size: int = 64, max_buckets: int = 4):
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"classifier dir {path} does not exist")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not an HF model dir: it has no config.json")
+        path = resolve_model_path(Path(path).expanduser().absolute())  # a dir with config.json and safetensors, never pickle
         config = load_config(path)
         archs = config.architectures or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -124,10 +120,6 @@ class SequenceClassifier:
         self.label_name = str((config.id2label or {}).get(self.label, f"LABEL_{self.label}"))
         if (path / "manifest.json").is_file():
             verify_manifest(path)
-        if not any(path.glob("*.safetensors")):
-            found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-            extra = f" (found {found}: pickle-based weights are refused, convert them to safetensors)" if found else ""
-            raise FileNotFoundError(f"{path} has no *.safetensors weights{extra}")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
