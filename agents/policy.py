@@ -10,7 +10,12 @@
   zero-initialised (so V = 0 at the start and the pretrained LM's behaviour is unchanged). A shared
   backbone is the cheap choice that fits a laptop; the value loss is scaled by ``vf_coef`` so it
   does not swamp the policy's features.
-* Reference: :meth:`LMPolicy.reference` is a frozen copy of the initial model, for KL penalties.
+* Reference: :meth:`LMPolicy.reference` is a frozen copy of the initial model, for KL penalties;
+  for an adapter policy (``--peft``, ``pretrain.adapters``) it is the same model with the adapter
+  disabled, so the base weights are held once.
+* Adapters: with ``--peft`` the model is a ``pretrain.adapters.AdaptedLM``; only the adapter and
+  the value head are trainable (:meth:`LMPolicy.trainable_parameters`), and a checkpoint holds the
+  adapter alone (``adapter/``), while ``final/`` also holds the merged model (LoRA).
 
 Invalid actions (pad/special tokens, see ``envs``) get logit -inf everywhere, when acting and
 when evaluating, so sampled actions are always valid and log-probs are of the same distribution.
@@ -31,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributions import Categorical
 
-from pretrain import load_lm, save_lm
+from pretrain import save_lm
+from pretrain.adapters import ADAPTER_DIR, AdaptedLM, ModelOptions, load_trainable_lm, save_merged, trainable_parameters
 from pretrain.kv_cache import CachedLM
 from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
@@ -72,13 +78,35 @@ class LMPolicy(nn.Module):
         self._cache: CachedLM | None = None
 
     @classmethod
-    def load(cls, path="default", device="cpu", valid_actions=None, value_head: bool = True) -> LMPolicy:
-        model, tokenizer = load_lm(path, device=resolve_device(device))
+    def load(cls, path="default", device="cpu", valid_actions=None, value_head: bool = True,
+             options: ModelOptions | None = None, resume_from: str | Path | None = None) -> LMPolicy:
+        """The policy on the LM in ``path`` ('default' or an HF causal-LM dir). ``options`` (``--peft``,
+        ``--gradient-checkpointing``) say how it is trained; ``resume_from`` is a checkpoint of this
+        run (its weights, or its adapter on ``path``, and its value head)."""
+        options = options or ModelOptions()
+        model, tokenizer = load_trainable_lm(path, options, resolve_device(device), resume_from=resume_from)
         policy = cls(model, tokenizer, None if valid_actions is None else valid_actions.cpu(), value_head)
-        head = Path(str(path)) / VALUE_HEAD_FILE
-        if value_head and str(path) != "default" and head.is_file():
+        saved = resume_from if resume_from is not None else path
+        head = Path(str(saved)) / VALUE_HEAD_FILE
+        if value_head and str(saved) != "default" and head.is_file():
             policy.value_head.load_state_dict(load_file(str(head)))
-        return policy.to(model.device)
+        device = next(model.parameters()).device  # not policy.to(): a 4-bit (QLoRA) base must not be moved
+        if policy.value_head is not None:
+            policy.value_head.to(device)
+        policy.valid_actions = policy.valid_actions.to(device)
+        return policy
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int, entropy: str = "grad"):
+        """:meth:`evaluate` (the pass that needs gradients; a data-parallel wrapper calls it as forward)."""
+        return self.evaluate(input_ids, attention_mask, completion_start, entropy)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer holds: all weights, or the adapter's, plus the value head."""
+        return trainable_parameters(self)
+
+    @property
+    def is_adapted(self) -> bool:
+        return isinstance(self.model, AdaptedLM)
 
     @property
     def device(self) -> torch.device:
@@ -160,14 +188,31 @@ class LMPolicy(nn.Module):
             raise NonFiniteError(f"the value head's output became non-finite{' ' + where if where else ''}")
 
     def reference(self):
-        """A frozen copy of the current model (call before training to get pi_ref)."""
+        """pi_ref, frozen: the model with its adapter disabled (no copy), or a copy of the current
+        model (call before training)."""
+        if self.is_adapted:
+            return self.model.reference()
         ref = copy.deepcopy(self.model).eval()
         ref.requires_grad_(False)
         return ref
 
-    def save(self, path: str | Path) -> Path:
-        """An HF dir (model + tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads, plus the value head."""
-        path = save_lm(self.model, self.tokenizer, path)
+    def save(self, path: str | Path, merged: bool = True) -> Path:
+        """An HF dir (model + tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads, plus the value head.
+
+        An adapter policy writes its adapter in ``adapter/`` (peft's format) and, with ``merged``
+        (``final/``), the LoRA-merged model beside it; a prompt-tuning adapter cannot be merged, so
+        its dir loads through ``pretrain.load_lm`` (base + adapter). A checkpoint (``merged=False``)
+        holds the adapter alone."""
+        path = Path(path)
+        if self.is_adapted:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_adapter(path / ADAPTER_DIR)
+            if merged and self.model.kind == "lora":
+                save_merged(self.model, self.tokenizer, path)
+            else:
+                self.tokenizer.save_pretrained(str(path))
+        else:
+            path = save_lm(self.model, self.tokenizer, path)
         if self.value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
         return path
@@ -209,12 +254,21 @@ def check_policy_fits_env(policy: LMPolicy, env) -> None:
         raise ValueError("the policy's tokenizer differs from the env's: token ids would mean different text")
 
 
-def load_reference(initial_model: str | Path, env, device) -> torch.nn.Module | None:
+def load_reference(initial_model: str | Path, env, device, policy: LMPolicy | None = None) -> torch.nn.Module | None:
     """The frozen reference pi_ref (the initial policy), or None when the env already runs that
     same model as its reference (``env.reference_model``): its per-step ``ref_logprobs`` are then
-    used (``rollout.ref_logprobs``), and no second copy of the model is loaded."""
+    used (``rollout.ref_logprobs``), and no second copy of the model is loaded.
+
+    For an adapter ``policy`` the reference is the policy with its adapter disabled, and an env that
+    runs a reference is handed that same one (``env.share_reference``): one copy of the base weights."""
     env_reference = getattr(env, "reference_model", None)
-    if env_reference is not None and Path(resolve_model_path(initial_model)).resolve() == Path(env_reference).resolve():
+    same_as_env = env_reference is not None and Path(resolve_model_path(initial_model)).resolve() == Path(env_reference).resolve()
+    if policy is not None and policy.is_adapted:
+        reference = policy.reference()
+        if env_reference is not None and hasattr(env, "share_reference"):
+            env.share_reference(reference)
+        return None if same_as_env else reference
+    if same_as_env:
         return None
     return LMPolicy.load(initial_model, device, value_head=False).reference()
 

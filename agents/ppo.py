@@ -32,14 +32,16 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
+from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from pretrain.distributed import Distributed
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 
 @dataclass
-class PPOConfig(TaskConfig):
+class PPOConfig(ModelOptions, TaskConfig):
     """PPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
 
     num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
@@ -77,6 +79,7 @@ class PPOConfig(TaskConfig):
     def __post_init__(self):
         validate_fields(self)
         self.validate_task()
+        self.validate_model_options()
         if self.loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected 'clip' or 'kl_penalty'")
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "update_epochs", "num_minibatches",
@@ -87,13 +90,20 @@ class PPOConfig(TaskConfig):
             raise ValueError(f"num_envs={self.num_envs} must be divisible by num_minibatches={self.num_minibatches}")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(x * mask) / count, count = mask.sum() by default (``Distributed.global_count`` across processes)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, dist: Distributed | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of every process's batch, with ``dist``)."""
+    if dist is None or dist.world_size == 1:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:  # the global moments: sums over every process
+        n = dist.sum(mask.sum())
+        mean = (dist.sum((x * mask).sum()) / n).to(x.dtype)
+        var = (dist.sum((((x - mean) * mask) ** 2).sum()) / n).to(x.dtype)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
@@ -111,23 +121,23 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages * mask, returns * mask
 
 
-def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef, count=None):
     """-E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)]; also the fraction of clipped tokens."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = masked_mean(torch.max(unclipped, clipped), mask, count)
     clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
     return loss, clipfrac
 
 
-def clipped_value_loss(values, old_values, returns, mask, vf_clip):
+def clipped_value_loss(values, old_values, returns, mask, vf_clip, count=None):
     """1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)] (plain MSE when c = 0)."""
     loss = (values - returns) ** 2
     if vf_clip > 0:
         clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
         loss = torch.max(loss, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(loss, mask)
+    return 0.5 * masked_mean(loss, mask, count)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -137,22 +147,91 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
 
 
+@dataclass
+class PPOBatch:
+    """One rollout, scored and ready for the update: (N, C + T) ``input_ids`` / ``attention_mask``
+    with the completion from column ``completion_start``; (N, T) float32 ``mask``, ``old_logprobs``,
+    ``old_values``, ``advantages`` (whitened if asked) and ``returns``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_start: int
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def ppo_update(model, optimizer, batch: PPOBatch, cfg: PPOConfig, np_rng: np.random.Generator, params,
+               penalty_coef: float = 1.0, dist: Distributed | None = None) -> dict[str, list[float] | int]:
+    """``update_epochs`` passes of minibatch steps over ``batch``; returns the per-minibatch stats
+    (``clipfrac``, ``approx_kl``, ``policy``, ``value``) and ``epochs`` run. ``model`` is the policy
+    or its data-parallel wrapper (``dist.prepare``): its forward is ``LMPolicy.evaluate``. Across
+    processes every token mean is divided by the global token count, and the early stop reads the
+    mean approx KL of all processes, so they take the same steps."""
+    dist = dist or Distributed("cpu")
+    n = batch.input_ids.shape[0]
+    minibatch_size = n // cfg.num_minibatches
+    stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": []}
+    epoch = 0
+    for epoch in range(1, cfg.update_epochs + 1):  # noqa: B007 - returned (ppo/epochs)
+        order = torch.from_numpy(np_rng.permutation(n)).to(batch.input_ids.device)
+        for mb_start in range(0, n, minibatch_size):
+            idx = order[mb_start : mb_start + minibatch_size]
+            mb_mask = batch.mask[idx]
+            count = dist.global_count(mb_mask)
+            # The entropy bonus needs H(pi) in the graph; without one, skip its (B, T, vocab) passes.
+            logprobs, entropy, values = model(batch.input_ids[idx], batch.attention_mask[idx], batch.completion_start,
+                                              entropy="grad" if cfg.ent_coef else "none")
+            old_logprobs = batch.old_logprobs[idx]
+            log_ratio = logprobs - old_logprobs
+            approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)  # k3 of KL(pi_old || pi)
+            if cfg.loss_type == "clip":
+                pg_loss, clipfrac = clipped_policy_loss(logprobs, old_logprobs, batch.advantages[idx], mb_mask, cfg.clip_coef, count)
+            else:  # PPO-penalty: -E[rho A] + beta_ppo KL(pi_old || pi)
+                pg_loss = (masked_mean(-batch.advantages[idx] * log_ratio.exp(), mb_mask, count)
+                           + penalty_coef * masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask, count))
+                clipfrac = masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_coef).float(), mb_mask)
+            v_loss = clipped_value_loss(values, batch.old_values[idx], batch.returns[idx], mb_mask, cfg.vf_clip, count)
+            loss = pg_loss + cfg.vf_coef * v_loss
+            if cfg.ent_coef:
+                loss = loss - cfg.ent_coef * masked_mean(entropy, mb_mask, count)
+            optimizer_step(loss, optimizer, params, cfg.max_grad_norm)
+            for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss), ("value", v_loss)):
+                stats[key].append(float(value.detach()))
+        recent_kl = float(dist.mean(float(np.mean(stats["approx_kl"][-cfg.num_minibatches:]))))
+        if cfg.target_kl and recent_kl > 1.5 * cfg.target_kl:
+            break
+    return {**stats, "epochs": epoch}
+
+
 def train(cfg: PPOConfig) -> dict:
     """Run PPO as ``cfg`` says, in the run dir ``cfg.out`` (or resume ``cfg.resume``); returns the
     run's summary: ``final`` (the final/ HF dir) and the last update's metrics. Raises ``ValueError``
     for settings that do not fit the env or the checkpoint, ``NonFiniteError`` when a value blows up,
-    ``KeyboardInterrupt`` after a Ctrl-C (once the checkpoint is written)."""
-    device = device_of(cfg)
-    torch.manual_seed(cfg.seed)
-    run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
-                   ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
-    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
-    model_dir = run.resume_model_dir() or initial_dir
-    policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions)
+    ``KeyboardInterrupt`` after a Ctrl-C (once the checkpoint is written).
+
+    Under ``accelerate launch`` / ``torchrun`` (``pretrain.distributed``) each process collects
+    ``num_envs`` episodes per update from its own prompt shard, and ``total_steps`` counts the env
+    steps of all processes."""
+    dist = Distributed(cfg.device)
+    device = dist.device
+    torch.manual_seed(cfg.seed + dist.rank)
+    per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size
+    run = Run(cfg, "ppo", total_updates=max(1, cfg.total_steps // per_update), dist=dist)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed + dist.rank * cfg.num_envs, model=cfg.model,
+                   max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
+    if dist.world_size > 1:
+        env.shard_prompts(dist.rank, dist.world_size)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed, dist)
+    policy = LMPolicy.load(initial_dir, device, valid_actions=env.valid_actions, options=model_options(cfg),
+                           resume_from=run.resume_model_dir())
     check_policy_fits_env(policy, env)
-    reference = load_reference(initial_dir, env, device)  # None: the env's per-step ref_logprobs are pi_ref's
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    reference = load_reference(initial_dir, env, device, policy)  # None: the env's per-step ref_logprobs are pi_ref's
+    model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
+    params = policy.trainable_parameters()  # all weights, or the adapter's + the value head
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     penalty_coef = cfg.penalty_coef
@@ -160,14 +239,12 @@ def train(cfg: PPOConfig) -> dict:
         state = run.restore(optimizer, env)
         kl_ctl.value, penalty_coef = state["kl_coef"], state["penalty_coef"]
 
-    batch_size = cfg.num_envs
-    minibatch_size = batch_size // cfg.num_minibatches
-    with run:
+    with run, autocast(cfg.dtype, device):  # bf16 matmuls for policy, reference and reward model when asked
         while run.update < run.total_updates and not run.should_stop():
             # ---- rollout ------------------------------------------------------------------------
             policy.eval()
             rollout: Rollout = collect_rollout(env, policy)
-            run.env_steps += rollout.n_tokens
+            run.env_steps += int(dist.sum(rollout.n_tokens))
             ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
             mask = rollout.completion_mask.float()
             with torch.no_grad():
@@ -178,44 +255,22 @@ def train(cfg: PPOConfig) -> dict:
                 old_values = old_values * mask
                 advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.gae_lambda)
                 if cfg.whiten_advantages:
-                    advantages = whiten(advantages, mask)
+                    advantages = whiten(advantages, mask, dist)
             check_finite("the rollout's log-probs", old_logprobs)
             check_finite("the reward", rewards)
 
             # ---- update: epochs x minibatches of episodes ------------------------------------------
             policy.train()
-            stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": []}
-            for epoch in range(cfg.update_epochs):  # noqa: B007 - read after the loop (ppo/epochs)
-                order = torch.from_numpy(run.np_rng.permutation(batch_size)).to(device)
-                for mb_start in range(0, batch_size, minibatch_size):
-                    idx = order[mb_start : mb_start + minibatch_size]
-                    mb_mask = mask[idx]
-                    # The entropy bonus needs H(pi) in the graph; without one, skip its (B, T, vocab) passes.
-                    logprobs, entropy, values = policy.evaluate(ids[idx], attn[idx], start, entropy="grad" if cfg.ent_coef else "none")
-                    log_ratio = logprobs - old_logprobs[idx]
-                    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)  # k3 of KL(pi_old || pi)
-                    if cfg.loss_type == "clip":
-                        pg_loss, clipfrac = clipped_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip_coef)
-                    else:  # PPO-penalty: -E[rho A] + beta_ppo KL(pi_old || pi)
-                        pg_loss = masked_mean(-advantages[idx] * log_ratio.exp(), mb_mask) + penalty_coef * approx_kl
-                        clipfrac = masked_mean(((log_ratio.exp() - 1).abs() > cfg.clip_coef).float(), mb_mask)
-                    v_loss = clipped_value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.vf_clip)
-                    loss = pg_loss + cfg.vf_coef * v_loss
-                    if cfg.ent_coef:
-                        loss = loss - cfg.ent_coef * masked_mean(entropy, mb_mask)
-                    optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm)
-                    for key, value in (("clipfrac", clipfrac), ("approx_kl", approx_kl), ("policy", pg_loss), ("value", v_loss)):
-                        stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-                if cfg.target_kl and np.mean(stats["approx_kl"][-cfg.num_minibatches:]) > 1.5 * cfg.target_kl:
-                    break
+            batch = PPOBatch(ids, attn, start, mask, old_logprobs, old_values, advantages, returns)
+            stats = ppo_update(model, optimizer, batch, cfg, run.np_rng, params, penalty_coef, dist)
             if cfg.loss_type == "kl_penalty":  # the PPO paper's adaptive beta_ppo, d_targ = target_kl
-                d = np.mean(stats["approx_kl"])
+                d = float(dist.mean(float(np.mean(stats["approx_kl"]))))
                 penalty_coef *= 2.0 if d > 1.5 * cfg.target_kl else 0.5 if d < cfg.target_kl / 1.5 else 1.0
 
             warn_if_negative_kl(kl.sum(1))
-            seq_kl = float(kl.sum(1).mean())
-            kl_ctl.update(seq_kl, cfg.num_envs)
-            metrics = {
+            seq_kl = float(dist.mean(float(kl.sum(1).mean())))
+            kl_ctl.update(seq_kl, cfg.num_envs * dist.world_size)
+            metrics = dist.mean_metrics({
                 **reward_metrics(rollout.rm_scores, rollout.gold_scores, rollout.reward_terms),
                 "reward/total": float((rewards * mask).sum(1).mean()),
                 "kl/ref": seq_kl,
@@ -225,11 +280,11 @@ def train(cfg: PPOConfig) -> dict:
                 "loss/value": float(np.mean(stats["value"])),
                 "policy/clipfrac": float(np.mean(stats["clipfrac"])),
                 "policy/approx_kl": float(np.mean(stats["approx_kl"])),
-                "policy/epochs": epoch + 1,
+                "policy/epochs": stats["epochs"],
                 "value/explained_variance": explained_variance(old_values, returns, mask),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
-            }
+            }, summed=("perf/tokens_per_s",))
             run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
             if run.due():
                 run.checkpoint(policy, optimizer, env, (ids[:4, :start], attn[:4, :start]),
@@ -238,4 +293,3 @@ def train(cfg: PPOConfig) -> dict:
     if run.should_stop():
         raise KeyboardInterrupt
     return summary
-

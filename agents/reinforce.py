@@ -26,16 +26,18 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
+from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from pretrain.distributed import Distributed
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 BASELINES = ("none", "moving_average", "rloo")
 
 
 @dataclass
-class ReinforceConfig(TaskConfig):
+class ReinforceConfig(ModelOptions, TaskConfig):
     """REINFORCE fine-tuning of an LM policy on a TextGen env."""
 
     num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
@@ -65,6 +67,7 @@ class ReinforceConfig(TaskConfig):
     def __post_init__(self):
         validate_fields(self)
         self.validate_task()
+        self.validate_model_options()
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; expected one of {BASELINES}")
         if self.baseline == "rloo" and (self.rloo_k < 2 or self.num_envs % self.rloo_k):
@@ -87,17 +90,25 @@ def reinforce_loss(logprobs: torch.Tensor, mask: torch.Tensor, returns: torch.Te
 
 
 def train(cfg: ReinforceConfig) -> dict:
-    """Run REINFORCE as ``cfg`` says (the same run dir, resume, errors and summary as ``agents.ppo.train``)."""
-    device = device_of(cfg)
-    torch.manual_seed(cfg.seed)
-    run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
-                   ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
-    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed)
-    policy = LMPolicy.load(run.resume_model_dir() or initial_dir, device, valid_actions=env.valid_actions, value_head=False)
+    """Run REINFORCE as ``cfg`` says (the same run dir, resume, errors, summary and data-parallel
+    launch as ``agents.ppo.train``)."""
+    dist = Distributed(cfg.device)
+    device = dist.device
+    torch.manual_seed(cfg.seed + dist.rank)
+    per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size
+    run = Run(cfg, "reinforce", total_updates=max(1, cfg.total_steps // per_update), dist=dist)
+    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed + dist.rank * cfg.num_envs, model=cfg.model,
+                   max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
+    if dist.world_size > 1:
+        env.shard_prompts(dist.rank, dist.world_size)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed, dist)
+    policy = LMPolicy.load(initial_dir, device, valid_actions=env.valid_actions, value_head=False,
+                           options=model_options(cfg), resume_from=run.resume_model_dir())
     check_policy_fits_env(policy, env)
-    reference = load_reference(initial_dir, env, device)  # None: the env's per-step ref_logprobs are pi_ref's
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    reference = load_reference(initial_dir, env, device, policy)  # None: the env's per-step ref_logprobs are pi_ref's
+    model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     moving_baseline = 0.0
@@ -105,7 +116,7 @@ def train(cfg: ReinforceConfig) -> dict:
         state = run.restore(optimizer, env)
         kl_ctl.value, moving_baseline = state["kl_coef"], state["moving_baseline"]
 
-    with run:
+    with run, autocast(cfg.dtype, device):
         while run.update < run.total_updates and not run.should_stop():
             prompts = None
             if cfg.baseline == "rloo":  # k copies of num_envs / k prompts, laid out prompt-major
@@ -113,11 +124,11 @@ def train(cfg: ReinforceConfig) -> dict:
                 prompts = [env.prompts[i] for i in chosen for _ in range(cfg.rloo_k)]
             policy.eval()
             rollout = collect_rollout(env, policy, prompts)
-            run.env_steps += rollout.n_tokens
+            run.env_steps += int(dist.sum(rollout.n_tokens))
             ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_start, rollout.completion_mask.float()
 
             policy.train()
-            logprobs, entropy, _ = policy.evaluate(ids, attn, start, entropy="grad" if cfg.ent_coef else "detached")
+            logprobs, entropy, _ = model(ids, attn, start, entropy="grad" if cfg.ent_coef else "detached")
             with torch.no_grad():
                 ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 kl = kl_estimate(logprobs.detach(), ref_logprobs, "k1") * mask
@@ -127,17 +138,17 @@ def train(cfg: ReinforceConfig) -> dict:
                 baseline = rloo_baseline(returns, cfg.rloo_k)
             elif cfg.baseline == "moving_average":
                 baseline = torch.full_like(returns, moving_baseline)
-                moving_baseline = cfg.baseline_decay * moving_baseline + (1 - cfg.baseline_decay) * float(returns.mean())
+                moving_baseline = cfg.baseline_decay * moving_baseline + (1 - cfg.baseline_decay) * float(dist.mean(float(returns.mean())))
             else:
                 baseline = torch.zeros_like(returns)
-            ent = (entropy * mask).sum() / mask.sum()
+            ent = (entropy * mask).sum() / dist.global_count(mask)  # the token mean over every process's batch
             loss = reinforce_loss(logprobs, mask, returns, baseline) - cfg.ent_coef * ent
-            optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm)
+            optimizer_step(loss, optimizer, params, cfg.max_grad_norm)
 
             warn_if_negative_kl(kl.sum(1))
-            seq_kl = float(kl.sum(1).mean())
-            kl_ctl.update(seq_kl, cfg.num_envs)
-            metrics = {
+            seq_kl = float(dist.mean(float(kl.sum(1).mean())))
+            kl_ctl.update(seq_kl, cfg.num_envs * dist.world_size)
+            metrics = dist.mean_metrics({
                 **reward_metrics(rollout.rm_scores, rollout.gold_scores, rollout.reward_terms),
                 "reward/total": float(returns.mean()),
                 "kl/ref": seq_kl,
@@ -147,7 +158,7 @@ def train(cfg: ReinforceConfig) -> dict:
                 "value/baseline": float(baseline.mean()),
                 "lr": optimizer.param_groups[0]["lr"],
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),
-            }
+            }, summed=("perf/tokens_per_s",))
             run.log(metrics, [p + t for p, t in zip(rollout.prompts, rollout.texts)])
             if run.due():
                 run.checkpoint(policy, optimizer, env, (ids[:4, :start], attn[:4, :start]),

@@ -36,6 +36,7 @@ import envs  # noqa: F401  (registers the suite)
 from agents.task_config import env_parameters, resolve_env_id
 from envs.api import TextVectorEnv
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
+from pretrain.distributed import Distributed
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from pretrain.progress import progress_bar
@@ -69,22 +70,25 @@ def make_env(env_id: str, num_envs: int, device, seed: int, model: str | None = 
     return env
 
 
-def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int) -> str:
+def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int, dist: Distributed | None = None) -> str:
     """The policy's initial model dir. ``auto``: the LM the env speaks (``env.lm_path``), or, for an
     env no pretrained LM speaks (the toy's 8 words), a tiny random GPT-2 over its vocabulary, saved in
-    ``out/init-model``."""
+    ``out/init-model`` (by the main process of a data-parallel run; the others wait for it)."""
     if model != "auto":
         return model
     if env.lm_path is not None:
         return str(env.lm_path)
     target = out / "init-model"
-    if verify_dir(target) is None:  # a resumed run: the model it started from
-        return str(target)
-    torch.manual_seed(seed)
-    tokenizer = env.tokenizer
-    tiny = build_gpt2(env.valid_actions.shape[0], n_layer=2, n_embd=32, n_head=2, n_positions=64,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    atomic_write_dir(target, lambda directory: save_lm(tiny, tokenizer, directory))
+    if (dist is None or dist.is_main) and verify_dir(target) is not None:  # a resumed run has it already
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        tokenizer = env.tokenizer
+        tiny = build_gpt2(env.valid_actions.shape[0], n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        atomic_write_dir(target, lambda directory: save_lm(tiny, tokenizer, directory))
+        torch.set_rng_state(rng_state)  # the run's own stream is unchanged by whether the model was made here
+    if dist is not None:
+        dist.wait()
     return str(target)
 
 
@@ -115,17 +119,25 @@ class Run:
     checkpoints, and prints the command that resumes.
     """
 
-    def __init__(self, cfg, algorithm: str, total_updates: int):
+    def __init__(self, cfg, algorithm: str, total_updates: int, dist: Distributed | None = None):
         self.cfg = cfg
         self.algorithm = algorithm
         self.command = f"train {algorithm}"
         self.out = resolve_out(cfg, algorithm)
-        self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
-                          keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg))
+        # Data-parallel runs (pretrain.distributed): the main process claims the dir and alone writes
+        # to it; every process reads the checkpoint it resumes from.
+        self.dist = dist or Distributed("cpu")
+        if self.dist.is_main:
+            self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                              keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg))
+        self.dist.wait()
+        if not self.dist.is_main:
+            self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), keep_checkpoints=cfg.keep_checkpoints, claim=False)
         self.total_updates = total_updates
         self.update = 0
         self.env_steps = 0
-        self.np_rng = np.random.default_rng(cfg.seed)
+        self.np_rng = np.random.default_rng(cfg.seed + self.dist.rank)
+        self._stop = False
         self.resume_from = self.dir.latest_checkpoint() if cfg.resume else None
         if self.resume_from is not None:
             check_same_config(asdict(cfg), self.dir.saved_config(self.resume_from), self.resume_from)
@@ -139,11 +151,21 @@ class Run:
         """Load optimizer, RNGs, env RNGs and counters from the newest complete checkpoint; returns
         the saved state (the algorithm's extra state, and its extra tensors under "tensors")."""
         state, tensors = load_training_state(self.resume_from, optimizer=optimizer, np_rng=self.np_rng)
-        env.set_rng_state(state["env_rngs"])
+        saved_world = len(state.get("ranks", [None]))
+        if saved_world != self.dist.world_size:
+            raise ValueError(f"--resume {self.out}: the run was checkpointed by {saved_world} process(es); resume it with "
+                             f"{saved_world}, not {self.dist.world_size} (each process continues its own data stream)")
+        env_rngs = state["env_rngs"]
+        if "ranks" in state:  # this process's own RNG streams
+            mine = state["ranks"][self.dist.rank]
+            env_rngs = mine["env_rngs"]
+            self.np_rng.bit_generator.state = mine["np_rng"]
+            torch.set_rng_state(tensors[f"rank{self.dist.rank}.rng.torch"])
+        env.set_rng_state(env_rngs)
         self.update, self.env_steps = state["update"], state["env_steps"]
         lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= self.update]
-        if kept != lines:  # drop the updates logged after the checkpoint (they will be redone)
+        if kept != lines and self.dist.is_main:  # drop the updates logged after the checkpoint (they will be redone)
             (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         state["tensors"] = tensors
         return state
@@ -156,7 +178,8 @@ class Run:
     # -- running ----------------------------------------------------------------------------------
     def __enter__(self):
         self.interrupt = StopOnInterrupt().__enter__()
-        if self.finished:  # nothing to run, nothing to write
+        self.t0 = time.perf_counter()
+        if self.finished or not self.dist.is_main:  # nothing to write: a finished run, or not the main process
             self.writer = None
             return self
         # On resume, TensorBoard drops the steps after the checkpoint (written before the kill), so
@@ -168,7 +191,6 @@ class Run:
         self.progress = progress_bar(self.algorithm)
         self.progress.__enter__()
         self.progress_task = self.progress.add_task(self.algorithm, total=self.total_updates, completed=self.update, status="")
-        self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -200,8 +222,12 @@ class Run:
         return max(now - last, 1e-9)
 
     def log(self, metrics: dict[str, float], texts: list[str] | None = None) -> None:
-        """One update's metrics: TensorBoard, metrics.jsonl, the progress bar."""
+        """One update's metrics (already reduced over processes): TensorBoard, metrics.jsonl, the
+        progress bar, written by the main process."""
         self.update += 1
+        self._stop = self.dist.any(self.interrupt.requested)  # every process stops after the same update
+        if not self.dist.is_main:
+            return
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, self.update)
         if torch.cuda.is_available() and str(getattr(self.cfg, "device", "cpu")) != "cpu":
@@ -224,11 +250,21 @@ class Run:
         """Write ``checkpoint-<update>`` atomically: policy, optimizer, RNGs, counters, ``extra_state``
         (JSON), ``extra_tensors`` and whatever ``write_extra(dir)`` writes; after checking the policy
         is finite on ``probe`` (a few left-padded contexts): never a checkpoint of a blown-up model."""
-        self._check_finite_model(policy, probe)
         self._probe = probe
+        ranks = self.dist.gather_objects({"np_rng": self.np_rng.bit_generator.state, "env_rngs": env.get_rng_state(),
+                                          "torch": torch.get_rng_state().tolist()})
+        if not self.dist.is_main:
+            self.dist.wait()
+            return self.dir.path / f"checkpoint-{self.update}"
+        self._check_finite_model(policy, probe)
+        rank_state = {}
+        if self.dist.world_size > 1:  # every process's RNG streams, for an exact resume of each
+            rank_state = {"ranks": [{"np_rng": r["np_rng"], "env_rngs": r["env_rngs"]} for r in ranks]}
+            extra_tensors = {**(extra_tensors or {}),
+                             **{f"rank{i}.rng.torch": torch.tensor(r["torch"], dtype=torch.uint8) for i, r in enumerate(ranks)}}
 
         def write(directory: Path) -> None:
-            policy.save(directory)
+            policy.save(directory, merged=False)
             save_training_state(
                 directory,
                 optimizer=optimizer,
@@ -239,6 +275,7 @@ class Run:
                     "env_steps": self.env_steps,
                     "env_rngs": env.get_rng_state(),
                     "config": asdict(self.cfg),
+                    **rank_state,
                     **(extra_state or {}),
                 },
                 extra_tensors=extra_tensors,
@@ -246,7 +283,9 @@ class Run:
             if write_extra is not None:
                 write_extra(directory)
 
-        return self.dir.save_checkpoint(self.update, write)
+        path = self.dir.save_checkpoint(self.update, write)
+        self.dist.wait()
+        return path
 
     def _check_finite_model(self, policy, probe) -> None:
         try:
@@ -257,20 +296,26 @@ class Run:
             raise located from err
 
     def should_stop(self) -> bool:
-        return self.interrupt.requested
+        """A Ctrl-C was seen (by any process, as of the last update logged)."""
+        return self._stop if self.dist.world_size > 1 else self.interrupt.requested
 
     def finish(self, policy) -> dict:
         """Write ``final/`` (atomically; unless interrupted) and return the run's summary: the path
         of ``final/`` and the last update's metrics. A finished run resumed says so and writes nothing."""
         if self.should_stop():
             return self.summary()
+        if not self.dist.is_main:
+            self.dist.wait()
+            return self.summary()
         if self.writer is None:  # resumed a finished run
             print(f"{self.out} already finished (update {self.update} of {self.total_updates}); final model: "
                   f"{self.dir.final()}", file=sys.stderr)
+            self.dist.wait()
             return self.summary()
         if getattr(self, "_probe", None) is not None:
             self._check_finite_model(policy, self._probe)
         self.dir.save_final(policy.save, self.update)
+        self.dist.wait()
         summary = self.summary()
         self.writer.add_hparams(
             {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))},

@@ -61,6 +61,11 @@ class TextVectorEnv(Protocol):
     runs none); ``reference_model`` names that LM (a dir, or None), so an agent whose own reference
     is the same model reuses them instead of loading a second copy. ``lm_path`` is the causal LM
     whose tokenizer the env speaks (None: no pretrained LM fits, as for the toy env's 8 words).
+
+    Two optional methods (``TextGenVectorEnv`` has them; the agents use them when present):
+    ``shard_prompts(index, count)`` keeps a disjoint share of the prompts (data-parallel processes),
+    and ``share_reference(model)`` runs the agent's frozen LM (an adapter-disabled policy) as the
+    env's reference instead of its own copy.
     """
 
     num_envs: int

@@ -36,6 +36,7 @@ from envs.inputs import as_actions, check_prompt, reset_options, vector_seeds
 from envs.spaces import action_space, observation_space
 from envs.task import TextGenTask, build_lm_task
 from pretrain.config import check_int
+from pretrain.kv_cache import CachedLM
 
 MAX_STATE_BYTES = 8 * 2**30  # observations of all sub-envs; beyond this, a typo (num_envs=10**9) rather than a plan
 
@@ -124,6 +125,27 @@ class TextGenVectorEnv(VectorEnv):
     @property
     def reference_model(self) -> Path | None:
         return self.task.reference_model
+
+    def shard_prompts(self, index: int, count: int) -> None:
+        """Draw episodes only from prompts ``index``, ``index + count``, ... of the task's: ``count``
+        data-parallel processes, each with its own ``index``, then train on disjoint prompt sets.
+        The observation space is unchanged. ``ValueError`` when there are fewer prompts than shards."""
+        count = check_int("count", count, 1)
+        index = check_int("index", index, 0, count - 1)
+        if len(self.task.prompts) < count:
+            raise ValueError(f"{len(self.task.prompts)} prompts cannot be split into {count} disjoint shards")
+        self.task.prompts = self.task.prompts[index::count]
+
+    def share_reference(self, model) -> None:
+        """Run ``model`` as the reference LM from now on (a frozen causal LM over this env's tokenizer:
+        an agent's policy with its adapter disabled, ``pretrain.adapters.ReferenceLM``) and drop the
+        env's own copy, so one set of base weights serves the policy, its KL and the env's shaping.
+        Takes effect at the next reset; a no-op for an env that runs no reference."""
+        if self.task.make_reference is None:
+            return
+        pad = self.task.pad_token_id
+        self.task.make_reference = lambda batch_size: CachedLM(model, batch_size, pad)
+        self.batch.reference = self.task.make_reference(self.num_envs)  # its rows start at the next reset
 
     def get_rng_state(self) -> list[dict]:
         """The prompt-drawing RNG state of every sub-env (JSON-able), for exact resume."""

@@ -29,9 +29,16 @@ from transformers import DynamicCache, PreTrainedModel
 from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
 
 
+def _forward_parameters(model) -> set[str]:
+    """The argument names of the ``transformers`` model's forward (through an adapter wrapper)."""
+    base = getattr(model, "base_model", None)
+    target = base if isinstance(base, PreTrainedModel) else model
+    return set(inspect.signature(target.forward).parameters)
+
+
 def _cache_kwarg(model: PreTrainedModel) -> str:
     """transformers >= 5.2x names the argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def _returned_cache(output) -> DynamicCache:
@@ -50,10 +57,13 @@ class CachedLM:
         self.batch_size = batch_size
         self.keep_hidden = keep_hidden
         self.pad_token_id = pad_token_id
-        self.device = next(model.parameters()).device
+        self.device = model.device if isinstance(getattr(model, "device", None), torch.device) else next(model.parameters()).device
         self._cache_arg = _cache_kwarg(model)
         # Only the last position's logits are used: skip the LM head elsewhere where the model allows it.
-        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+        # A prompt-tuned model (pretrain.adapters.AdaptedLM) puts n soft-prompt columns before every
+        # prefilled context: they stay in the cache, with mask 1, ahead of the prompt's tokens.
+        self.n_virtual = int(getattr(model, "num_virtual_tokens", 0))
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, S)
         self.next_logits = torch.zeros(batch_size, 0, device=self.device)  # (B, V): logits of the next token
@@ -82,13 +92,15 @@ class CachedLM:
             raise ValueError("a prompt must hold at least one token")
         # Prefill in a few batches of similar prompt length (``length_buckets``), not one batch
         # padded to the longest prompt: a batch of review openings is mostly padding otherwise.
-        width = max(len(p) for p in prompts)
+        width = max(len(p) for p in prompts) + self.n_virtual
         logits = hidden = None
         parts = []
         for bucket in length_buckets([len(p) for p in prompts], self.max_prefill_buckets):
             ids, mask = left_pad([prompts[j] for j in bucket], self.pad_token_id, self.device)
-            w = ids.shape[1]
             b_logits, b_hidden, b_kv = self._forward(ids, mask, position_ids_from_mask(mask))
+            if self.n_virtual:  # the cache's layout: [virtual | pads | prompt]
+                mask = torch.cat([mask.new_ones(mask.shape[0], self.n_virtual), mask], 1)
+            w = mask.shape[1]
             if logits is None:
                 logits = b_logits.new_empty((len(rows), b_logits.shape[-1]))
                 if b_hidden is not None:

@@ -124,13 +124,26 @@ def load_lm(
     path: str | Path = "default",
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    quantization_config=None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from ``"default"`` or any HF causal-LM dir, in eval mode.
 
     ``dtype`` defaults to float32 (the shipped weights are stored as fp16 to stay small, but CPU
-    kernels are fastest and exact in fp32). Raises a clear error for a missing path, a dir
+    kernels are fastest and exact in fp32). A peft adapter dir (``adapter_config.json``, at the root
+    or in ``adapter/``: a prompt-tuned ``final/``, an adapter run's checkpoint) loads as a frozen
+    ``pretrain.adapters.AdaptedLM`` on the base model it names. ``quantization_config`` is passed to
+    ``from_pretrained`` (QLoRA's 4-bit base). Raises a clear error for a missing path, a dir
     without safetensors, corrupted weights, or a tokenizer whose vocabulary does not fit the model.
     """
+    from pretrain.adapters import adapter_base_dir, add_adapter, is_adapter_dir
+
+    if str(path) != "default" and Path(path).is_dir() and is_adapter_dir(path):
+        if (Path(path) / MANIFEST).is_file():
+            verify_manifest(path)
+        base_dir = adapter_base_dir(path)
+        base, tokenizer = load_lm(base_dir, device=device, dtype=dtype, quantization_config=quantization_config)
+        model = add_adapter(base, None, base_dir, adapter_dir=path, trainable=False)
+        return model.eval(), tokenizer
     path = resolve_model_path(path)
     if (path / MANIFEST).is_file():
         verify_manifest(path)
@@ -142,13 +155,17 @@ def load_lm(
                          "or *LMHeadModel architecture; a reward-model dir goes where a reward model is asked for)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            str(path), config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            **({"quantization_config": quantization_config, "device_map": {"": str(resolve_device(device))}}
+               if quantization_config is not None else {}),
         )
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise ValueError(f"could not load the weights in {path}: {err}") from err
     check_weights_finite(model, path)
     tokenizer = load_tokenizer(path)
     check_vocab_fits(model, tokenizer, path)
+    if quantization_config is not None:  # bitsandbytes placed the weights on the GPU already
+        return model.eval(), tokenizer
     return model.to(resolve_device(device)).eval(), tokenizer
 
 

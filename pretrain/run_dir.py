@@ -158,14 +158,16 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, command: str, *, resume: bool = False, overwrite: bool = False,
-                 keep_checkpoints: int = 2, config: dict | None = None):
+                 keep_checkpoints: int = 2, config: dict | None = None, claim: bool = True):
+        """``claim=False``: open the dir without claiming it (the other processes of a data-parallel
+        run, once the main process has claimed it; they read checkpoints and write nothing)."""
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
         self.path, self.command, self.keep = Path(path), command, keep_checkpoints
         self.resumed = resume
         if resume:
             self._check_resumable()
-        else:
+        elif claim:
             self._claim(overwrite, config or {})
 
     # -- claiming a dir ------------------------------------------------------------------------------
