@@ -34,6 +34,7 @@ from agents.policy import LMPolicy, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
 from agents.run import make_env, make_policy_model
 from agents.task_config import TaskConfig, task_kwargs
+from pretrain.adapters import adapter_path, is_adapter_dir
 from pretrain.config import hparam, require_positive, validate_fields
 from pretrain.model import resolve_device, resolve_model_path, sha256_file
 from pretrain.progress import progress_bar
@@ -73,18 +74,25 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+def is_model_dir(path: Path) -> bool:
+    """An HF model dir, or a peft adapter dir (``pretrain.load_lm`` loads it on its base)."""
+    return (Path(path) / "config.json").is_file() or is_adapter_dir(path)
+
+
 def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
     """(series name, [(label, model dir)], initial model recorded by the run)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run dir or an HF model dir)")
-    if (path / "config.json").is_file():
+    if is_model_dir(path):
         return path.name, [(path.name, path)], None
     candidates = [p for _, p in sorted(RunDir.list_checkpoints(path))] + [path / FINAL]
     found, seen = [], {}
     for model_dir in candidates:
-        if (model_dir / "config.json").is_file() and verify_dir(model_dir) is None:
-            digest = sha256_file(model_dir / "model.safetensors")
+        if is_model_dir(model_dir) and verify_dir(model_dir) is None:
+            # An adapter run's checkpoints and a prompt-tuned final/ hold the adapter alone (base + adapter load).
+            weights = model_dir / "model.safetensors"
+            digest = sha256_file(weights if weights.is_file() else adapter_path(model_dir) / "adapter_model.safetensors")
             if digest in seen:  # the last checkpoint is the final model: evaluate it once, as final
                 found.remove(seen[digest])
             seen[digest] = (model_dir.name, model_dir)

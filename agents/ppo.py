@@ -36,7 +36,7 @@ from agents.run import Run, check_finite, make_env, make_policy_model, optimizer
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from pretrain.distributed import Distributed
+from pretrain.distributed import Distributed, SingleProcess, process_group
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 
@@ -170,7 +170,7 @@ def ppo_update(model, optimizer, batch: PPOBatch, cfg: PPOConfig, np_rng: np.ran
     or its data-parallel wrapper (``dist.prepare``): its forward is ``LMPolicy.evaluate``. Across
     processes every token mean is divided by the global token count, and the early stop reads the
     mean approx KL of all processes, so they take the same steps."""
-    dist = dist or Distributed("cpu")
+    dist = dist or SingleProcess()
     n = batch.input_ids.shape[0]
     minibatch_size = n // cfg.num_minibatches
     stats = {"clipfrac": [], "approx_kl": [], "policy": [], "value": []}
@@ -215,7 +215,7 @@ def train(cfg: PPOConfig) -> dict:
     Under ``accelerate launch`` / ``torchrun`` (``pretrain.distributed``) each process collects
     ``num_envs`` episodes per update from its own prompt shard, and ``total_steps`` counts the env
     steps of all processes."""
-    dist = Distributed(cfg.device)
+    dist = process_group(cfg.device)
     device = dist.device
     torch.manual_seed(cfg.seed + dist.rank)
     per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size

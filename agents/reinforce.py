@@ -30,7 +30,7 @@ from agents.run import Run, check_finite, make_env, make_policy_model, optimizer
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from pretrain.distributed import Distributed
+from pretrain.distributed import process_group
 from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
 
 BASELINES = ("none", "moving_average", "rloo")
@@ -92,7 +92,7 @@ def reinforce_loss(logprobs: torch.Tensor, mask: torch.Tensor, returns: torch.Te
 def train(cfg: ReinforceConfig) -> dict:
     """Run REINFORCE as ``cfg`` says (the same run dir, resume, errors, summary and data-parallel
     launch as ``agents.ppo.train``)."""
-    dist = Distributed(cfg.device)
+    dist = process_group(cfg.device)
     device = dist.device
     torch.manual_seed(cfg.seed + dist.rank)
     per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size

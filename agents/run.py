@@ -36,7 +36,7 @@ import envs  # noqa: F401  (registers the suite)
 from agents.task_config import env_parameters, resolve_env_id
 from envs.api import TextVectorEnv
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
-from pretrain.distributed import Distributed
+from pretrain.distributed import Distributed, SingleProcess
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from pretrain.progress import progress_bar
@@ -80,13 +80,11 @@ def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int, dist
         return str(env.lm_path)
     target = out / "init-model"
     if (dist is None or dist.is_main) and verify_dir(target) is not None:  # a resumed run has it already
-        rng_state = torch.get_rng_state()
         torch.manual_seed(seed)
         tokenizer = env.tokenizer
         tiny = build_gpt2(env.valid_actions.shape[0], n_layer=2, n_embd=32, n_head=2, n_positions=64,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         atomic_write_dir(target, lambda directory: save_lm(tiny, tokenizer, directory))
-        torch.set_rng_state(rng_state)  # the run's own stream is unchanged by whether the model was made here
     if dist is not None:
         dist.wait()
     return str(target)
@@ -126,11 +124,9 @@ class Run:
         self.out = resolve_out(cfg, algorithm)
         # Data-parallel runs (pretrain.distributed): the main process claims the dir and alone writes
         # to it; every process reads the checkpoint it resumes from.
-        self.dist = dist or Distributed("cpu")
-        if self.dist.is_main:
-            self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
-                              keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg))
-        self.dist.wait()
+        self.dist = dist or SingleProcess()
+        self.dir = self.dist.on_main(lambda: RunDir(self.out, self.command, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                                                    keep_checkpoints=cfg.keep_checkpoints, config=asdict(cfg)), str(self.out))
         if not self.dist.is_main:
             self.dir = RunDir(self.out, self.command, resume=bool(cfg.resume), keep_checkpoints=cfg.keep_checkpoints, claim=False)
         self.total_updates = total_updates

@@ -69,7 +69,7 @@ class ModelOptions:
                                                          "up down _proj; else peft's all-linear)")
     num_virtual_tokens: int = hparam(8, "soft-prompt length for --peft prompt-tuning")
     dtype: str = hparam("auto", "compute dtype: 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32' or 'bfloat16' (autocast)")
-    gradient_checkpointing: bool = hparam(False, "recompute activations in the backward pass (less memory, ~30% more time)")
+    gradient_checkpointing: bool = hparam(False, "recompute activations in the backward pass (less memory, about a third more time)")
 
     def validate_model_options(self) -> None:
         """``ValueError`` naming the field for an unknown adapter kind or dtype, or a bad size."""

@@ -1,6 +1,9 @@
 """Data-parallel training on ``accelerate``: N processes, one data shard each, gradients all-reduced.
 
-    accelerate launch --num_processes 2 -m agents.cli train ppo ...      # or: torchrun --nproc_per_node 2 ...
+    accelerate launch --multi_gpu --num_processes 2 -m agents.cli train ppo ...   # or: torchrun --nproc_per_node 2 ...
+
+(``accelerate launch --cpu`` starts a single process whatever ``--num_processes`` says; on CPUs use
+torchrun, or ``--multi_gpu``, which falls back to gloo.)
 
 Every trainer builds one :class:`Distributed` from its ``--device``. Run without a launcher it is
 a single process (world size 1) and every method below is the identity; under ``accelerate
@@ -22,15 +25,88 @@ the step of 1 process x N B (tested).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
-class Distributed:
-    """The process group of a run (``accelerate.Accelerator``), or a single process.
+def process_group(device: str = "auto") -> SingleProcess:
+    """This run's process group: :class:`Distributed` when a launcher (``torchrun``, ``accelerate
+    launch``) started more than one process (``WORLD_SIZE`` > 1), else a :class:`SingleProcess`,
+    which leaves accelerate's process-wide state alone (so one Python process may run a CUDA
+    trainer and then a CPU one, as the tests do)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return Distributed(device)
+    return SingleProcess(device)
 
-    Attributes: ``rank`` (0 .. world_size - 1), ``world_size``, ``is_main`` (rank 0), ``device``
-    (this process's: ``cuda:<local rank>`` on GPUs, else the CPU).
-    """
+
+class SingleProcess:
+    """The process group of a run in one process: every reduction is the identity.
+
+    Attributes: ``rank`` 0, ``world_size`` 1, ``is_main`` True, ``device`` (``--device`` resolved).
+    :class:`Distributed` has the same methods, over all processes."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        from pretrain.model import resolve_device
+
+        self.device = resolve_device(device)
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` wrapped for data-parallel training (gradients all-reduced in backward); the module
+        itself in a single process. Call the wrapper's ``forward`` for the passes that need gradients."""
+        return module
+
+    def mean(self, value) -> torch.Tensor:
+        """The mean of ``value`` (a number or tensor) over processes."""
+        return torch.as_tensor(value, dtype=torch.float64)
+
+    def sum(self, value) -> torch.Tensor:
+        """The sum of ``value`` over processes."""
+        return torch.as_tensor(value, dtype=torch.float64)
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (a Ctrl-C seen by one process stops them all at the same update)."""
+        return bool(flag)
+
+    def global_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mean over processes of ``mask.sum()`` (float): the denominator that makes a per-process
+        token mean, averaged by the gradient all-reduce, equal the mean over every process's tokens."""
+        return mask.float().sum().clamp(min=1)
+
+    def mean_metrics(self, metrics: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
+        """Every metric averaged over processes (the names in ``summed`` added up)."""
+        return metrics
+
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every process, in rank order (RNG states for a checkpoint)."""
+        return [obj]
+
+    def wait(self) -> None:
+        """Block until every process reaches this point (e.g. after the main process wrote a file)."""
+
+    def on_main(self, action, what: str = "this run"):
+        """``action()`` run by the main process alone (writing the run dir, building data) while the
+        others wait; returns its result there and None elsewhere. An error on the main process is
+        raised on every process (the others raise ``RuntimeError``), so none waits forever."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the other processes
+                error = err
+        if self.any(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"the main process of {what} stopped with an error; see its output")
+        return result
+
+
+class Distributed(SingleProcess):
+    """The process group of a data-parallel run (``accelerate.Accelerator``): the methods of
+    :class:`SingleProcess`, over every process. ``device`` is this process's (``cuda:<local rank>``
+    on GPUs, else the CPU)."""
 
     def __init__(self, device: str = "auto"):
         from accelerate import Accelerator
@@ -45,42 +121,36 @@ class Distributed:
         self.device = torch.device("cpu") if cpu else self.accelerator.device
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` wrapped for data-parallel training (gradients all-reduced in backward); the module
-        itself in a single process. Call the wrapper's ``forward`` for the passes that need gradients."""
         if self.world_size == 1:
             return module
         return self.accelerator.prepare_model(module)
 
-    def _reduce(self, value, op: str) -> torch.Tensor:
+    def _all_reduce(self, value, op: str) -> torch.Tensor:
+        # gloo reduces float64 on the CPU; NCCL wants a CUDA tensor.
         tensor = torch.as_tensor(value, dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device)
         if self.world_size == 1:
-            return tensor
+            return tensor.cpu().double()
         tensor = tensor.clone()
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor / self.world_size if op == "mean" else tensor
+        tensor = tensor / self.world_size if op == "mean" else tensor
+        return tensor.cpu().double()
 
     def mean(self, value) -> torch.Tensor:
-        """The mean of ``value`` (a number or tensor) over processes."""
-        return self._reduce(value, "mean")
+        return self._all_reduce(value, "mean")
 
     def sum(self, value) -> torch.Tensor:
-        """The sum of ``value`` over processes."""
-        return self._reduce(value, "sum")
+        return self._all_reduce(value, "sum")
 
     def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process (a Ctrl-C seen by one process stops them all at the same update)."""
-        return bool(self.sum(float(flag)) > 0) if self.world_size > 1 else bool(flag)
+        return bool(self.sum(float(flag)) > 0)
 
     def global_count(self, mask: torch.Tensor) -> torch.Tensor:
-        """The mean over processes of ``mask.sum()``: the denominator that makes a per-process token
-        mean, averaged by the gradient all-reduce, equal the mean over every process's tokens."""
-        count = mask.sum()
+        count = mask.float().sum()
         if self.world_size == 1:
             return count.clamp(min=1)
-        return self.mean(count.detach()).to(mask.dtype).clamp(min=1)
+        return self.mean(count.detach()).to(device=mask.device, dtype=torch.float32).clamp(min=1)
 
     def mean_metrics(self, metrics: dict[str, float], summed: tuple[str, ...] = ()) -> dict[str, float]:
-        """Every metric averaged over processes (the names in ``summed`` added up); NaN stays NaN."""
         if self.world_size == 1:
             return metrics
         names = sorted(metrics)
@@ -92,7 +162,6 @@ class Distributed:
         return {k: reduced[k] for k in metrics}
 
     def gather_objects(self, obj) -> list:
-        """``obj`` of every process, in rank order (JSON-able values: RNG states for a checkpoint)."""
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
@@ -100,6 +169,5 @@ class Distributed:
         return out
 
     def wait(self) -> None:
-        """Block until every process reaches this point (e.g. after the main process wrote a file)."""
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()

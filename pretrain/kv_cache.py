@@ -30,10 +30,15 @@ from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
 
 
 def _forward_parameters(model) -> set[str]:
-    """The argument names of the ``transformers`` model's forward (through an adapter wrapper)."""
-    base = getattr(model, "base_model", None)
-    target = base if isinstance(base, PreTrainedModel) else model
-    return set(inspect.signature(target.forward).parameters)
+    """The argument names of the ``transformers`` model's forward (through an adapter wrapper; not
+    ``model.base_model``, which for a plain HF model is its headless trunk)."""
+    from pretrain.adapters import AdaptedLM, ReferenceLM
+
+    if isinstance(model, ReferenceLM):
+        model = model._adapted
+    if isinstance(model, AdaptedLM):
+        model = model.base_model
+    return set(inspect.signature(model.forward).parameters)
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:
@@ -121,6 +126,9 @@ class CachedLM:
             if hidden is not None:
                 self.next_hidden = hidden.new_zeros((self.batch_size, hidden.shape[-1]))
         self._left_pad_to(width)
+        new_dtype = parts[0][3][0][0].dtype
+        if self.kv[0][0].dtype != new_dtype:  # filled outside an autocast region, now inside one (or back)
+            self.kv = [(k.to(new_dtype), v.to(new_dtype)) for k, v in self.kv]
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
         for k, v in self.kv:

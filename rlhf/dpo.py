@@ -15,10 +15,17 @@ and beta (log pi - log pi_ref) is the *implicit reward* of a completion.
 Policy and reference run with dropout off (``pretrain.model.disable_dropout``): log pi and
 log pi_ref of the same weights are then equal, so the implicit rewards and margins are exactly 0
 at step 0, as the derivation assumes.
+
+With an adapter (``--peft lora|qlora|prompt-tuning``, ``pretrain.adapters``) only the adapter is
+trained and pi_ref is the policy with its adapter disabled: the base weights are held once. Under
+a data-parallel launch (``accelerate launch --num_processes N``) each of the N processes takes its
+part of every global batch of N x ``batch_size`` pairs, so N processes take exactly the steps of
+one process with N times the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +35,15 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from pretrain import load_lm, save_lm
-from pretrain.checkpoint import StepRun
+from pretrain import load_lm
+from pretrain.adapters import AdaptedLM, ModelOptions, autocast, load_trainable_lm, model_options, trainable_parameters
+from pretrain.checkpoint import StepRun, save_trained_lm
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
-from pretrain.model import disable_dropout, resolve_device
+from pretrain.distributed import process_group
+from pretrain.model import disable_dropout
 from pretrain.optim import check_model_finite, optimizer_step
 from pretrain.progress import progress_bar
-from rlhf.logprobs import encode, sequence_logprobs
+from rlhf.logprobs import encode, sequence_logprobs, text_token_limit
 from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -71,7 +80,7 @@ def dpo_loss(
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(ModelOptions):
     """Fine-tune a policy on preference pairs with DPO against a frozen copy of itself."""
 
     model: str = hparam("default", "policy (and reference) init: 'default' or an HF causal-LM dir")
@@ -85,7 +94,7 @@ class DPOConfig:
     tau: float = hparam(0.0, "labeller noise when building data")
     max_new_tokens: int = hparam(32, "completion length (data building and evaluation)")
     epochs: int = hparam(1, "passes over the pairs")
-    batch_size: int = hparam(32, "pairs per step")
+    batch_size: int = hparam(32, "pairs per step (per process: N processes take N x batch_size)")
     lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
@@ -99,6 +108,7 @@ class DPOConfig:
 
     def __post_init__(self):
         validate_fields(self)
+        self.validate_model_options()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
         require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens")
@@ -112,83 +122,132 @@ class DPOConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
-def pair_logps(model, tokenizer, pairs: list[PreferencePair], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of the chosen and of the rejected completions (each batch padded to its own width)."""
-    max_length = getattr(model.config, "n_positions", None)
+def pair_logps(model, tokenizer, pairs: list[PreferencePair], device, max_length: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs log pi(y_w | x) and log pi(y_l | x), each (B,), of the chosen and rejected
+    completions of ``pairs``, in one forward pass over the 2B rows (TRL's concatenated forward: one
+    call of a data-parallel wrapper per backward pass). ``model`` is called as the HF model is (a
+    ``DistributedDataParallel`` wrapper, an adapter, a frozen reference); ``max_length`` defaults to
+    its context (``rlhf.logprobs.text_token_limit``), and a longer pair is a ``ValueError``."""
+    max_length = text_token_limit(model) if max_length is None else max_length
     prompts = [p.prompt for p in pairs]
-    logps = []
-    for completions in ([p.chosen for p in pairs], [p.rejected for p in pairs]):
-        enc = encode(tokenizer, prompts, completions, max_length, device)
-        logps.append(sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"]))
-    return logps[0], logps[1]
+    enc = encode(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length, device)
+    logps = sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"])  # (2B,)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@contextlib.contextmanager
+def initial_lm(policy, reference):
+    """The initial policy as a plain HF model, to sample preference data from: the frozen reference
+    copy, or an adapter policy's base model with its adapter disabled (no copy)."""
+    if isinstance(policy, AdaptedLM):
+        with policy.adapter_disabled():
+            yield policy.base_model
+    else:
+        yield reference
+
+
+def load_policy_and_reference(cfg: DPOConfig, device, resume_from: Path | None):
+    """``(policy, reference, tokenizer)``, dropout off in both: the policy to train (all weights,
+    or an adapter on the base model; ``resume_from`` a checkpoint of this run), and pi_ref frozen:
+    the policy with its adapter disabled (sharing every base weight), or a second copy of ``cfg.model``."""
+    policy, tokenizer = load_trainable_lm(cfg.model, model_options(cfg), device, resume_from=resume_from)
+    disable_dropout(policy)
+    if isinstance(policy, AdaptedLM):
+        reference = policy.reference()
+    else:
+        reference, _ = load_lm(cfg.model, device=device)
+        disable_dropout(reference).requires_grad_(False)
+    return policy, reference, tokenizer
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
     """``textgym dpo``: DPO training; ``final/`` is an HF dir that ``textgym eval --runs OUT`` evaluates
-    against the initial model (held-out gold, RM, KL), as every other method's run.
+    against the initial model (held-out gold, RM, KL), as every other method's run. With ``--peft
+    lora`` it holds the merged model and the adapter (``final/adapter/``); with prompt tuning the
+    adapter alone (``pretrain.load_lm`` loads it on its base).
 
     Checkpoints every ``checkpoint_every`` steps and on Ctrl-C (``pretrain.checkpoint.StepRun``);
     ``--resume OUT`` continues exactly (built preference data is kept in ``OUT/train_pairs.jsonl``).
+    Data-parallel under ``accelerate launch`` (see the module docstring).
     """
-    steps = StepRun(cfg, "dpo")
+    dist = process_group(cfg.device)
+    steps = StepRun(cfg, "dpo", dist)
     if (finished := steps.finished) is not None:
         return finished
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    device = dist.device
+    torch.manual_seed(cfg.seed)  # the same initial adapter in every process
+    rng = np.random.default_rng(cfg.seed)  # the batch order: the same in every process
     out = steps.out
-    reference, tokenizer = load_lm(cfg.model, device=device)
-    policy, _ = load_lm(steps.checkpoint or cfg.model, device=device)
-    disable_dropout(policy)
-    disable_dropout(reference).requires_grad_(False)
+    policy, reference, tokenizer = load_policy_and_reference(cfg, device, steps.checkpoint)
 
     if cfg.data:
         pairs = load_jsonl(cfg.data)
-    elif (out / "train_pairs.jsonl").is_file() and cfg.resume:  # built by the run being resumed
-        pairs = load_jsonl(out / "train_pairs.jsonl")
     else:
-        prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
-        pairs = build_preferences(reference, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        save_jsonl(pairs, out / "train_pairs.jsonl")
+        built = out / "train_pairs.jsonl"
+        if not (cfg.resume and built.is_file()):  # else: built by the run being resumed
+            def build() -> None:  # by the main process alone; the others read its file
+                prompts = prompt_texts("train", cfg.num_prompts, cfg.seed)
+                with initial_lm(policy, reference) as lm:
+                    pairs = build_preferences(lm, tokenizer, prompts, cfg.k, cfg.tau, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                save_jsonl(pairs, built)
 
-    # Every epoch's batches up front (the same rng draws as per epoch): a resumed run skips exactly those taken.
+            steps.on_main(build)
+        pairs = load_jsonl(built)
+
+    # Every epoch's global batches up front (the same rng draws as per epoch): a resumed run skips
+    # exactly those taken. A global batch is batch_size pairs per process; each process trains on its
+    # own part of it (steps.shard), and a last batch with fewer pairs than processes is dropped.
+    global_batch = cfg.batch_size * dist.world_size
     batches = []
     for _ in range(cfg.epochs):
         order = rng.permutation(len(pairs))
-        batches += [order[start : start + cfg.batch_size] for start in range(0, len(pairs), cfg.batch_size)]
+        batches += [order[start : start + global_batch] for start in range(0, len(pairs), global_batch)]
+    batches = [batch for batch in batches if len(batch) >= dist.world_size]
     n_steps = len(batches)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = trainable_parameters(policy)  # all weights, or the adapter's
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
+    torch.manual_seed(cfg.seed + dist.rank)  # each process's own stream (DPO draws none itself: dropout is off)
     steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
     writer = steps.writer()
     probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)  # checked finite before each save
+    model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
+    max_length = text_token_limit(policy)
     policy.train()
     last = {}
     with steps, progress_bar("dpo") as bar:
-        task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="")
+        task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="", visible=dist.is_main)
         for step in range(steps.step + 1, n_steps + 1):
-            batch = [pairs[i] for i in batches[step - 1]]
-            chosen_logps, rejected_logps = pair_logps(policy, tokenizer, batch, device)
-            with torch.no_grad():
-                ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device)
+            batch = [pairs[i] for i in steps.shard(batches[step - 1])]
+            with autocast(cfg.dtype, device):  # bf16 matmuls for policy and reference when asked; weights stay fp32
+                chosen_logps, rejected_logps = pair_logps(model, tokenizer, batch, device, max_length)
+                with torch.no_grad():
+                    ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device, max_length)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 cfg.beta, cfg.loss_type, cfg.label_smoothing,
             )
-            loss = losses.mean()
-            optimizer_step(loss, optimizer, policy.parameters(), cfg.max_grad_norm, scheduler, f"at DPO step {step}")
-            accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
-            writer.add_scalar("loss/dpo", loss.item(), step)
-            writer.add_scalar("rewards/chosen", chosen_rewards.mean().item(), step)
-            writer.add_scalar("rewards/rejected", rejected_rewards.mean().item(), step)
-            writer.add_scalar("rewards/accuracies", accuracy, step)
-            writer.add_scalar("rewards/margins", (chosen_rewards - rejected_rewards).mean().item(), step)
-            writer.add_scalar("logps/chosen", chosen_logps.mean().item(), step)
-            writer.add_scalar("logps/rejected", rejected_logps.mean().item(), step)
+            # The mean over the global batch: the gradient all-reduce averages the processes' gradients,
+            # so each divides its sum by the mean number of pairs per process.
+            loss = losses.sum() / dist.global_count(losses.new_ones(len(batch)))
+            optimizer_step(loss, optimizer, params, cfg.max_grad_norm, scheduler, f"at DPO step {step}")
+            metrics = dist.mean_metrics({
+                "loss/dpo": losses.mean().item(),
+                "rewards/chosen": chosen_rewards.mean().item(),
+                "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "logps/chosen": chosen_logps.mean().item(),
+                "logps/rejected": rejected_logps.mean().item(),
+            })
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, step)
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            bar.update(task, advance=1, status=f"loss {loss.item():.3f} acc {accuracy:.2f}")
-            last = {"loss": loss.item(), "accuracy": accuracy, "margin": (chosen_rewards - rejected_rewards).mean().item()}
-            steps.after_step(step, lambda d: save_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng, scheduler=scheduler,
+            bar.update(task, advance=1, status=f"loss {metrics['loss/dpo']:.3f} acc {metrics['rewards/accuracies']:.2f}")
+            last = {"loss": metrics["loss/dpo"], "accuracy": metrics["rewards/accuracies"], "margin": metrics["rewards/margins"]}
+            steps.after_step(step, lambda d: save_trained_lm(policy, tokenizer, d), optimizer=optimizer, np_rng=rng,
+                             scheduler=scheduler,
                              check=lambda s: check_model_finite(policy, probe["input_ids"], probe["attention_mask"], f"after DPO step {s}"))
     check_model_finite(policy, probe["input_ids"], probe["attention_mask"], "after DPO")
 
@@ -196,9 +255,10 @@ def train_dpo(cfg: DPOConfig) -> dict:
     writer.close()
 
     def write_final(directory: Path) -> None:
-        save_lm(policy, tokenizer, directory)
+        save_trained_lm(policy, tokenizer, directory, final=True)
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     steps.save_final(write_final)
-    print(json.dumps(metrics))
+    if dist.is_main:
+        print(json.dumps(metrics))
     return metrics

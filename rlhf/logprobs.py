@@ -86,6 +86,15 @@ def sequence_logprobs(
     return completion_logprobs(model, input_ids, attention_mask, completion_mask).sum(-1)
 
 
+def text_token_limit(model) -> int | None:
+    """How many tokens of text ``model`` reads at once: its ``n_positions`` (GPT-2) less the virtual
+    tokens of a soft prompt (``pretrain.adapters``), looking through a data-parallel wrapper; None
+    (not checked here) for a config without ``n_positions``."""
+    model = getattr(model, "module", model)
+    n_positions = getattr(model.config, "n_positions", None)
+    return None if n_positions is None else n_positions - getattr(model, "num_virtual_tokens", 0)
+
+
 def tokenize_pairs(
     tokenizer, prompts: list[str], completions: list[str], max_length: int | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:

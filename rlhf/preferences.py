@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,7 +133,11 @@ def build_preferences(
     batch_size: int = 256,
     seed: int = 0,
 ) -> list[PreferencePair]:
-    """Sample K completions per prompt, rank them through the Bradley-Terry labeller, expand to pairs."""
+    """Sample K completions per prompt, rank them through the Bradley-Terry labeller, expand to pairs.
+
+    A pair with a blank side (the LM ended with EOS at once, or wrote only spaces) or two equal
+    sides is left out, with a ``UserWarning`` giving the count: ``load_jsonl`` refuses such pairs,
+    and the data a run builds must be the data it can read back (on resume, or in other processes)."""
     gold = gold or VaderGold()
     rng = np.random.default_rng(seed)
     samples = sample_completions(model, tokenizer, prompts, k, max_new_tokens, temperature, batch_size, seed)
@@ -141,7 +146,11 @@ def build_preferences(
         scores = gold(review_texts([prompt] * k, completions))
         ranking = sample_ranking(scores, tau, rng)
         pairs += ranking_to_pairs(prompt, completions, scores, ranking, tau)
-    return pairs
+    kept = [p for p in pairs if p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected]
+    if len(kept) < len(pairs):
+        warnings.warn(f"left out {len(pairs) - len(kept)} of {len(pairs)} preference pairs with a blank or repeated completion",
+                      stacklevel=2)
+    return kept
 
 
 def save_jsonl(pairs: Sequence[PreferencePair], path: str | Path) -> Path:

@@ -18,11 +18,18 @@ immediate EOS) is the single token EOS. The saved tokenizer pads on the right, t
 plain transformers' ``*ForSequenceClassification`` (which derives positions from the sequence
 start) scores a padded batch exactly like this class does.
 
+With ``--peft lora`` (:meth:`RewardModel.from_lm` given ``pretrain.adapters.ModelOptions``) the
+backbone is frozen and carries a LoRA adapter (Hu et al. 2021) while the score head is trained in
+full (peft's ``modules_to_save``); :meth:`RewardModel.save` writes the merged model, a plain
+``*ForSequenceClassification`` dir like any other, and :meth:`RewardModel.save_adapter` the adapter
+and head alone (a checkpoint).
+
 Training, evaluation and shipping (``textgym reward``) are in ``rlhf.reward_training``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from pretrain import load_lm
+from pretrain.adapters import ModelOptions, adapter_path, default_target_modules, enable_gradient_checkpointing
 from pretrain.model import (
     check_vocab_fits,
     check_weights_finite,
@@ -70,14 +78,20 @@ class RewardModel(nn.Module):
 
     Dropout is off (``disable_dropout``): the chosen and rejected rewards of a pair, the training
     metrics and :meth:`score` are one deterministic function of the weights.
+
+    ``peft`` is the ``peft.PeftModel`` of a LoRA reward model (``model`` is then its HF model, with
+    the LoRA layers injected in place) on the causal LM in ``base_dir``; None for all weights.
     """
 
-    def __init__(self, model, tokenizer, max_length: int | None = None):
+    def __init__(self, model, tokenizer, max_length: int | None = None, peft=None, base_dir: str | Path | None = None):
         super().__init__()
         if model.config.num_labels != 1:
             raise ValueError(f"a reward model has one output, this model has num_labels={model.config.num_labels}")
         self.model = disable_dropout(model)
         self.tokenizer = tokenizer
+        # Not a registered submodule: it holds the same modules as self.model.
+        object.__setattr__(self, "peft", peft)
+        self.base_dir = None if base_dir is None else Path(base_dir)
         self.max_length = max_length or getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
         )
@@ -95,8 +109,17 @@ class RewardModel(nn.Module):
         return float(getattr(self.model.config, "reward_std", 1.0))
 
     @classmethod
-    def from_lm(cls, path: str | Path = "default", device: str | torch.device = "cpu") -> RewardModel:
-        """A fresh reward model whose backbone is the pretrained causal LM at ``path``."""
+    def from_lm(cls, path: str | Path = "default", device: str | torch.device = "cpu", options: ModelOptions | None = None,
+                resume_from: str | Path | None = None) -> RewardModel:
+        """A fresh reward model whose backbone is the pretrained causal LM at ``path``.
+
+        With ``options.peft == "lora"`` the backbone is frozen under a new LoRA adapter (or the one
+        saved in ``resume_from``, a checkpoint's dir, by :meth:`save_adapter`) and the score head is
+        trained in full. ``options.gradient_checkpointing`` switches that on. Raises ``ValueError``
+        for another adapter kind (a soft prompt or a 4-bit base is not supported for reward models)."""
+        options = options or ModelOptions()
+        if options.peft not in ("", "lora"):
+            raise ValueError(f"a reward model trains all weights or a LoRA adapter (--peft lora), not --peft {options.peft}")
         lm_dir = resolve_model_path(path)
         _, tokenizer = load_lm(lm_dir)  # validates the dir (safetensors, manifest, vocab)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -104,7 +127,18 @@ class RewardModel(nn.Module):
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         nn.init.zeros_(model.score.weight)  # r = 0 for everything at the start
-        return cls(model, tokenizer).to(resolve_device(device))
+        peft_model = None
+        if options.peft:
+            from peft import PeftModel, get_peft_model
+
+            if resume_from is not None:
+                peft_model = PeftModel.from_pretrained(model, str(adapter_path(resume_from)), is_trainable=True)
+            else:
+                peft_model = get_peft_model(model, reward_lora_config(options, model, lm_dir))
+            model = peft_model.get_base_model()
+        if options.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return cls(model, tokenizer, peft=peft_model, base_dir=lm_dir).to(resolve_device(device))
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu", dtype=torch.float32) -> RewardModel:
@@ -160,10 +194,11 @@ class RewardModel(nn.Module):
                 return token_id
         raise ValueError("the reward model's tokenizer has no EOS, BOS or pad token to represent the empty text")
 
-    def sequence_rewards(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Raw (unnormalised) rewards (B,) of non-empty token-id sequences, one left-padded batch (with gradients)."""
+    def sequence_rewards(self, sequences: Sequence[Sequence[int]], model: nn.Module | None = None) -> torch.Tensor:
+        """Raw (unnormalised) rewards (B,) of non-empty token-id sequences, one left-padded batch (with
+        gradients), computed by ``model`` (this reward model in a data-parallel wrapper) or by itself."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.empty_text_id
-        return self(*left_pad(sequences, pad, self.device))
+        return (self if model is None else model)(*left_pad(sequences, pad, self.device))
 
     @torch.no_grad()
     def rewards(self, prompts: Sequence[str], completions: Sequence[str], max_buckets: int = 4) -> torch.Tensor:
@@ -190,13 +225,15 @@ class RewardModel(nn.Module):
         return out
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """An HF ``*ForSequenceClassification`` dir (safetensors) with a right-padding tokenizer."""
+        """An HF ``*ForSequenceClassification`` dir (safetensors) with a right-padding tokenizer; a
+        LoRA reward model is saved merged (:meth:`merged_model`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        model = self.model
+        model = self.model if self.peft is None else self.merged_model()
         if dtype is not None and dtype != model.dtype:
+            weights = model.state_dict()
             model = type(model)(model.config).to(dtype)
-            model.load_state_dict({k: v.to(dtype) for k, v in self.model.state_dict().items()})
+            model.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
         model.save_pretrained(str(path), safe_serialization=True)
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"  # what plain transformers needs to score a padded batch exactly
@@ -205,3 +242,42 @@ class RewardModel(nn.Module):
         finally:
             self.tokenizer.padding_side = side
         return path
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """A LoRA reward model's adapter and score head alone, in peft's format (a checkpoint, which
+        :meth:`from_lm` resumes); ``ValueError`` for an all-weights reward model."""
+        if self.peft is None:
+            raise ValueError("this reward model has no adapter: save it with save()")
+        path = Path(path)
+        self.peft.save_pretrained(str(path), safe_serialization=True)
+        return path
+
+    def merged_model(self):
+        """The ``*ForSequenceClassification`` model of a LoRA reward model with the adapter merged into
+        its weights (W + alpha / r B A; the trained score head), built on the CPU from the base dir
+        (never a second copy on the GPU); its config carries the normalisation."""
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(self.base_dir), num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        base.config.pad_token_id = self.model.config.pad_token_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_adapter(tmp)
+            merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+        for key in ("reward_mean", "reward_std"):
+            if hasattr(self.model.config, key):
+                setattr(merged.config, key, getattr(self.model.config, key))
+        return merged
+
+
+def reward_lora_config(opts: ModelOptions, model, base_dir: str | Path):
+    """peft's LoRA config of a reward model: the adapter on the backbone's linear maps (as for a
+    causal LM, ``pretrain.adapters.DEFAULT_TARGET_MODULES``), the score head trained in full."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                        target_modules=opts.lora_target_modules or default_target_modules(model), bias="none",
+                        task_type=TaskType.SEQ_CLS, modules_to_save=["score"], fan_in_fan_out=model.config.model_type == "gpt2")
+    config.base_model_name_or_path = str(Path(base_dir).resolve())
+    return config

@@ -194,6 +194,10 @@ def test_prompt_tuned_final_dir_loads_through_load_lm(tmp_path):
     assert not (out / "final" / "model.safetensors").exists()
     policy = LMPolicy.load(final, "cpu", value_head=False)
     assert policy.model.num_virtual_tokens == 8
+    from agents.evaluate import models_of
+
+    _, found, initial = models_of(out)  # what textgym eval --runs evaluates: the adapter dirs, on their base
+    assert [label for label, _ in found] == ["final"] and initial == str(out / "init-model")
 
 
 def test_an_env_reference_is_the_adapter_disabled_policy(tmp_path, tiny_env_kwargs, tiny_gpt2_dir):
@@ -269,3 +273,19 @@ def test_unknown_peft_kind_names_the_choices():
         ppo.PPOConfig(peft="lroa")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         ppo.PPOConfig(dtype="fp8")
+
+
+def test_a_full_weight_bf16_run_with_an_env_reference_trains(tmp_path, tiny_env_kwargs):
+    """make_env resets the env (its reference's KV cache in fp32) before the run's autocast region
+    starts; the cache then takes the bf16 keys of the next reset instead of failing."""
+    kwargs = {k: v for k, v in tiny_env_kwargs.items() if k in ("model", "prompts")}
+    result = ppo.train(ppo.PPOConfig(env="TextGen-v0", device="cpu", dtype="bfloat16", env_ref_logprob_coef=0.05, num_envs=4,
+                                     max_new_tokens=6, total_steps=4 * 6 * 2, num_minibatches=2, reward=[tiny_env_kwargs["reward_model"]],
+                                     prompts=str(_prompts_file(tmp_path, kwargs["prompts"])), model=kwargs["model"], out=str(tmp_path / "run")))
+    assert np.isfinite(result["loss/policy"])
+
+
+def _prompts_file(tmp_path, prompts):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path

@@ -90,3 +90,17 @@ def test_jsonl_round_trip_and_errors(tmp_path):
         load_jsonl(bad)
     with pytest.raises(FileNotFoundError):
         load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_built_pairs_with_a_blank_side_are_left_out_with_a_warning_and_read_back(tmp_path, monkeypatch):
+    """An LM that ends with EOS at once writes an empty completion (seen on a GPU): the built data
+    must still load (load_jsonl refuses a blank side), so such pairs are left out, and counted."""
+    from rlhf import preferences
+
+    monkeypatch.setattr(preferences, "sample_completions",
+                        lambda *args, **kwargs: [["", " a great film", " a bad film", "  "]])
+    with pytest.warns(UserWarning, match="left out 5 of 6 preference pairs"):
+        pairs = preferences.build_preferences(None, None, ["The movie was"], k=4, tau=1.0, seed=0)
+    assert [(p.chosen, p.rejected) for p in pairs] in ([(" a great film", " a bad film")], [(" a bad film", " a great film")])
+    preferences.save_jsonl(pairs, tmp_path / "pairs.jsonl")
+    assert preferences.load_jsonl(tmp_path / "pairs.jsonl") == pairs
