@@ -379,7 +379,7 @@ def main():
     parser.add_argument("--updates", type=int, default=None, help="PPO updates per mode, the first a warm-up (default: 6 CUDA, 3 CPU)")
     parser.add_argument("--update-epochs", type=int, default=None, help="PPO epochs per update (default: 4; 1 with --quick)")
     parser.add_argument("--num-minibatches", type=int, default=None, help="minibatches per epoch (default: 4; 2 with --quick)")
-    parser.add_argument("--dtype", default="auto", help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'float32', 'bfloat16'")
+    parser.add_argument("--dtype", default="float32", help="'float32' or 'bfloat16' (autocast)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--env-ref-logprob-coef", type=float, default=0.05,
                         help="the env's beta * log pi_ref shaping: > 0 makes the env run a reference LM, which is counted")

@@ -289,3 +289,24 @@ def _prompts_file(tmp_path, prompts):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
     return path
+
+
+def test_a_bf16_region_around_training_steps_sees_every_update(tiny_gpt2_dir):
+    """The agents hold one autocast region around the whole training loop; a cached bf16 copy of the
+    weights would make every later forward run on the first step's weights (PPO's KL read 0.06 while
+    the weights had moved 9 nats): the forward must follow the optimizer."""
+    from pretrain.adapters import autocast
+
+    policy = LMPolicy.load(tiny_gpt2_dir, "cpu", value_head=False)
+    ids, mask = left_pad([c + [20, 21] for c in CONTEXTS], 1, "cpu")
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    with autocast("bfloat16", "cpu"):
+        before, _, _ = policy(ids, mask, ids.shape[1] - 2, entropy="none")
+        optimizer.zero_grad()
+        (-before.sum()).backward()
+        optimizer.step()
+        after, _, _ = policy(ids, mask, ids.shape[1] - 2, entropy="none")
+    with torch.no_grad():
+        fp32, _, _ = policy.evaluate(ids, mask, ids.shape[1] - 2, entropy="none")
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(after.detach(), fp32, rtol=0, atol=0.1)
