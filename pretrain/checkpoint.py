@@ -117,15 +117,6 @@ def save_step_checkpoint(run_dir, step: int, save_model, *, optimizer: torch.opt
     return run_dir.save_checkpoint(step, write)
 
 
-def load_step_checkpoint(checkpoint: Path, *, optimizer: torch.optim.Optimizer, np_rng: np.random.Generator,
-                         scheduler=None) -> dict[str, Any]:
-    """Restore what :func:`save_step_checkpoint` wrote (the model is loaded by the caller); returns the state."""
-    state, _ = load_training_state(checkpoint, optimizer=optimizer, np_rng=np_rng)
-    if scheduler is not None:
-        scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    return state
-
-
 def save_trained_lm(model, tokenizer, path: str | Path, final: bool = False) -> Path:
     """The LM a trainer fine-tuned, as a dir: an HF dir (model + tokenizer) for all-weights training.
 
