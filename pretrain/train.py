@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pretrain import corpus
+from pretrain.adapters import autocast as bf16_autocast
 from pretrain.checkpoint import load_training_state, save_step_checkpoint
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.model import MANIFEST, build_gpt2, count_parameters, default_model_dir, resolve_device, save_lm, sha256_file
@@ -163,8 +164,8 @@ def evaluate(
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU kernels stay exact fp32)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on CUDA (``pretrain.adapters.autocast``); a no-op elsewhere (CPU kernels stay exact fp32)."""
+    return bf16_autocast("bfloat16" if device.type == "cuda" else "float32", device)
 
 
 def get_lr(step: int, cfg: PretrainConfig) -> float:
