@@ -5,6 +5,7 @@ ours. It ships the embedded default LM (``default_model_dir()``), a small GPT-2 
 IMDb + Rotten Tomatoes reviews, and loads any Hugging Face causal-LM dir through ``load_lm``.
 """
 
-from pretrain.model import default_model_dir, load_lm, save_lm
+from pretrain.adapters import load_lm  # pretrain.model.load_lm, plus peft adapter dirs
+from pretrain.model import default_model_dir, save_lm
 
 __all__ = ["default_model_dir", "load_lm", "save_lm"]

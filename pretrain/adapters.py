@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain import model as lm
 from pretrain.config import hparam, require_non_negative, require_positive
 
 PEFT_KINDS = ("", "lora", "qlora", "prompt-tuning")
@@ -278,6 +279,20 @@ def adapter_base_dir(path: str | Path) -> Path:
     return Path(base)
 
 
+def load_lm(path: str | Path = "default", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            quantization_config=None):
+    """``pretrain.model.load_lm``, which also loads a peft adapter dir (``adapter_config.json`` at
+    its root, or in ``adapter/`` with no model beside it: a prompt-tuned ``final/``, an adapter run's
+    checkpoint) as a frozen :class:`AdaptedLM` on the base model it names. This is ``pretrain.load_lm``."""
+    if str(path) != "default" and Path(path).is_dir() and is_adapter_dir(path):
+        if (Path(path) / lm.MANIFEST).is_file():
+            lm.verify_manifest(path)
+        base_dir = adapter_base_dir(path)
+        base, tokenizer = lm.load_lm(base_dir, device=device, dtype=dtype, quantization_config=quantization_config)
+        return add_adapter(base, None, base_dir, adapter_dir=path, trainable=False).eval(), tokenizer
+    return lm.load_lm(path, device=device, dtype=dtype, quantization_config=quantization_config)
+
+
 def add_adapter(model, opts: ModelOptions, base_dir: str | Path, adapter_dir: str | Path | None = None,
                 trainable: bool = True) -> AdaptedLM:
     """Wrap ``model`` (loaded from ``base_dir``) with a new adapter as ``opts`` says, or the one saved in
@@ -310,13 +325,11 @@ def load_trainable_lm(path: str | Path, opts: ModelOptions, device: str | torch.
     checkpoint dir to load instead of ``path``. Gradient checkpointing is switched on as ``opts`` says.
 
     Raises ``RuntimeError`` for QLoRA without CUDA/bitsandbytes, the errors of ``load_lm`` otherwise."""
-    from pretrain.model import load_lm, resolve_device, resolve_model_path
-
-    device = resolve_device(device)
+    device = lm.resolve_device(device)
     if not opts.peft:
         model, tokenizer = load_lm(resume_from or path, device=device)
     else:
-        base_dir = resolve_model_path(path)
+        base_dir = lm.resolve_model_path(path)
         quantization = None
         if opts.peft == "qlora":
             check_qlora_available(device)
@@ -324,7 +337,7 @@ def load_trainable_lm(path: str | Path, opts: ModelOptions, device: str | torch.
 
             quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model, tokenizer = load_lm(base_dir, device=device, quantization_config=quantization)
+        model, tokenizer = lm.load_lm(base_dir, device=device, quantization_config=quantization)
         if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
@@ -363,13 +376,11 @@ def save_merged(model: AdaptedLM, tokenizer, path: str | Path) -> Path:
     Raises ``ValueError`` for prompt tuning, which cannot be merged into weights."""
     from peft import PeftModel
 
-    from pretrain.model import load_lm, save_lm
-
     if model.kind != "lora":
         raise ValueError("a prompt-tuning adapter cannot be merged into the weights; load its dir with pretrain.load_lm")
     path = Path(path)
-    base, _ = load_lm(model.base_dir, device="cpu")
+    base, _ = lm.load_lm(model.base_dir, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_adapter(tmp)
         merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
-    return save_lm(merged, tokenizer, path)
+    return lm.save_lm(merged, tokenizer, path)

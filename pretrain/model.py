@@ -129,21 +129,11 @@ def load_lm(
     """Load ``(model, tokenizer)`` from ``"default"`` or any HF causal-LM dir, in eval mode.
 
     ``dtype`` defaults to float32 (the shipped weights are stored as fp16 to stay small, but CPU
-    kernels are fastest and exact in fp32). A peft adapter dir (``adapter_config.json``, at the root
-    or in ``adapter/``: a prompt-tuned ``final/``, an adapter run's checkpoint) loads as a frozen
-    ``pretrain.adapters.AdaptedLM`` on the base model it names. ``quantization_config`` is passed to
-    ``from_pretrained`` (QLoRA's 4-bit base). Raises a clear error for a missing path, a dir
-    without safetensors, corrupted weights, or a tokenizer whose vocabulary does not fit the model.
+    kernels are fastest and exact in fp32). ``quantization_config`` is passed to ``from_pretrained``
+    (QLoRA's 4-bit base). Raises a clear error for a missing path, a dir without safetensors,
+    corrupted weights, or a tokenizer whose vocabulary does not fit the model. (``pretrain.load_lm``
+    also loads a peft adapter dir: ``pretrain.adapters.load_lm``.)
     """
-    from pretrain.adapters import adapter_base_dir, add_adapter, is_adapter_dir
-
-    if str(path) != "default" and Path(path).is_dir() and is_adapter_dir(path):
-        if (Path(path) / MANIFEST).is_file():
-            verify_manifest(path)
-        base_dir = adapter_base_dir(path)
-        base, tokenizer = load_lm(base_dir, device=device, dtype=dtype, quantization_config=quantization_config)
-        model = add_adapter(base, None, base_dir, adapter_dir=path, trainable=False)
-        return model.eval(), tokenizer
     path = resolve_model_path(path)
     if (path / MANIFEST).is_file():
         verify_manifest(path)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pretrain.adapters import load_lm
 from pretrain.config import hparam, require_positive, validate_fields
-from pretrain.model import load_lm
 
 
 @dataclass
