@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributions import Categorical
 
-from pretrain import save_lm
-from pretrain.adapters import ADAPTER_DIR, AdaptedLM, ModelOptions, load_trainable_lm, save_merged, trainable_parameters
+from pretrain.adapters import AdaptedLM, ModelOptions, load_trainable_lm, trainable_parameters
+from pretrain.checkpoint import save_trained_lm
 from pretrain.kv_cache import CachedLM
 from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
@@ -204,15 +204,7 @@ class LMPolicy(nn.Module):
         its dir loads through ``pretrain.load_lm`` (base + adapter). A checkpoint (``merged=False``)
         holds the adapter alone."""
         path = Path(path)
-        if self.is_adapted:
-            path.mkdir(parents=True, exist_ok=True)
-            self.model.save_adapter(path / ADAPTER_DIR)
-            if merged and self.model.kind == "lora":
-                save_merged(self.model, self.tokenizer, path)
-            else:
-                self.tokenizer.save_pretrained(str(path))
-        else:
-            path = save_lm(self.model, self.tokenizer, path)
+        save_trained_lm(self.model, self.tokenizer, path, final=merged)
         if self.value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
         return path

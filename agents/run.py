@@ -157,6 +157,8 @@ class Run:
             env_rngs = mine["env_rngs"]
             self.np_rng.bit_generator.state = mine["np_rng"]
             torch.set_rng_state(tensors[f"rank{self.dist.rank}.rng.torch"])
+            if f"rank{self.dist.rank}.rng.cuda" in tensors and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors[f"rank{self.dist.rank}.rng.cuda"], self.dist.device)
         env.set_rng_state(env_rngs)
         self.update, self.env_steps = state["update"], state["env_steps"]
         lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
@@ -247,17 +249,16 @@ class Run:
         (JSON), ``extra_tensors`` and whatever ``write_extra(dir)`` writes; after checking the policy
         is finite on ``probe`` (a few left-padded contexts): never a checkpoint of a blown-up model."""
         self._probe = probe
+        cuda = self.dist.device.type == "cuda"
         ranks = self.dist.gather_objects({"np_rng": self.np_rng.bit_generator.state, "env_rngs": env.get_rng_state(),
-                                          "torch": torch.get_rng_state().tolist()})
-        if not self.dist.is_main:
-            self.dist.wait()
-            return self.dir.path / f"checkpoint-{self.update}"
-        self._check_finite_model(policy, probe)
+                                          "torch": torch.get_rng_state().tolist(),
+                                          "cuda": torch.cuda.get_rng_state(self.dist.device).tolist() if cuda else None})
         rank_state = {}
-        if self.dist.world_size > 1:  # every process's RNG streams, for an exact resume of each
+        if self.dist.world_size > 1:  # every process's RNG streams (a GPU samples from its CUDA one), for an exact resume of each
             rank_state = {"ranks": [{"np_rng": r["np_rng"], "env_rngs": r["env_rngs"]} for r in ranks]}
             extra_tensors = {**(extra_tensors or {}),
-                             **{f"rank{i}.rng.torch": torch.tensor(r["torch"], dtype=torch.uint8) for i, r in enumerate(ranks)}}
+                             **{f"rank{i}.rng.{kind}": torch.tensor(r[kind], dtype=torch.uint8)
+                                for i, r in enumerate(ranks) for kind in ("torch", "cuda") if r[kind] is not None}}
 
         def write(directory: Path) -> None:
             policy.save(directory, merged=False)
@@ -279,9 +280,12 @@ class Run:
             if write_extra is not None:
                 write_extra(directory)
 
-        path = self.dir.save_checkpoint(self.update, write)
-        self.dist.wait()
-        return path
+        def save() -> Path:
+            self._check_finite_model(policy, probe)
+            return self.dir.save_checkpoint(self.update, write)
+
+        # The main process writes; an error there (a non-finite model) is raised on every process.
+        return self.dist.on_main(save, str(self.out)) or self.dir.path / f"checkpoint-{self.update}"
 
     def _check_finite_model(self, policy, probe) -> None:
         try:
@@ -300,26 +304,25 @@ class Run:
         of ``final/`` and the last update's metrics. A finished run resumed says so and writes nothing."""
         if self.should_stop():
             return self.summary()
-        if not self.dist.is_main:
-            self.dist.wait()
-            return self.summary()
-        if self.writer is None:  # resumed a finished run
-            print(f"{self.out} already finished (update {self.update} of {self.total_updates}); final model: "
-                  f"{self.dir.final()}", file=sys.stderr)
-            self.dist.wait()
-            return self.summary()
-        if getattr(self, "_probe", None) is not None:
-            self._check_finite_model(policy, self._probe)
-        self.dir.save_final(policy.save, self.update)
-        self.dist.wait()
-        summary = self.summary()
-        self.writer.add_hparams(
-            {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))},
-            {f"hparam/{k}": v for k, v in summary.items() if k in ("reward/rm", "reward/gold", "kl/ref")
-             and isinstance(v, (int, float)) and math.isfinite(v)},
-            run_name="hparams",
-        )
-        return summary
+
+        def save() -> None:  # by the main process (an error there is raised on every process)
+            if self.writer is None:  # resumed a finished run
+                print(f"{self.out} already finished (update {self.update} of {self.total_updates}); final model: "
+                      f"{self.dir.final()}", file=sys.stderr)
+                return
+            if getattr(self, "_probe", None) is not None:
+                self._check_finite_model(policy, self._probe)
+            self.dir.save_final(policy.save, self.update)
+            summary = self.summary()
+            self.writer.add_hparams(
+                {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))},
+                {f"hparam/{k}": v for k, v in summary.items() if k in ("reward/rm", "reward/gold", "kl/ref")
+                 and isinstance(v, (int, float)) and math.isfinite(v)},
+                run_name="hparams",
+            )
+
+        self.dist.on_main(save, str(self.out))
+        return self.summary()
 
     def summary(self) -> dict:
         """``{"final": <final/ or None>, **the last logged update's metrics}``."""
