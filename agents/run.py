@@ -202,8 +202,10 @@ class Run:
             raise NonFiniteError(f"{exc}{when}; stopping. {self._last_checkpoint_hint()}") from exc
         if exc is None and self.should_stop():
             last = self.dir.latest_checkpoint()
-            print(f"\ninterrupted after update {self.update} of {self.total_updates}; checkpoint: {last}\n"
-                  f"resume with: textgym {self.command} --resume {self.out}", file=sys.stderr)
+            launch = "textgym" if self.dist.world_size == 1 else f"torchrun --nproc_per_node {self.dist.world_size} -m agents.cli"
+            if self.dist.is_main:
+                print(f"\ninterrupted after update {self.update} of {self.total_updates}; checkpoint: {last}\n"
+                      f"resume with: {launch} {self.command} --resume {self.out}", file=sys.stderr)
         return False
 
     def _last_checkpoint_hint(self) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ class ModelOptions:
     gradient_checkpointing: bool = hparam(False, "recompute activations in the backward pass (less memory, about a third more time)")
 
     def validate_model_options(self) -> None:
-        """``ValueError`` naming the field for an unknown adapter kind or dtype, or a bad size."""
+        """``ValueError`` naming the field for an unknown adapter kind or dtype, or a bad size;
+        ``RuntimeError`` for QLoRA where it cannot run (before a run dir is claimed)."""
         if self.peft not in PEFT_KINDS:
             raise ValueError(f"unknown peft {self.peft!r}; expected one of 'lora', 'qlora', 'prompt-tuning' or '' (all weights)")
         if self.dtype not in DTYPES:
@@ -83,6 +85,8 @@ class ModelOptions:
         require_non_negative(self, "lora_dropout")
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.peft == "qlora" and hasattr(self, "device"):
+            check_qlora_available(lm.resolve_device(self.device))
 
 
 def model_options(cfg) -> ModelOptions:
@@ -218,9 +222,23 @@ class AdaptedLM(nn.Module):
         return self.peft.generate(*args, **kwargs)
 
     def save_adapter(self, path: str | Path) -> Path:
-        """The adapter alone, in peft's format (``adapter_config.json`` names the base dir)."""
+        """The adapter alone, in peft's format. ``adapter_config.json`` names the base dir so that the
+        run dir can move: 'default' for the shipped LM, a path relative to the adapter dir for a base
+        inside the same run dir (``<run>/init-model`` of ``<run>/final/adapter``), else absolute."""
         path = Path(path)
         self.peft.save_pretrained(str(path), safe_serialization=True)
+        base = self.base_dir.resolve()
+        run_dir = path.resolve().parent.parent
+        if base == lm.default_model_dir().resolve():
+            recorded = "default"
+        elif base.is_relative_to(run_dir):
+            recorded = os.path.relpath(base, path.resolve())
+        else:
+            recorded = str(base)
+        config_file = path / ADAPTER_CONFIG
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = recorded
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         return path
 
 
@@ -273,10 +291,13 @@ def adapter_base_dir(path: str | Path) -> Path:
         base = json.loads(config_file.read_text())["base_model_name_or_path"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{config_file} is not a peft adapter config naming its base model ({err})") from err
-    if not base or not Path(base).is_dir():
+    if base == "default":
+        return lm.default_model_dir()
+    resolved = Path(base) if Path(base).is_absolute() else (config_file.parent / base).resolve()
+    if not base or not resolved.is_dir():
         raise ValueError(f"{config_file} names the base model {base!r}, which is not a directory here "
                          "(the adapter needs the model it was trained on)")
-    return Path(base)
+    return resolved
 
 
 def load_lm(path: str | Path = "default", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

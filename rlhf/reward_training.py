@@ -72,9 +72,9 @@ class RewardConfig(ModelOptions):
 
     def __post_init__(self):
         validate_fields(self)
-        self.validate_model_options()
-        if self.peft not in ("", "lora"):
+        if self.peft in ("qlora", "prompt-tuning"):
             raise ValueError(f"a reward model trains all weights or a LoRA adapter (--peft lora), not --peft {self.peft}")
+        self.validate_model_options()
         require_positive(self, "epochs", "batch_size", "lr", "num_prompts", "max_new_tokens", "eval_prompts")
         require_non_negative(self, "tau", "weight_decay", "max_grad_norm", "checkpoint_every")
         require_positive(self, "keep_checkpoints")

@@ -198,6 +198,12 @@ def test_prompt_tuned_final_dir_loads_through_load_lm(tmp_path):
 
     _, found, initial = models_of(out)  # what textgym eval --runs evaluates: the adapter dirs, on their base
     assert [label for label, _ in found] == ["final"] and initial == str(out / "init-model")
+    # The adapter names its base relative to itself when the base is in the run dir: the run can move.
+    import shutil
+
+    moved = shutil.move(str(out), str(tmp_path / "moved"))
+    model, _ = load_lm(f"{moved}/final")
+    assert model.base_dir.resolve() == (tmp_path / "moved" / "init-model").resolve()
 
 
 def test_an_env_reference_is_the_adapter_disabled_policy(tmp_path, tiny_env_kwargs, tiny_gpt2_dir):
@@ -247,9 +253,12 @@ def test_bf16_autocast_runs_ppo_and_stays_close_to_fp32(tmp_path, tiny_gpt2_dir)
     assert np.isfinite(result["loss/policy"]) and result["final"]
 
 
-def test_qlora_without_cuda_is_a_clear_error(tiny_gpt2_dir):
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_gpt2_dir):
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         load_trainable_lm(tiny_gpt2_dir, ModelOptions(peft="qlora"), "cpu")
+    with pytest.raises(RuntimeError, match="CUDA GPU"):  # from the config: before a run dir is claimed
+        ppo.PPOConfig(**TOY, peft="qlora", out=str(tmp_path / "q"))
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.gpu
