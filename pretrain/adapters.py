@@ -85,6 +85,14 @@ class ModelOptions:
         require_non_negative(self, "lora_dropout")
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        defaults = ModelOptions()
+        unused = [] if self.peft in ("lora", "qlora") else [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                                                            if getattr(self, f) != getattr(defaults, f)]
+        if self.peft != "prompt-tuning" and self.num_virtual_tokens != defaults.num_virtual_tokens:
+            unused.append("num_virtual_tokens")
+        if unused:  # a setting that would be silently ignored
+            raise ValueError(f"{', '.join(unused)} set, but peft is {self.peft or 'off'!r}: they apply to "
+                             f"{'--peft prompt-tuning' if unused == ['num_virtual_tokens'] else '--peft lora or qlora'}")
         if self.peft == "qlora" and hasattr(self, "device"):
             check_qlora_available(lm.resolve_device(self.device))
 

@@ -282,6 +282,10 @@ def test_unknown_peft_kind_names_the_choices():
         ppo.PPOConfig(peft="lroa")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         ppo.PPOConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="lora_r set, but peft is 'off'"):  # never silently ignored
+        ppo.PPOConfig(lora_r=4)
+    with pytest.raises(ValueError, match="num_virtual_tokens set, but peft is 'lora'"):
+        ppo.PPOConfig(peft="lora", num_virtual_tokens=4)
 
 
 def test_a_full_weight_bf16_run_with_an_env_reference_trains(tmp_path, tiny_env_kwargs):
