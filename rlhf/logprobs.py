@@ -39,8 +39,9 @@ def masked_log_softmax(logits: torch.Tensor, valid_actions: torch.Tensor | None 
 def gather_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log_probs (B, T, V) at ``tokens`` (B, T) where ``mask`` (B, T) is True, exactly 0 elsewhere
     (never the -inf of a padding token that the valid-action mask excludes)."""
-    safe = torch.where(mask, tokens, log_probs.argmax(-1))  # any valid token: its log-prob is finite
-    picked = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    # Off the mask the picked value may be -inf (a padding token outside the valid actions); the
+    # where() drops it, and its gradient there is 0, so neither the values nor the gradients see it.
+    picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
