@@ -147,17 +147,8 @@ class LMPolicy(nn.Module):
         """
         if entropy not in ("grad", "detached", "none"):
             raise ValueError(f"entropy must be 'grad', 'detached' or 'none', got {entropy!r}")
-        # The state before completion token t is the sequence up to column completion_start + t - 1,
-        # so only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
-        n_keep = input_ids.shape[1] - completion_start + 1
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=self.value_head is not None,
-            logits_to_keep=n_keep,
-        )
-        log_probs = masked_log_softmax(out.logits[:, -n_keep:-1], self.valid_actions)
+        log_probs, hidden = self.next_token_log_probs(input_ids, attention_mask, completion_start,
+                                                      hidden_states=self.value_head is not None)
         live = attention_mask[:, completion_start:].bool()  # generated tokens; the rest is padding
         logprobs = gather_logprobs(log_probs, input_ids[:, completion_start:], live)
         entropies = None
@@ -167,9 +158,27 @@ class LMPolicy(nn.Module):
                 entropies = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
         values = None
         if self.value_head is not None:
-            hidden = out.hidden_states[-1][:, completion_start - 1 : -1]
             values = self.value_head(hidden.float()).squeeze(-1) * live
         return logprobs, entropies, values
+
+    def next_token_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                             hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The masked next-token log-distribution log pi(. | s_t) at every completion position, (B, T, V)
+        float32 (-inf on invalid actions), and with ``hidden_states`` the model's last hidden state
+        there, (B, T, H) (else None): what :meth:`evaluate` reads, and TRPO's exact KL over the vocabulary."""
+        # The state before completion token t is the sequence up to column completion_start + t - 1,
+        # so only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
+        n_keep = input_ids.shape[1] - completion_start + 1
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=hidden_states,
+            logits_to_keep=n_keep,
+        )
+        log_probs = masked_log_softmax(out.logits[:, -n_keep:-1], self.valid_actions)
+        hidden = out.hidden_states[-1][:, completion_start - 1 : -1] if hidden_states else None
+        return log_probs, hidden
 
     @torch.no_grad()
     def check_finite(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:

@@ -66,6 +66,11 @@ class SingleProcess:
         """The sum of ``value`` over processes."""
         return torch.as_tensor(value, dtype=torch.float64)
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` replaced in place by its mean over processes, on its own device and dtype (a
+        flat gradient or Fisher-vector product: no copy to the CPU); returns it."""
+        return tensor
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process (a Ctrl-C seen by one process stops them all at the same update)."""
         return bool(flag)
@@ -140,6 +145,12 @@ class Distributed(SingleProcess):
 
     def sum(self, value) -> torch.Tensor:
         return self._all_reduce(value, "sum")
+
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
 
     def any(self, flag: bool) -> bool:
         return bool(self.sum(float(flag)) > 0)
