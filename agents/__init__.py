@@ -1,4 +1,4 @@
-"""agents: PPO, REINFORCE and DQN (with replay buffers) fine-tuning the LM, SB3 adapters, the CLI, logging.
+"""agents: PPO, REINFORCE, GRPO, TRPO and DQN (with replay buffers) fine-tuning the LM, SB3 adapters, the CLI, logging.
 
 The top layer: it may import ``envs``, ``rlhf`` and ``pretrain``; nothing imports it.
 """

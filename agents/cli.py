@@ -21,7 +21,7 @@ from functools import partial
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from agents import dqn, ppo, reinforce, sb3
+from agents import dqn, grpo, ppo, reinforce, sb3, trpo
 from agents.evaluate import EvalConfig, evaluate
 from pretrain.corpus import PromptsConfig, make_prompts
 from pretrain.sample import SampleConfig, sample
@@ -56,6 +56,8 @@ COMMANDS: dict[str, Command] = {
 TRAIN: dict[str, Command] = {
     "ppo": Command(ppo.PPOConfig, ppo.train, "PPO-clip (or PPO-penalty) with GAE, value head and KL to the reference"),
     "reinforce": Command(reinforce.ReinforceConfig, reinforce.train, "REINFORCE with a baseline (none, moving average, RLOO)"),
+    "grpo": Command(grpo.GRPOConfig, grpo.train, "GRPO: group-relative advantages, clipped ratio, no value head (Dr. GRPO, DAPO variants)"),
+    "trpo": Command(trpo.TRPOConfig, trpo.train, "TRPO: natural gradient by conjugate gradient, KL trust region, line search"),
     "dqn": Command(dqn.DQNConfig, dqn.train, "DQN with Q = V + beta log pi from the LM: replay (uniform/prioritized), double/soft-Q, n-step"),
     "sb3-ppo": Command(sb3.SB3PPOConfig, partial(sb3.train, algorithm="ppo"), "Stable-Baselines3 PPO with the LM as its actor-critic policy"),
     "sb3-a2c": Command(sb3.SB3A2CConfig, partial(sb3.train, algorithm="a2c"), "Stable-Baselines3 A2C with the LM as its actor-critic policy"),

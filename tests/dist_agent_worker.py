@@ -1,8 +1,8 @@
-"""Run by ``tests/test_distributed.py``: one PPO update on a fixed batch of 8 sequences, in one process
-(all 8) or under ``accelerate launch`` (each of N processes takes its 8 / N); the main process saves
+"""Run by ``tests/test_distributed.py``: one PPO (or TRPO) update on a fixed batch of 8 sequences, in
+one process (all 8) or under a launcher (each of N processes takes its 8 / N); the main process saves
 the updated weights to ``argv[2]``.
 
-    python tests/dist_ppo_worker.py MODEL_DIR OUT.safetensors WORLD_SIZE [lora]
+    python tests/dist_agent_worker.py MODEL_DIR OUT.safetensors WORLD_SIZE [lora|''] [ppo|trpo]
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from safetensors.torch import save_file
 
 from agents.policy import LMPolicy
 from agents.ppo import PPOBatch, PPOConfig, compute_gae, ppo_update, whiten
+from agents.trpo import TRPOConfig, trpo_step
 from pretrain.adapters import ModelOptions
 from pretrain.distributed import Distributed
+from rlhf.logprobs import gather_logprobs
 
 
-def main(model_dir: str, out: str, world_size: str, peft: str = "") -> None:
+def main(model_dir: str, out: str, world_size: str, peft: str = "", algo: str = "ppo") -> None:
     dist = Distributed("cpu")
     assert dist.world_size == int(world_size), f"launched {dist.world_size} process(es), expected {world_size}"
     torch.manual_seed(0)  # the same LoRA init in every process (DDP also broadcasts rank 0's weights)
@@ -41,15 +43,29 @@ def main(model_dir: str, out: str, world_size: str, peft: str = "") -> None:
     old_values = old_values * mask
     advantages, returns = compute_gae(rewards, old_values, mask, 1.0, 0.95)
     advantages = whiten(advantages, mask, dist)  # over all 8 sequences, whatever the process count
+    if algo == "trpo":  # the gradient and every Fisher-vector product averaged over processes
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        log_probs, _ = policy.next_token_log_probs(ids, attn, c)
+        logprobs = gather_logprobs(log_probs, ids[:, c:], mask.bool())
+        cfg = TRPOConfig(env="TextGenToy-v0", max_kl=0.05, fvp_fraction=1.0)
+        record = trpo_step(policy, params, (ids, attn, c, mask), log_probs.detach(), logprobs, advantages, cfg,
+                           np.random.default_rng(0), dist)
+        assert record["accepted"], record
+    else:
+        ppo_step(policy, dist, ids, attn, c, mask, old_logprobs, old_values, advantages, returns)
+    if dist.is_main:
+        save_file({k: v.detach().clone().contiguous() for k, v in policy.state_dict().items() if k != "model.lm_head.weight"}, out)
+    dist.wait()
+
+
+def ppo_step(policy, dist, ids, attn, c, mask, old_logprobs, old_values, advantages, returns) -> None:
+    n = ids.shape[0] * dist.world_size
     cfg = PPOConfig(num_envs=n // dist.world_size, num_minibatches=1, update_epochs=2, target_kl=0.0, lr=1e-2, vf_coef=0.5)
     model = dist.prepare(policy)
     params = policy.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
     batch = PPOBatch(ids, attn, c, mask, old_logprobs, old_values, advantages, returns)
     ppo_update(model, optimizer, batch, cfg, np.random.default_rng(0), params, dist=dist)
-    if dist.is_main:
-        save_file({k: v.detach().clone().contiguous() for k, v in policy.state_dict().items() if k != "model.lm_head.weight"}, out)
-    dist.wait()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from agents import dqn, ppo, reinforce
+from agents import dqn, grpo, ppo, reinforce, trpo
 from agents.cli import main
 from agents.policy import LMPolicy
 from agents.run import NonFiniteError
@@ -82,10 +82,20 @@ TAGS = {
     "ppo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "loss/value", "policy/clipfrac",
             "policy/approx_kl", "value/explained_variance", "lr", "perf/tokens_per_s"],
     "dqn": ["reward/rm", "reward/gold", "value/td_error", "explore/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
+    "grpo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "grpo/frac_zero_std_groups",
+             "grpo/clip_ratio_low", "grpo/clip_ratio_high", "lr", "perf/tokens_per_s"],
+    "trpo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/value", "value/explained_variance", "trpo/kl",
+             "trpo/cg_iters", "trpo/line_search_steps", "trpo/step_accepted", "perf/tokens_per_s"],
 }
+MODULES = {"ppo": ppo, "dqn": dqn, "grpo": grpo, "trpo": trpo}
 
 
 def small_config(algo, out, **kw):
+    common = dict(**TOY, num_envs=8, total_steps=8 * 4 * 6, checkpoint_every=3, sample_every=2, out=str(out), **kw)
+    if algo == "grpo":
+        return grpo.GRPOConfig(**common, lr=1e-3, group_size=4, kl_penalty="loss")
+    if algo == "trpo":
+        return trpo.TRPOConfig(**common, num_minibatches=2, max_kl=0.05)
     if algo == "ppo":
         return ppo.PPOConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, lr=1e-3, num_minibatches=2,
                              checkpoint_every=3, sample_every=2, out=str(out), **kw)
@@ -93,9 +103,9 @@ def small_config(algo, out, **kw):
                          prioritized=True, checkpoint_every=3, sample_every=2, out=str(out), **kw)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+@pytest.mark.parametrize("algo", ["ppo", "dqn", "grpo", "trpo"])
 def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch, algo):
-    module = {"ppo": ppo, "dqn": dqn}[algo]
+    module = MODULES[algo]
     module.train(small_config(algo, tmp_path / "straight"))
 
     calls = {"n": 0}
@@ -244,7 +254,7 @@ def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
         main(["train", "dqn", "--epsilon", "0.1"])
     assert "--epsilon" in capsys.readouterr().err
     assert main(["train", "sac"]) == 2
-    assert "valid algorithms: ppo, reinforce, dqn" in capsys.readouterr().err
+    assert "valid algorithms: ppo, reinforce, grpo, trpo, dqn" in capsys.readouterr().err
 
 
 # -- one network mode: at identical weights, ratio 1 and KL 0, even for a model configured with dropout --

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-WORKER = Path(__file__).with_name("dist_ppo_worker.py")
+WORKER = Path(__file__).with_name("dist_agent_worker.py")
 # torchrun (what ``accelerate launch --multi_gpu`` runs on GPUs): ``accelerate launch --cpu`` starts a
 # single process whatever --num_processes says, so it cannot test data parallelism on the CPU.
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -28,10 +28,10 @@ def run(cmd, **kw):
     return result
 
 
-@pytest.mark.parametrize("peft", ["", "lora"], ids=["full", "lora"])
-def test_two_processes_take_the_step_of_one_process_with_twice_the_batch(tmp_path, tiny_gpt2_dir, peft):
-    run([sys.executable, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "one.safetensors"), "1", peft])
-    run([*LAUNCH, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "two.safetensors"), "2", peft])
+@pytest.mark.parametrize(("peft", "algo"), [("", "ppo"), ("lora", "ppo"), ("", "trpo")], ids=["full", "lora", "trpo"])
+def test_two_processes_take_the_step_of_one_process_with_twice_the_batch(tmp_path, tiny_gpt2_dir, peft, algo):
+    run([sys.executable, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "one.safetensors"), "1", peft, algo])
+    run([*LAUNCH, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "two.safetensors"), "2", peft, algo])
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert one.keys() == two.keys()
     changed = 0
