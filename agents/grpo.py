@@ -175,6 +175,13 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     return loss, stats
 
 
+def scores_in_the_step(cfg: GRPOConfig) -> bool:
+    """One step per batch with the KL in the loss: the step's own forward is at theta_old, so its
+    log-probs, detached, are pi_old's (the ratio is 1) and the scoring pass is skipped, as TRL does.
+    (With the KL in the reward, pi_old's log-probs are needed before the step, for the returns.)"""
+    return cfg.num_iterations * cfg.num_minibatches == 1 and cfg.kl_penalty == "loss"
+
+
 def train(cfg: GRPOConfig) -> dict:
     """Run GRPO as ``cfg`` says (the same run dir, resume, errors, summary and data-parallel launch as
     ``agents.ppo.train``; each process samples its own groups from its prompt shard)."""
@@ -197,6 +204,7 @@ def train(cfg: GRPOConfig) -> dict:
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
     if cfg.resume:
         run.restore(optimizer, env)
+    on_policy = scores_in_the_step(cfg)
 
     with run, autocast(cfg.dtype, device):
         while run.update < run.total_updates and not run.should_stop():
@@ -206,15 +214,17 @@ def train(cfg: GRPOConfig) -> dict:
             rollout = collect_rollout(env, policy, [env.prompts[i] for i in chosen for _ in range(cfg.group_size)])
             run.env_steps += int(dist.sum(rollout.n_tokens))
             ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_start, rollout.completion_mask.float()
+            n = ids.shape[0]
+            old_logprobs = None
             with torch.no_grad():
-                old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")  # pi_old
+                if not on_policy:  # pi_old, scored once before the weights move
+                    old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")
+                    check_finite("the rollout's log-probs", old_logprobs)
                 ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
-                seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)  # KL(pi || pi_ref) per sequence
                 returns = (rollout.env_rewards * mask).sum(1)  # R_i
-                if cfg.kl_penalty == "reward":
-                    returns = returns - cfg.kl_coef * seq_kl
+                if cfg.kl_penalty == "reward":  # R_i - beta sum_t (log pi_old - log pi_ref)
+                    returns = returns - cfg.kl_coef * (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)
                 advantages, zero_std = group_advantages(returns, cfg.group_size, cfg.scale_rewards, dist)
-            check_finite("the rollout's log-probs", old_logprobs)
             check_finite("the reward", returns)
             loss_mask = mask
             if cfg.mask_zero_std_groups:  # DAPO's filter: groups without signal leave the loss
@@ -223,7 +233,6 @@ def train(cfg: GRPOConfig) -> dict:
 
             # ---- mu passes of minibatch steps over the batch, pi_old fixed -------------------------
             policy.train()
-            n = ids.shape[0]
             minibatch_size = n // cfg.num_minibatches
             stats: dict[str, list[float]] = {"loss": [], "clip_ratio_low": [], "clip_ratio_high": [], "kl": []}
             for _ in range(cfg.num_iterations):
@@ -232,7 +241,10 @@ def train(cfg: GRPOConfig) -> dict:
                     idx = order[mb_start : mb_start + minibatch_size]
                     if float(dist.sum(float(loss_mask[idx].sum()))) == 0:  # every sequence masked out, on every process
                         continue
-                    logprobs, _, _ = model(ids[idx], attn[idx], start, entropy="none")
+                    logprobs, entropy, _ = model(ids[idx], attn[idx], start, entropy="detached" if on_policy else "none")
+                    if on_policy:  # the one step's forward is at theta_old: its log-probs are pi_old's
+                        old_logprobs, old_entropy = torch.zeros_like(logprobs), torch.zeros_like(entropy)
+                        old_logprobs[idx], old_entropy[idx] = logprobs.detach(), entropy
                     loss, mb_stats = grpo_loss(logprobs, old_logprobs[idx], advantages[idx], loss_mask[idx], cfg,
                                                None if loss_ref is None else loss_ref[idx], dist)
                     optimizer_step(loss, optimizer, params, cfg.max_grad_norm)
@@ -240,6 +252,10 @@ def train(cfg: GRPOConfig) -> dict:
                     for key, value in mb_stats.items():
                         stats[key].append(value)
 
+            if old_logprobs is None:  # on-policy, and every sequence was masked out: no step was taken
+                with torch.no_grad():
+                    old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")
+            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1)  # KL(pi_old || pi_ref) per sequence
             warn_if_negative_kl(seq_kl)
             metrics = dist.mean_metrics({
                 **reward_metrics(rollout.rm_scores, rollout.gold_scores, rollout.reward_terms),

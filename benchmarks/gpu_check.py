@@ -25,6 +25,12 @@ hang loses nothing else; the JSON is rewritten after every part. Parts, in the o
   ``--peft lora`` when ``DPOConfig`` has that field.
 * ``d_benchmarks``: ``benchmarks/rollout.py`` and ``benchmarks/train_throughput.py --no-sb3`` on
   the device with small settings, their JSON.
+* ``f_grpo_trpo``: ``benchmarks/train_throughput.py --methods ppo grpo trl_grpo grpo_mu1 trl_grpo_mu1
+  trpo --updates 8`` (our GRPO vs TRL's GRPOTrainer, TRPO vs PPO), then ``textgym train grpo`` and ``trpo`` with ``--peft lora
+  --dtype bfloat16`` (TRPO's double backprop through the adapter under autocast): wall time, the
+  last update's metrics.
+
+``--parts f_grpo_trpo a_main_job`` runs only those parts (default: all).
 
 bitsandbytes: its stock wheel (0.50.2, manylinux_2_24, 41 MiB) does not fit the 64 MiB that
 travels (the tracked tree is ~22 MiB and the other wheels ~15 MiB), and ``fetch-wheels`` does not
@@ -258,12 +264,49 @@ def part_benchmarks(args, tmp: Path):
     return fn
 
 
+def part_grpo_trpo(args, tmp: Path):
+    def fn(timeout):
+        deadline = time.perf_counter() + timeout
+        entry = {}
+        flags = (["--updates", "2", "--batch", "8", "--max-new-tokens", "8"] if args.quick
+                 else ["--updates", "8", "--batch", "32", "--max-new-tokens", "16"])
+        try:
+            proc, wall = run([sys.executable, "benchmarks/train_throughput.py", "--device", args.device, "--methods", "ppo", "grpo",
+                              "trl_grpo", "grpo_mu1", "trl_grpo_mu1", "trpo", *flags], (deadline - time.perf_counter()) * 0.65)
+            checked(proc)
+            entry["train_throughput"] = {"flags": " ".join(flags), "wall_s": round(wall, 1), **last_json(proc.stdout)}
+        except Exception as err:  # noqa: BLE001
+            entry["train_throughput"] = {"error": f"{type(err).__name__}: {err}"[-1500:]}
+        steps = ["--total-steps", "64", "--num-envs", "8", "--max-new-tokens", "8"] if args.quick else ["--total-steps", "4096"]
+        for algo in ("trpo", "grpo"):
+            left = deadline - time.perf_counter()
+            if left < MIN_PART_S:
+                entry[f"{algo}_lora_bf16"] = {"skipped": "out of time"}
+                continue
+            try:
+                out = tmp / f"{algo}-lora"
+                proc, wall = run([sys.executable, "-m", "agents.cli", "train", algo, "--device", args.device, "--peft", "lora",
+                                  "--dtype", "bfloat16", "--out", str(out), "--overwrite", *steps], left)
+                checked(proc)
+                last = last_metrics(out)
+                entry[f"{algo}_lora_bf16"] = {"wall_s": round(wall, 1), **{k: v for k, v in last.items() if not k.startswith("reward/terms")}}
+            except Exception as err:  # noqa: BLE001
+                entry[f"{algo}_lora_bf16"] = {"error": f"{type(err).__name__}: {err}"[-1500:]}
+        return entry
+    return fn
+
+
+PARTS = {"b_adapters": (part_adapters, 180), "e_gpu_tests": (part_gpu_tests, 90), "a_main_job": (part_main_job, 120),
+         "c_dpo": (part_dpo, 90), "d_benchmarks": (part_benchmarks, 150), "f_grpo_trpo": (part_grpo_trpo, 360)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="'cuda' (the GPU machine) or 'cpu' (a logic check here, with --quick)")
     parser.add_argument("--quick", action="store_true", help="every part tiny (the CPU logic check)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default: 340)")
     parser.add_argument("--out", default="", help="the JSON file (default: $OUT/gpu_check.json when OUT is set)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="the parts to run (default: all)")
     args = parser.parse_args()
     budget = args.budget or 340.0
     out_file = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
@@ -275,13 +318,12 @@ def main():
         print(json.dumps(check.result))
         sys.exit(1)
     check.write()
-    # Limits per part (seconds): the GPU run's expected times with room; the budget caps the sum.
-    limits = {"b_adapters": 180, "e_gpu_tests": 90, "a_main_job": 120, "c_dpo": 90, "d_benchmarks": 150}
+    # Limits per part (seconds, in PARTS): the GPU run's expected times with room; the budget caps the sum.
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, make in (("b_adapters", part_adapters), ("e_gpu_tests", part_gpu_tests), ("a_main_job", part_main_job),
-                           ("c_dpo", part_dpo), ("d_benchmarks", part_benchmarks)):
-            check.part(name, limits[name], make(args, tmp))
+        for name in args.parts:
+            make, limit = PARTS[name]
+            check.part(name, limit, make(args, tmp))
     check.write()
     print(json.dumps(check.result))
 

@@ -1,6 +1,6 @@
 """Agent training throughput on the embedded default vs the loops a user would write instead.
 
-    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 32] [--batch 32] [--no-sb3]
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 32] [--batch 32] [--no-sb3] [--methods grpo trl_grpo ...]
 
 Prints one JSON object with updates/s, generated tokens/s and gold gain per minute of, all on the
 same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed and KL penalty
@@ -15,6 +15,12 @@ same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed 
   value loss, the same approx-KL early stop);
 * ``trl_rloo`` (when ``trl`` is installed): TRL's RLOOTrainer, k = 4 completions per prompt like
   ours, its KL in the sequence reward;
+* ``grpo`` and ``trl_grpo``: our GRPO (``agents.grpo``) and TRL's GRPOTrainer with the same group
+  size (4), passes per batch (mu = 2), optimizer steps per batch (2 minibatches x 2 passes), clip
+  (0.2), loss aggregation ("grpo") and KL: beta = 0.05 times k3 in the loss (TRL's only route);
+  ``grpo_mu1`` and ``trl_grpo_mu1``: the same with TRL's defaults of one pass and one optimizer step
+  per batch (on-policy: neither scores pi_old in a pass of its own);
+* ``trpo``: our TRPO (``agents.trpo``, its defaults), next to our PPO;
 * ``sb3_ppo`` (unless ``--no-sb3``): Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy``
   on the same env and budget, plus SB3's acting throughput with and without the policy's KV cache;
 
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.logger import configure
 
-from agents import ppo, reinforce
+from agents import grpo, ppo, reinforce, trpo
 from agents.sb3 import TextGenCallback, make_sb3_agent, make_sb3_vec_env
 from pretrain import load_lm
 from pretrain.corpus import load_prompts
@@ -206,13 +212,61 @@ def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
 
 
+def trl_grpo(updates: int, batch: int, max_new_tokens: int, lr: float, device, group_size: int = 4, num_iterations: int = 2,
+             minibatches: int = 2, kl_coef: float = 0.05, seed: int = 0) -> dict:
+    """TRL's GRPOTrainer on the same model, reward model, batch (group_size completions of
+    batch / group_size prompts per generation), length, learning rate, passes, minibatches, clip,
+    loss aggregation and KL (beta * k3 in the loss) as ``GRPO_SETTINGS`` gives ours."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = load_lm("default", device=device)
+    tokenizer.padding_side = "left"
+    rm = RewardModel.load("default", device=device)
+    gold = VaderGold()
+    prompts = [p.text for p in load_prompts("train")]
+    rng = np.random.default_rng(seed)
+    dataset = Dataset.from_dict({"prompt": [prompts[i] for i in rng.choice(len(prompts), updates * batch // group_size)]})
+    golds, tokens = [], [0]
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        golds.append(float(np.mean(gold([p + c for p, c in zip(prompts, completions)]))))
+        tokens[0] += sum(len(ids) for ids in completion_ids)
+        return rm.score(prompts, completions)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=batch // minibatches, steps_per_generation=minibatches,
+            num_generations=group_size, num_iterations=num_iterations, max_completion_length=max_new_tokens,
+            learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+            max_steps=updates * minibatches * num_iterations, temperature=1.0, logging_strategy="no", report_to="none",
+            save_strategy="no", seed=seed, disable_tqdm=True, disable_dropout=True, use_cpu=device.type == "cpu", bf16=False,
+            fp16=False, dataloader_num_workers=0, log_level="error", max_grad_norm=1.0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+        seconds = time.perf_counter() - start
+    return {"updates_per_s": len(golds) / seconds, "tokens_per_s": tokens[0] / seconds,
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+
+
+# Our GRPO as trl_grpo runs TRL's (trl_grpo_mu1: num_iterations=1, num_minibatches=1).
+GRPO_SETTINGS = dict(group_size=4, num_iterations=2, num_minibatches=2, epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo",
+                     scale_rewards="group", kl_penalty="loss", kl_coef=0.05)
+GRPO_MU1 = {**GRPO_SETTINGS, "num_iterations": 1, "num_minibatches": 1}
+
+
 def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, seed: int = 0, **kw) -> dict:
     """Our agent's training loop, timed like the naive loops: from its first update to its last
     (model and env loading and the final save excluded; periodic checkpoints included). Each
     metrics row's ``perf/tokens_per_s`` is that update's tokens over its wall time."""
     with tempfile.TemporaryDirectory() as out:
+        if "lr" in cfg_cls.__dataclass_fields__:  # TRPO has none: its step is set by max_kl
+            kw["lr"] = lr
         cfg = cfg_cls(num_envs=batch, max_new_tokens=max_new_tokens, total_steps=updates * batch * max_new_tokens,
-                      lr=lr, device=str(device), out=out, seed=seed, **kw)
+                      device=str(device), out=out, seed=seed, **kw)
         module.train(cfg)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     steps = [0] + [r["env_steps"] for r in rows]
@@ -254,6 +308,10 @@ def sb3_acting(batch, max_new_tokens, device, steps=128) -> dict:
     return {"acting_tokens_per_s": result, "cache_speedup": round(result["cached"] / result["uncached"], 3)}
 
 
+METHODS = ("naive_reinforce", "naive_ppo", "ppo", "reinforce_rloo", "trl_rloo", "grpo", "trl_grpo", "grpo_mu1", "trl_grpo_mu1", "trpo",
+           "sb3_ppo")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -262,29 +320,41 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="what to run (default: all; the trl_* ones need trl installed)")
     parser.add_argument("--no-sb3", action="store_true", help="skip SB3 PPO (its updates take minutes on a CPU)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     common = (args.updates, args.batch, args.max_new_tokens, args.lr, device)
+    methods = [m for m in args.methods if not (m == "sb3_ppo" and args.no_sb3)]
+    if importlib.util.find_spec("trl") is None:
+        methods = [m for m in methods if not m.startswith("trl_")]
+    runs = {
+        "naive_reinforce": lambda: naive_reinforce(*common, seed=args.seed),
+        "naive_ppo": lambda: naive_ppo(*common, seed=args.seed),
+        "ppo": lambda: ours(ppo, ppo.PPOConfig, *common, seed=args.seed),
+        "reinforce_rloo": lambda: ours(reinforce, reinforce.ReinforceConfig, *common, seed=args.seed),
+        "trl_rloo": lambda: trl_rloo(*common, seed=args.seed),
+        "grpo": lambda: ours(grpo, grpo.GRPOConfig, *common, seed=args.seed, **GRPO_SETTINGS),
+        "trl_grpo": lambda: trl_grpo(*common, seed=args.seed),
+        "grpo_mu1": lambda: ours(grpo, grpo.GRPOConfig, *common, seed=args.seed, **GRPO_MU1),
+        "trl_grpo_mu1": lambda: trl_grpo(*common, seed=args.seed, num_iterations=1, minibatches=1),
+        "trpo": lambda: ours(trpo, trpo.TRPOConfig, *common, seed=args.seed),
+        "sb3_ppo": lambda: sb3_ppo(*common, seed=args.seed),
+    }
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "seed": args.seed}
-    result["naive_reinforce"] = naive_reinforce(*common, seed=args.seed)
-    result["naive_ppo"] = naive_ppo(*common, seed=args.seed)
-    result["ppo"] = ours(ppo, ppo.PPOConfig, *common, seed=args.seed)
-    result["reinforce_rloo"] = ours(reinforce, reinforce.ReinforceConfig, *common, seed=args.seed)
-    names = ["ppo", "reinforce_rloo"]
-    if importlib.util.find_spec("trl") is not None:
-        result["trl_rloo"] = trl_rloo(*common, seed=args.seed)
-        result["reinforce_rloo_tokens_per_s_ratio_vs_trl_rloo"] = round(
-            result["reinforce_rloo"]["tokens_per_s"] / result["trl_rloo"]["tokens_per_s"], 3)
-    result["ppo_tokens_per_s_ratio_vs_naive_ppo"] = round(result["ppo"]["tokens_per_s"] / result["naive_ppo"]["tokens_per_s"], 3)
-    if not args.no_sb3:
-        result["sb3_ppo"] = sb3_ppo(*common, seed=args.seed)
+    for name in methods:
+        result[name] = runs[name]()
+    if "sb3_ppo" in methods:
         result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
-        result["ppo_tokens_per_s_ratio_vs_sb3_ppo"] = round(result["ppo"]["tokens_per_s"] / result["sb3_ppo"]["tokens_per_s"], 3)
-        names.append("sb3_ppo")
-    for name in names:
-        result[f"{name}_tokens_per_s_ratio_vs_naive"] = round(result[name]["tokens_per_s"] / result["naive_reinforce"]["tokens_per_s"], 3)
+    for ours_name, theirs in (("reinforce_rloo", "trl_rloo"), ("grpo", "trl_grpo"), ("grpo_mu1", "trl_grpo_mu1"), ("ppo", "naive_ppo"), ("ppo", "sb3_ppo"),
+                              ("trpo", "ppo"), ("ppo", "naive_reinforce"), ("reinforce_rloo", "naive_reinforce"),
+                              ("sb3_ppo", "naive_reinforce")):
+        if ours_name in result and theirs in result:
+            for metric in ("tokens_per_s", "gold_gain_per_min"):
+                if result[theirs][metric] > 0:
+                    result[f"{ours_name}_{metric}_ratio_vs_{theirs}"] = round(result[ours_name][metric] / result[theirs][metric], 3)
     print(json.dumps(result))
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
+from pretrain.padding import CALL_COST_TOKENS, left_pad, length_buckets, position_ids_from_mask
 
 
 def _forward_parameters(model) -> set[str]:
@@ -95,13 +95,17 @@ class CachedLM:
             return self.next_logits[:0]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("a prompt must hold at least one token")
-        # Prefill in a few batches of similar prompt length (``length_buckets``), not one batch
+        # Identical contexts (the G completions of one prompt: GRPO, RLOO) are prefilled once, and
+        # the distinct ones in a few batches of similar length (``length_buckets``), not one batch
         # padded to the longest prompt: a batch of review openings is mostly padding otherwise.
-        width = max(len(p) for p in prompts) + self.n_virtual
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]  # row j's distinct context
+        contexts = list(distinct)
+        width = max(len(p) for p in contexts) + self.n_virtual
         logits = hidden = None
         parts = []
-        for bucket in length_buckets([len(p) for p in prompts], self.max_prefill_buckets):
-            ids, mask = left_pad([prompts[j] for j in bucket], self.pad_token_id, self.device)
+        for bucket in length_buckets([len(p) for p in contexts], self.max_prefill_buckets, CALL_COST_TOKENS):
+            ids, mask = left_pad([contexts[u] for u in bucket], self.pad_token_id, self.device)
             b_logits, b_hidden, b_kv = self._forward(ids, mask, position_ids_from_mask(mask))
             if self.n_virtual:  # the cache's layout: [virtual | pads | prompt]
                 mask = torch.cat([mask.new_ones(mask.shape[0], self.n_virtual), mask], 1)
@@ -110,10 +114,13 @@ class CachedLM:
                 logits = b_logits.new_empty((len(rows), b_logits.shape[-1]))
                 if b_hidden is not None:
                     hidden = b_hidden.new_empty((len(rows), b_hidden.shape[-1]))
-            parts.append((bucket, w, mask, b_kv))
-            logits[bucket] = b_logits
+            position = {u: i for i, u in enumerate(bucket)}
+            members = [j for j, u in enumerate(source) if u in position]  # the rows this bucket's contexts fill
+            src = torch.as_tensor([position[source[j]] for j in members], device=self.device)
+            parts.append((members, w, mask[src], [(k[src], v[src]) for k, v in b_kv]))
+            logits[members] = b_logits[src]
             if hidden is not None:
-                hidden[bucket] = b_hidden
+                hidden[members] = b_hidden[src]
 
         if self.kv is None:  # first reset: allocate the whole batch at this width
             self.kv = [

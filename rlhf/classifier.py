@@ -35,7 +35,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pretrain.model import check_weights_finite, disable_dropout, load_config, resolve_device, resolve_model_path, verify_manifest
 from pretrain.optim import NonFiniteError
-from pretrain.padding import length_buckets, right_pad
+from pretrain.padding import CALL_COST_TOKENS, length_buckets, right_pad
 
 OUTPUTS = ("logit", "prob", "logprob")
 
@@ -175,7 +175,7 @@ class SequenceClassifier:
         out = torch.empty(len(sequences), self.num_labels, device=self.device)
         for start in range(0, len(sequences), self.batch_size):
             chunk = range(start, min(start + self.batch_size, len(sequences)))
-            for bucket in length_buckets([len(sequences[i]) for i in chunk], self.max_buckets):
+            for bucket in length_buckets([len(sequences[i]) for i in chunk], self.max_buckets, CALL_COST_TOKENS):
                 rows = [chunk[j] for j in bucket]
                 input_ids, attention_mask = right_pad([sequences[i] for i in rows], self.tokenizer.pad_token_id, self.device)
                 out[rows] = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()

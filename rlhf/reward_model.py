@@ -51,7 +51,7 @@ from pretrain.model import (
     verify_manifest,
 )
 from pretrain.optim import NonFiniteError
-from pretrain.padding import left_pad, length_buckets, position_ids_from_mask
+from pretrain.padding import CALL_COST_TOKENS, left_pad, length_buckets, position_ids_from_mask
 from pretrain.tokenizer import load_tokenizer
 from rlhf.logprobs import tokenize_pairs
 
@@ -210,7 +210,7 @@ class RewardModel(nn.Module):
         """
         sequences = self.tokenize(prompts, completions)
         rewards = torch.empty(len(sequences), device=self.device)
-        for bucket in length_buckets([len(seq) for seq in sequences], max_buckets):
+        for bucket in length_buckets([len(seq) for seq in sequences], max_buckets, CALL_COST_TOKENS):
             rewards[bucket] = self.sequence_rewards([sequences[j] for j in bucket])
         rewards = (rewards - self.mean) / self.std
         if not torch.isfinite(rewards).all():

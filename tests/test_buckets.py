@@ -13,14 +13,14 @@ def padded_cost(lengths, groups):
     return sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
-def brute_force_cost(lengths, max_buckets):
+def brute_force_cost(lengths, max_buckets, call_cost=0):
     """Best cost over every way to cut the sorted lengths into at most max_buckets runs."""
     s = sorted(lengths)
-    best = len(s) * s[-1]
+    best = len(s) * s[-1] + call_cost
     for k in range(1, max_buckets):
         for cuts in itertools.combinations(range(1, len(s)), k):
             bounds = (0, *cuts, len(s))
-            best = min(best, sum((b - a) * s[b - 1] for a, b in zip(bounds, bounds[1:])))
+            best = min(best, sum((b - a) * s[b - 1] for a, b in zip(bounds, bounds[1:])) + (k + 1) * call_cost)
     return best
 
 
@@ -29,10 +29,16 @@ def test_buckets_partition_rows_and_pad_the_fewest_tokens(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 9))]
     max_buckets = rng.randint(1, 4)
-    groups = length_buckets(lengths, max_buckets)
+    call_cost = rng.choice([0, 3, 10])  # tokens charged per batch
+    groups = length_buckets(lengths, max_buckets, call_cost)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert 1 <= len(groups) <= max_buckets
-    assert padded_cost(lengths, groups) == brute_force_cost(lengths, max_buckets)
+    assert padded_cost(lengths, groups) + len(groups) * call_cost == brute_force_cost(lengths, max_buckets, call_cost)
+
+
+def test_a_per_call_cost_keeps_a_few_rows_in_one_batch():
+    assert len(length_buckets([2, 30], 4)) == 2  # 32 tokens in two calls, instead of 60 padded
+    assert length_buckets([2, 30], 4, call_cost=128) == [[0, 1]]  # one call: the saved padding costs less than a call
 
 
 def test_one_bucket_is_the_padded_batch_and_bad_counts_are_refused():

@@ -97,6 +97,27 @@ def test_invalid_settings_are_errors_naming_them():
         GRPOConfig(**TOY, epsilon_low=1.0)
 
 
+def test_an_on_policy_step_without_the_scoring_pass_is_the_same_update(tmp_path, monkeypatch):
+    """One step per batch with the KL in the loss: pi_old is the step's own forward, detached."""
+    cfg = dict(**TOY, num_envs=8, group_size=4, total_steps=8 * 4 * 3, lr=1e-2, kl_coef=0.1, kl_penalty="loss",
+               num_iterations=1, num_minibatches=1)
+    assert grpo.scores_in_the_step(GRPOConfig(**cfg))
+    grpo.train(GRPOConfig(**cfg, out=str(tmp_path / "skip")))
+    monkeypatch.setattr(grpo, "scores_in_the_step", lambda cfg: False)  # score pi_old in its own pass
+    grpo.train(GRPOConfig(**cfg, out=str(tmp_path / "pass")))
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    skip, scored = rows(tmp_path / "skip"), rows(tmp_path / "pass")
+    assert len(skip) == 3 and skip[-1]["grpo/kl_k3"] > 0  # the policy moved away from the reference
+    for a, b in zip(skip, scored):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
 def test_grpo_learns_the_toy_env(tmp_path):
     from tests.test_agents_train import greedy_return
 

@@ -48,3 +48,21 @@ def test_prefill_in_length_buckets_matches_full_forward(tiny_model_dir):
         tokens = torch.arange(len(contexts)) + 40
         logits = lm.step(tokens)
         contexts = [c + [int(t)] for c, t in zip(contexts, tokens)]
+
+
+def test_repeated_contexts_are_prefilled_once_and_continue_independently(tiny_model_dir):
+    """G copies of a prompt (GRPO, RLOO) share one prefill row; each copy then takes its own tokens."""
+    model, tokenizer = load_lm(tiny_model_dir)
+    contexts = [[5, 6, 7]] * 3 + [[8, 9]] * 2 + [[10, 11, 12, 13]]
+    lm = CachedLM(model, batch_size=len(contexts), pad_token_id=tokenizer.pad_token_id)
+    calls = []
+    forward = lm._forward
+    lm._forward = lambda ids, *a, **k: calls.append(ids.shape[0]) or forward(ids, *a, **k)
+    logits = lm.reset_rows(list(range(len(contexts))), contexts)
+    assert sum(calls) == 3  # three distinct contexts
+    for _ in range(3):
+        for row, context in enumerate(contexts):
+            torch.testing.assert_close(logits[row], full_forward_logits(model, context), atol=1e-4, rtol=1e-4)
+        tokens = torch.arange(len(contexts)) + 40  # a different token in every row
+        logits = lm.step(tokens)
+        contexts = [c + [int(t)] for c, t in zip(contexts, tokens)]
