@@ -45,14 +45,14 @@ import torch.nn.functional as F
 
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
-from agents.run import Run, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, RunOptions, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.padding import position_ids_from_mask
 
 
 @dataclass
-class DQNConfig(TaskConfig):
+class DQNConfig(TaskConfig, RunOptions):
     """DQN fine-tuning of an LM's logits as Q-values on a TextGen env."""
 
     env: str = hparam("TextGenToy-v0", "registered env id (module:MyTask-v0 imports module first)")
@@ -83,15 +83,6 @@ class DQNConfig(TaskConfig):
     epsilon_fraction: float = hparam(0.5, "fraction of training over which epsilon anneals")
     temperature: float = hparam(0.0, "Boltzmann temperature; 0 = the Q-scale beta (soft_q_beta with soft-Q, else 1): the LM's own distribution at the start")
     max_grad_norm: float = hparam(10.0, "clip the global gradient norm")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/dqn; "
-                          "with --resume: the resumed run's dir)")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
-    checkpoint_every: int = hparam(10, "updates between checkpoints")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
         validate_fields(self)

@@ -43,7 +43,7 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, RunOptions, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
@@ -57,7 +57,7 @@ STD_EPS = 1e-4  # added to the std, so a zero-std group gets A = 0, not 0/0
 
 
 @dataclass
-class GRPOConfig(ModelOptions, TaskConfig):
+class GRPOConfig(ModelOptions, TaskConfig, RunOptions):
     """GRPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
 
     num_envs: int = hparam(32, "episodes per update: num_envs / group_size prompts, group_size completions of each")
@@ -77,15 +77,6 @@ class GRPOConfig(ModelOptions, TaskConfig):
                                        "(-beta * k1 per token in the return, like ppo and reinforce)")
     mask_zero_std_groups: bool = hparam(False, "leave groups whose rewards are all equal out of the loss (DAPO's dynamic sampling filter)")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/grpo; "
-                          "with --resume: the resumed run's dir)")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
-    checkpoint_every: int = hparam(10, "updates between checkpoints")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
         validate_fields(self)

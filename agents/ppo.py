@@ -32,7 +32,7 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, RunOptions, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -41,7 +41,7 @@ from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_i
 
 
 @dataclass
-class PPOConfig(ModelOptions, TaskConfig):
+class PPOConfig(ModelOptions, TaskConfig, RunOptions):
     """PPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
 
     num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
@@ -66,15 +66,6 @@ class PPOConfig(ModelOptions, TaskConfig):
     penalty_coef: float = hparam(1.0, "initial beta_ppo of the kl_penalty variant")
     whiten_advantages: bool = hparam(True, "normalise advantages to mean 0, std 1 per rollout")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/ppo; "
-                          "with --resume: the resumed run's dir)")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
-    checkpoint_every: int = hparam(10, "updates between checkpoints")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
         validate_fields(self)

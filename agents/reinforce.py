@@ -26,7 +26,7 @@ import torch
 
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, RunOptions, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -37,7 +37,7 @@ BASELINES = ("none", "moving_average", "rloo")
 
 
 @dataclass
-class ReinforceConfig(ModelOptions, TaskConfig):
+class ReinforceConfig(ModelOptions, TaskConfig, RunOptions):
     """REINFORCE fine-tuning of an LM policy on a TextGen env."""
 
     num_envs: int = hparam(32, "episodes per update (the vector env's num_envs)")
@@ -54,15 +54,6 @@ class ReinforceConfig(ModelOptions, TaskConfig):
     adaptive_kl_horizon: int = hparam(10_000, "adaptive controller horizon")
     ent_coef: float = hparam(0.0, "entropy bonus (set to env_ref_logprob_coef for the entropy route)")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/reinforce; "
-                          "with --resume: the resumed run's dir)")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
-    checkpoint_every: int = hparam(10, "updates between checkpoints")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
         validate_fields(self)

@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -36,6 +36,7 @@ import envs  # noqa: F401  (registers the suite)
 from agents.task_config import env_parameters, resolve_env_id
 from envs.api import TextVectorEnv
 from pretrain.checkpoint import STATE, load_training_state, save_training_state
+from pretrain.config import hparam
 from pretrain.distributed import Distributed, SingleProcess
 from pretrain.model import build_gpt2, resolve_device, save_lm
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
@@ -103,7 +104,24 @@ def reward_metrics(rm_scores, gold_scores, reward_terms: dict | None = None) -> 
     return metrics
 
 
-__all__ = ["NonFiniteError", "Run", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step", "reward_metrics"]
+__all__ = ["NonFiniteError", "Run", "RunOptions", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step",
+           "reward_metrics"]
+
+
+@dataclass
+class RunOptions:
+    """The run's own settings, the same for every agent's config (a mixin, like ``TaskConfig``):
+    seed, device, and the run dir that :class:`Run` writes, resumes and checkpoints."""
+
+    seed: int = hparam(0, "seed")
+    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
+    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/<algorithm>; "
+                          "with --resume: the resumed run's dir)")
+    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
+    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
+    checkpoint_every: int = hparam(10, "updates between checkpoints")
+    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
+    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
 
 class Run:

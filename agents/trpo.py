@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
 from agents.ppo import compute_gae, explained_variance, masked_mean, whiten
 from agents.rollout import collect_rollout
-from agents.run import Run, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
+from agents.run import Run, RunOptions, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.adapters import ModelOptions, autocast, model_options
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -54,7 +54,7 @@ from rlhf.logprobs import gather_logprobs
 
 
 @dataclass
-class TRPOConfig(ModelOptions, TaskConfig):
+class TRPOConfig(ModelOptions, TaskConfig, RunOptions):
     """TRPO fine-tuning of an LM policy on a TextGen env (defaults: the embedded default task)."""
 
     num_envs: int = hparam(32, "parallel episodes per rollout (the vector env's num_envs)")
@@ -78,15 +78,6 @@ class TRPOConfig(ModelOptions, TaskConfig):
     adaptive_kl_target: float = hparam(6.0, "target sequence KL for the adaptive controller")
     adaptive_kl_horizon: int = hparam(10_000, "adaptive controller horizon")
     max_grad_norm: float = hparam(1.0, "clip the value head's gradient norm (the policy's step is set by max_kl)")
-    seed: int = hparam(0, "seed")
-    device: str = hparam("auto", "'auto', 'cpu' or 'cuda'")
-    out: str = hparam("", "run dir: TensorBoard events, metrics.jsonl, checkpoint-<update>/, final/ (default: runs/trpo; "
-                          "with --resume: the resumed run's dir)")
-    resume: str = hparam("", "continue the run in this dir from its newest complete checkpoint, with its settings")
-    overwrite: bool = hparam(False, "start a new run in --out even if it holds another run or other files (removes a previous run's files)")
-    checkpoint_every: int = hparam(10, "updates between checkpoints")
-    keep_checkpoints: int = hparam(2, "complete checkpoints kept (older ones are deleted once a newer one is complete)")
-    sample_every: int = hparam(5, "updates between sample texts in TensorBoard")
 
     def __post_init__(self):
         validate_fields(self)
