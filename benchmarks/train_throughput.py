@@ -175,50 +175,11 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
 
 
-def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05,
-             seed: int = 0) -> dict:
-    """TRL's RLOOTrainer on the same model, reward model, batch (k completions of batch / k prompts),
-    length, learning rate and KL coefficient (TRL charges it in the sequence reward, as ours does)."""
+def run_trl(trainer_cls, config_cls, updates: int, batch: int, group_size: int, device, seed: int, **config) -> dict:
+    """A TRL online trainer (RLOO, GRPO) on the shipped LM, rewarded by the shipped reward model on
+    ``updates * batch / group_size`` train prompts (``group_size`` completions each), timed over
+    ``trainer.train()``; the gold score and the generated tokens are read inside its reward function."""
     from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
-
-    model, tokenizer = load_lm("default", device=device)
-    tokenizer.padding_side = "left"
-    rm = RewardModel.load("default", device=device)
-    gold = VaderGold()
-    prompts = [p.text for p in load_prompts("train")]
-    rng = np.random.default_rng(seed)
-    dataset = Dataset.from_dict({"prompt": [prompts[i] for i in rng.choice(len(prompts), updates * batch // k)]})
-    golds, tokens = [], [0]
-
-    def reward(prompts, completions, completion_ids, **kwargs):
-        golds.append(float(np.mean(gold([p + c for p, c in zip(prompts, completions)]))))
-        tokens[0] += sum(len(ids) for ids in completion_ids)
-        return rm.score(prompts, completions)
-
-    with tempfile.TemporaryDirectory() as out:
-        args = RLOOConfig(
-            output_dir=out, per_device_train_batch_size=batch, num_generations=k, max_completion_length=max_new_tokens,
-            learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, max_steps=updates, num_iterations=1,
-            temperature=1.0, logging_strategy="no", report_to="none", save_strategy="no", seed=seed, disable_tqdm=True,
-            use_cpu=device.type == "cpu", bf16=False, fp16=False, dataloader_num_workers=0, log_level="error",
-        )
-        trainer = RLOOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its summary; stdout is for our JSON
-            trainer.train()
-        seconds = time.perf_counter() - start
-    return {"updates_per_s": updates / seconds, "tokens_per_s": tokens[0] / seconds,
-            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
-
-
-def trl_grpo(updates: int, batch: int, max_new_tokens: int, lr: float, device, group_size: int = 4, num_iterations: int = 2,
-             minibatches: int = 2, kl_coef: float = 0.05, seed: int = 0) -> dict:
-    """TRL's GRPOTrainer on the same model, reward model, batch (group_size completions of
-    batch / group_size prompts per generation), length, learning rate, passes, minibatches, clip,
-    loss aggregation and KL (beta * k3 in the loss) as ``GRPO_SETTINGS`` gives ours."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = load_lm("default", device=device)
     tokenizer.padding_side = "left"
@@ -235,21 +196,42 @@ def trl_grpo(updates: int, batch: int, max_new_tokens: int, lr: float, device, g
         return rm.score(prompts, completions)
 
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=batch // minibatches, steps_per_generation=minibatches,
-            num_generations=group_size, num_iterations=num_iterations, max_completion_length=max_new_tokens,
-            learning_rate=lr, lr_scheduler_type="constant", beta=kl_coef, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-            max_steps=updates * minibatches * num_iterations, temperature=1.0, logging_strategy="no", report_to="none",
-            save_strategy="no", seed=seed, disable_tqdm=True, disable_dropout=True, use_cpu=device.type == "cpu", bf16=False,
-            fp16=False, dataloader_num_workers=0, log_level="error", max_grad_norm=1.0,
+        args = config_cls(
+            output_dir=out, num_generations=group_size, lr_scheduler_type="constant", temperature=1.0, logging_strategy="no",
+            report_to="none", save_strategy="no", seed=seed, disable_tqdm=True, use_cpu=device.type == "cpu", bf16=False,
+            fp16=False, dataloader_num_workers=0, log_level="error", **config,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
         start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its summary; stdout is for our JSON
             trainer.train()
         seconds = time.perf_counter() - start
     return {"updates_per_s": len(golds) / seconds, "tokens_per_s": tokens[0] / seconds,
             "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+
+
+def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05,
+             seed: int = 0) -> dict:
+    """TRL's RLOOTrainer on the same model, reward model, batch (k completions of batch / k prompts),
+    length, learning rate and KL coefficient (TRL charges it in the sequence reward, as ours does)."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    return run_trl(RLOOTrainer, RLOOConfig, updates, batch, k, device, seed, per_device_train_batch_size=batch,
+                   max_completion_length=max_new_tokens, learning_rate=lr, beta=kl_coef, max_steps=updates, num_iterations=1)
+
+
+def trl_grpo(updates: int, batch: int, max_new_tokens: int, lr: float, device, group_size: int = 4, num_iterations: int = 2,
+             minibatches: int = 2, kl_coef: float = 0.05, seed: int = 0) -> dict:
+    """TRL's GRPOTrainer on the same model, reward model, batch (group_size completions of
+    batch / group_size prompts per generation), length, learning rate, passes, minibatches, clip,
+    loss aggregation and KL (beta * k3 in the loss) as ``GRPO_SETTINGS`` gives ours."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    return run_trl(GRPOTrainer, GRPOConfig, updates, batch, group_size, device, seed,
+                   per_device_train_batch_size=batch // minibatches, steps_per_generation=minibatches,
+                   num_iterations=num_iterations, max_completion_length=max_new_tokens, learning_rate=lr, beta=kl_coef,
+                   epsilon=0.2, loss_type="grpo", scale_rewards="group", max_steps=updates * minibatches * num_iterations,
+                   disable_dropout=True, max_grad_norm=1.0)
 
 
 # Our GRPO as trl_grpo runs TRL's (trl_grpo_mu1: num_iterations=1, num_minibatches=1).
