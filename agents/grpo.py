@@ -41,13 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agents.policy import LMPolicy, check_policy_fits_env, load_reference, reference_logprobs
+from agents.policy import reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import Run, RunOptions, check_finite, make_env, make_policy_model, optimizer_step, reward_metrics
-from agents.task_config import TaskConfig, task_kwargs
-from pretrain.adapters import ModelOptions, autocast, model_options
+from agents.run import RunOptions, check_finite, optimizer_step, reward_metrics, start_policy_run
+from agents.task_config import TaskConfig
+from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
-from pretrain.distributed import Distributed, SingleProcess, process_group
+from pretrain.distributed import Distributed, SingleProcess
 from rlhf.kl import kl_estimate, warn_if_negative_kl
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -176,20 +176,8 @@ def scores_in_the_step(cfg: GRPOConfig) -> bool:
 def train(cfg: GRPOConfig) -> dict:
     """Run GRPO as ``cfg`` says (the same run dir, resume, errors, summary and data-parallel launch as
     ``agents.ppo.train``; each process samples its own groups from its prompt shard)."""
-    dist = process_group(cfg.device)
+    dist, run, env, policy, reference = start_policy_run(cfg, "grpo", value_head=False)  # reference None: the env's ref_logprobs
     device = dist.device
-    torch.manual_seed(cfg.seed + dist.rank)
-    per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size
-    run = Run(cfg, "grpo", total_updates=max(1, cfg.total_steps // per_update), dist=dist)
-    env = make_env(cfg.env, cfg.num_envs, device, cfg.seed + dist.rank * cfg.num_envs, model=cfg.model,
-                   max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
-    if dist.world_size > 1:
-        env.shard_prompts(dist.rank, dist.world_size)
-    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed, dist)
-    policy = LMPolicy.load(initial_dir, device, valid_actions=env.valid_actions, value_head=False,
-                           options=model_options(cfg), resume_from=run.resume_model_dir())
-    check_policy_fits_env(policy, env)
-    reference = load_reference(initial_dir, env, device, policy)  # None: the env's per-step ref_logprobs are pi_ref's
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     params = policy.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)

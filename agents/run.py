@@ -91,6 +91,38 @@ def make_policy_model(model: str, env: TextVectorEnv, out: Path, seed: int, dist
     return str(target)
 
 
+def start_policy_run(cfg, algorithm: str, value_head: bool):
+    """The set-up the policy-gradient agents (``ppo``, ``reinforce``, ``grpo``, ``trpo``) share; returns
+    ``(dist, run, env, policy, reference)``:
+
+    * ``dist``: the process group (``pretrain.distributed``); torch seeded with ``cfg.seed + rank``;
+    * ``run``: the run dir (:class:`Run`), ``total_steps // (num_envs x max_new_tokens x processes)`` updates;
+    * ``env``: this process's vector env, seeded ``seed + rank x num_envs``, on its share of the prompts;
+    * ``policy``: ``LMPolicy`` on the initial model (or the checkpoint being resumed), with the
+      ``--peft``/``--dtype``/``--gradient-checkpointing`` options, checked to speak the env's tokens;
+    * ``reference``: pi_ref, or None when the env's per-step ``ref_logprobs`` are pi_ref's.
+    """
+    from agents.policy import LMPolicy, check_policy_fits_env, load_reference
+    from agents.task_config import task_kwargs
+    from pretrain.adapters import model_options
+    from pretrain.distributed import process_group
+
+    dist = process_group(cfg.device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    per_update = cfg.num_envs * cfg.max_new_tokens * dist.world_size
+    run = Run(cfg, algorithm, total_updates=max(1, cfg.total_steps // per_update), dist=dist)
+    env = make_env(cfg.env, cfg.num_envs, dist.device, cfg.seed + dist.rank * cfg.num_envs, model=cfg.model,
+                   max_new_tokens=cfg.max_new_tokens, ref_logprob_coef=cfg.env_ref_logprob_coef, **task_kwargs(cfg))
+    if dist.world_size > 1:
+        env.shard_prompts(dist.rank, dist.world_size)
+    initial_dir = make_policy_model(cfg.model, env, run.out, cfg.seed, dist)
+    policy = LMPolicy.load(initial_dir, dist.device, valid_actions=env.valid_actions, value_head=value_head,
+                           options=model_options(cfg), resume_from=run.resume_model_dir())
+    check_policy_fits_env(policy, env)
+    reference = load_reference(initial_dir, env, dist.device, policy)
+    return dist, run, env, policy, reference
+
+
 def reward_metrics(rm_scores, gold_scores, reward_terms: dict | None = None) -> dict[str, float]:
     """The episode-end metrics of a batch of finished episodes: ``reward/rm`` (the task's reward:
     reward model, classifier, function or weighted sum), ``reward/gold`` (omitted when the env
@@ -105,7 +137,7 @@ def reward_metrics(rm_scores, gold_scores, reward_terms: dict | None = None) -> 
 
 
 __all__ = ["NonFiniteError", "Run", "RunOptions", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step",
-           "reward_metrics"]
+           "reward_metrics", "start_policy_run"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from agents import ppo, reinforce
 from agents.policy import LMPolicy, load_reference
-from agents.run import make_env
+from agents.run import Run, make_env
 from pretrain import load_lm
 from pretrain.adapters import ADAPTER_DIR, AdaptedLM, ModelOptions, load_trainable_lm
 from pretrain.padding import left_pad, position_ids_from_mask
@@ -150,7 +150,7 @@ def small_lora_ppo(out, **kw):
 def test_lora_run_resumes_exactly_and_writes_the_adapter_and_a_merged_model(tmp_path, monkeypatch):
     straight = ppo.train(small_lora_ppo(tmp_path / "straight"))
     calls = {"n": 0}
-    original = ppo.Run.log
+    original = Run.log
 
     def log_then_ctrl_c(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -158,10 +158,10 @@ def test_lora_run_resumes_exactly_and_writes_the_adapter_and_a_merged_model(tmp_
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ppo.Run, "log", log_then_ctrl_c)
+    monkeypatch.setattr(Run, "log", log_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         ppo.train(small_lora_ppo(tmp_path / "resumed"))
-    monkeypatch.setattr(ppo.Run, "log", original)
+    monkeypatch.setattr(Run, "log", original)
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     assert (checkpoint / ADAPTER_DIR / "adapter_config.json").is_file()
     assert not (checkpoint / "model.safetensors").exists()  # a checkpoint holds the adapter, not the base weights

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from agents import dqn, grpo, ppo, reinforce, trpo
 from agents.cli import main
 from agents.policy import LMPolicy
-from agents.run import NonFiniteError
+from agents.run import NonFiniteError, Run
 from envs.toy import TextGenToyEnv
 from pretrain.padding import position_ids_from_mask
 from rlhf.logprobs import completion_logprobs
@@ -109,7 +109,7 @@ def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch
     module.train(small_config(algo, tmp_path / "straight"))
 
     calls = {"n": 0}
-    original = module.Run.log
+    original = Run.log
 
     def log_then_ctrl_c(self, *args, **kwargs):
         original(self, *args, **kwargs)
@@ -117,10 +117,10 @@ def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch
         if calls["n"] == 2:  # Ctrl-C during update 2: the run checkpoints after it and stops
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(module.Run, "log", log_then_ctrl_c)
+    monkeypatch.setattr(Run, "log", log_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         module.train(small_config(algo, tmp_path / "resumed"))
-    monkeypatch.setattr(module.Run, "log", original)
+    monkeypatch.setattr(Run, "log", original)
     assert len(metrics(tmp_path / "resumed")) == 2
     module.train(small_config(algo, tmp_path / "resumed", resume=str(tmp_path / "resumed")))
 
@@ -157,7 +157,7 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 
     out = tmp_path / "nan"
     state = {"checkpointed": False}
-    original_checkpoint, original_reward = ppo.Run.checkpoint, toy.ToyReward.__call__
+    original_checkpoint, original_reward = Run.checkpoint, toy.ToyReward.__call__
 
     def checkpoint(self, *args, **kwargs):
         original_checkpoint(self, *args, **kwargs)
@@ -167,7 +167,7 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         scores = original_reward(self, *args)
         return scores * float("nan") if state["checkpointed"] else scores
 
-    monkeypatch.setattr(ppo.Run, "checkpoint", checkpoint)
+    monkeypatch.setattr(Run, "checkpoint", checkpoint)
     monkeypatch.setattr(toy.ToyReward, "__call__", nan_after_first_checkpoint)
     with pytest.raises(NonFiniteError, match=r"the reward became non-finite \(\[nan.* in update 4; stopping. "
                                               r"The last good checkpoint is .*checkpoint-3 \(update 3; continue with --resume"):

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from agents import ppo
 from agents.cli import main
+from agents.run import Run
 from pretrain.run_dir import CheckpointWarning, RunDir
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
@@ -115,14 +116,14 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_with_a_warning
 
 def test_tensorboard_holds_each_update_once_after_a_resume(tmp_path, monkeypatch, straight):
     out = tmp_path / "run"
-    original_log = ppo.Run.log
+    original_log = Run.log
 
     def log_then_crash(self, metrics, texts=None):
         original_log(self, metrics, texts)
         if self.update == 5:  # logged (TensorBoard + metrics.jsonl) after checkpoint-4, then killed
             raise SimulatedKill
 
-    monkeypatch.setattr(ppo.Run, "log", log_then_crash)
+    monkeypatch.setattr(Run, "log", log_then_crash)
     with pytest.raises(SimulatedKill):
         ppo.train(config(out))
     monkeypatch.undo()
@@ -161,14 +162,14 @@ CLI_FLAGS = ["train", "ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max
 
 def test_cli_resume_needs_only_the_run_dir_and_prints_how_to_resume(tmp_path, monkeypatch, capsys, straight):
     out = tmp_path / "a"
-    original_log = ppo.Run.log
+    original_log = Run.log
 
     def log_then_ctrl_c(self, metrics, texts=None):
         original_log(self, metrics, texts)
         if self.update == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ppo.Run, "log", log_then_ctrl_c)
+    monkeypatch.setattr(Run, "log", log_then_ctrl_c)
     assert main([*CLI_FLAGS, "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"interrupted after update 3 of 6; checkpoint: {out / 'checkpoint-3'}" in err
