@@ -36,6 +36,7 @@ here the batch just has fewer sequences that update.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,8 @@ class GRPOConfig(ModelOptions, TaskConfig, RunOptions):
     num_minibatches: int = hparam(2, "optimizer steps per pass (must divide num_envs)")
     epsilon_low: float = hparam(0.2, "clip the ratio below at 1 - epsilon_low")
     epsilon_high: float = hparam(0.2, "clip the ratio above at 1 + epsilon_high (DAPO's clip-higher: 0.28)")
-    scale_rewards: str = hparam("group", f"divide the group-centred reward by the std of: one of {SCALE_REWARDS} (none = Dr. GRPO)")
-    loss_type: str = hparam("grpo", f"loss aggregation over tokens, one of {LOSS_TYPES} (see the module docstring)")
+    scale_rewards: str = hparam("group", f"divide the group-centred reward by the std of: {', '.join(SCALE_REWARDS)} (none = Dr. GRPO)")
+    loss_type: str = hparam("grpo", f"loss aggregation over tokens: {', '.join(LOSS_TYPES)} (see the module docstring)")
     kl_coef: float = hparam(0.05, "beta of the KL to the reference (0 = no KL term)")
     kl_penalty: str = hparam("reward", "where the KL is charged: 'loss' (beta * k3 per token, DeepSeekMath) or 'reward' "
                                        "(-beta * k1 per token in the return, like ppo and reinforce)")
@@ -231,6 +232,10 @@ def train(cfg: GRPOConfig) -> dict:
                     for key, value in mb_stats.items():
                         stats[key].append(value)
 
+            if not stats["loss"]:
+                warnings.warn(f"GRPO took no optimizer step in update {run.update + 1}: the rewards of every group were equal "
+                              "and --mask-zero-std-groups left them all out of the loss (is the reward constant?)",
+                              RuntimeWarning, stacklevel=1)
             if old_logprobs is None:  # on-policy, and every sequence was masked out: no step was taken
                 with torch.no_grad():
                     old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")

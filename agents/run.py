@@ -284,7 +284,8 @@ class Run:
             self.writer.add_scalar("perf/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30, self.update)
         if texts and self.update % self.cfg.sample_every == 0:
             self.writer.add_text("samples", "\n\n".join(f"    {t}" for t in texts[:4]), self.update)
-        record = {"update": self.update, "env_steps": self.env_steps, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        # 7 significant digits: a small quantity (a KL of 5e-7) is not rounded to 0
+        record = {"update": self.update, "env_steps": self.env_steps, **{k: float(f"{float(v):.7g}") for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         status = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in (("reward/rm", "rm"), ("reward/gold", "gold"), ("kl/ref", "kl"))

@@ -34,6 +34,7 @@ step: the full model, or the adapter with ``--peft``.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,10 +85,12 @@ class TRPOConfig(ModelOptions, TaskConfig, RunOptions):
         self.validate_task()
         self.validate_model_options()
         require_positive(self, "num_envs", "total_steps", "max_new_tokens", "max_kl", "cg_iters", "line_search_steps",
-                         "fvp_fraction", "vf_iters", "num_minibatches", "adaptive_kl_target", "adaptive_kl_horizon",
+                         "vf_iters", "num_minibatches", "adaptive_kl_target", "adaptive_kl_horizon",
                          "checkpoint_every", "sample_every", "keep_checkpoints")
         require_non_negative(self, "env_ref_logprob_coef", "cg_damping", "vf_lr", "kl_coef", "max_grad_norm")
-        require_unit_interval(self, "gamma", "gae_lambda", "fvp_fraction")
+        require_unit_interval(self, "gamma", "gae_lambda")
+        if not 0 < self.fvp_fraction <= 1:
+            raise ValueError(f"fvp_fraction must be in (0, 1], got {self.fvp_fraction}")
         if not 0 < self.backtrack_coef < 1:
             raise ValueError(f"backtrack_coef must be in (0, 1), got {self.backtrack_coef}")
         if self.num_envs % self.num_minibatches:
@@ -95,6 +98,10 @@ class TRPOConfig(ModelOptions, TaskConfig, RunOptions):
 
 
 # ---- the three pieces of the natural-gradient step ------------------------------------------------
+
+class NoStepWarning(RuntimeWarning):
+    """A TRPO update ended without a step: the line search accepted none (the policy did not move)."""
+
 
 def conjugate_gradient(matvec, b: torch.Tensor, iters: int, tol: float = 1e-10) -> tuple[torch.Tensor, int]:
     """x ~ A^-1 b for a symmetric positive-definite A known only through ``matvec(v) = A v``
@@ -173,10 +180,12 @@ def line_search(policy: LMPolicy, params, old_params: torch.Tensor, full_step: t
     """Backtracking line search on theta_old + backtrack_coef^j * full_step, j = 0, 1, ...: the first
     step that improves the surrogate and keeps the exact KLbar <= max_kl is taken; if none does, theta
     is restored to theta_old. Returns ``accepted`` (bool), ``steps`` (j of the accepted step, or
-    ``line_search_steps`` when none was), ``kl`` and ``improvement`` (of the step taken, 0 without one)."""
+    ``line_search_steps`` when none was), ``kl`` and ``improvement`` (of the step taken, 0 without one)
+    and ``full_step_kl`` (the exact KLbar of the first try: how far the quadratic model was off)."""
     ids, attn, start, mask = batch
     count = dist.global_count(mask)
     surrogate_old = float(dist.mean(float(masked_mean(advantages, mask, count))))  # rho = 1 at theta_old
+    full_step_kl = float("nan")
     for j in range(cfg.line_search_steps):
         set_flat(params, old_params + cfg.backtrack_coef**j * full_step)
         with torch.no_grad():
@@ -184,10 +193,12 @@ def line_search(policy: LMPolicy, params, old_params: torch.Tensor, full_step: t
             logprobs = gather_logprobs(log_probs, ids[:, start:], mask.bool())
             surrogate = float(dist.mean(float(masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask, count))))
             kl = float(dist.mean(float(mean_kl(old_log_probs, log_probs, mask, policy.valid_actions, count))))
+        if j == 0:
+            full_step_kl = kl
         if math.isfinite(kl) and kl <= cfg.max_kl and surrogate - surrogate_old > 0:
-            return {"accepted": True, "steps": j, "kl": kl, "improvement": surrogate - surrogate_old}
+            return {"accepted": True, "steps": j, "kl": kl, "improvement": surrogate - surrogate_old, "full_step_kl": full_step_kl}
     set_flat(params, old_params)
-    return {"accepted": False, "steps": cfg.line_search_steps, "kl": 0.0, "improvement": 0.0}
+    return {"accepted": False, "steps": cfg.line_search_steps, "kl": 0.0, "improvement": 0.0, "full_step_kl": full_step_kl}
 
 
 def trpo_step(policy: LMPolicy, params, batch, old_log_probs, logprobs_graph, advantages, cfg: TRPOConfig,
@@ -213,7 +224,8 @@ def trpo_step(policy: LMPolicy, params, batch, old_log_probs, logprobs_graph, ad
     check_finite("the natural-gradient direction", shs)
     old_params = flat([p.detach() for p in params]).clone()
     if shs <= 0:  # a zero gradient (e.g. all advantages 0): nothing to step along
-        return {"accepted": False, "steps": 0, "kl": 0.0, "improvement": 0.0, "cg_iters": cg_iters}
+        return {"accepted": False, "steps": cfg.line_search_steps, "kl": 0.0, "improvement": 0.0, "full_step_kl": 0.0,
+                "cg_iters": cg_iters}
     full_step = torch.sqrt(2 * cfg.max_kl / shs) * direction
     record = line_search(policy, params, old_params, full_step, batch, old_logprobs, old_log_probs, advantages, cfg, dist)
     return {**record, "cg_iters": cg_iters}
@@ -271,6 +283,11 @@ def train(cfg: TRPOConfig) -> dict:
             # ---- the policy: natural gradient, trust-region line search ---------------------------------
             step = trpo_step(policy, params, (ids, attn, start, mask), old_log_probs, logprobs, advantages, cfg, run.np_rng, dist)
             del log_probs, logprobs  # the graph of the pass at theta_old
+            if not step["accepted"]:
+                warnings.warn(NoStepWarning(
+                    f"TRPO took no step in update {run.update + 1}: none of the {cfg.line_search_steps} step sizes tried improved "
+                    f"the surrogate with KL <= max_kl = {cfg.max_kl} (the full step's KL: {step['full_step_kl']:.3g}). Allow more "
+                    "backtracking (--line-search-steps) or a better Fisher estimate (--fvp-fraction, --cg-damping)."), stacklevel=1)
 
             # ---- the critic: regression of V on the returns, features fixed --------------------------
             n = ids.shape[0]
@@ -300,6 +317,7 @@ def train(cfg: TRPOConfig) -> dict:
                 "trpo/cg_iters": step["cg_iters"],
                 "trpo/line_search_steps": step["steps"],
                 "trpo/step_accepted": float(step["accepted"]),
+                "trpo/full_step_kl": step["full_step_kl"],
                 "trpo/surrogate_improvement": step["improvement"],
                 "lr": cfg.vf_lr,
                 "perf/tokens_per_s": rollout.n_tokens / run.seconds_since_last_log(),

@@ -168,3 +168,14 @@ def test_trpo_learns_the_toy_env_inside_its_trust_region(tmp_path):
     assert greedy_return(result["final"]) == 1.0
     assert all(r["trpo/kl"] <= cfg.max_kl for r in rows) and sum(r["trpo/step_accepted"] for r in rows) > len(rows) / 2
     assert all(0 < r["trpo/cg_iters"] <= cfg.cg_iters for r in rows)
+
+
+def test_an_update_without_a_step_warns_and_logs_the_full_steps_kl(tmp_path):
+    """One try only: the full step, whose KL the quarter-batch Fisher underestimates, is refused."""
+    cfg = TRPOConfig(**TOY, num_envs=8, total_steps=8 * 4 * 2, line_search_steps=1, out=str(tmp_path / "run"))
+    with pytest.warns(trpo.NoStepWarning, match="took no step"):
+        trpo.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    refused = [r for r in rows if not r["trpo/step_accepted"]]
+    assert refused and all(r["trpo/kl"] == 0 and r["trpo/line_search_steps"] == 1 for r in refused)
+    assert all(r["trpo/full_step_kl"] > cfg.max_kl for r in refused)  # why: the full step left the trust region
