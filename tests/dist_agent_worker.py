@@ -1,13 +1,15 @@
-"""Run by ``tests/test_distributed.py``: one PPO (or TRPO) update on a fixed batch of 8 sequences, in
-one process (all 8) or under a launcher (each of N processes takes its 8 / N); the main process saves
-the updated weights to ``argv[2]``.
+"""Run by ``tests/test_distributed.py``: for each MODE, one update on a fixed batch of 8 sequences,
+in one process (all 8) or under a launcher (each of N processes takes its 8 / N); the main process
+saves the updated weights to ``OUT_DIR/<mode>.safetensors``. A MODE is ``<peft>:<algorithm>``, e.g.
+``full:ppo``, ``lora:ppo``, ``full:trpo`` (all in one launch: a launch costs seconds).
 
-    python tests/dist_agent_worker.py MODEL_DIR OUT.safetensors WORLD_SIZE [lora|''] [ppo|trpo]
+    python tests/dist_agent_worker.py MODEL_DIR OUT_DIR WORLD_SIZE MODE [MODE ...]
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +23,15 @@ from pretrain.distributed import Distributed
 from rlhf.logprobs import gather_logprobs
 
 
-def main(model_dir: str, out: str, world_size: str, peft: str = "", algo: str = "ppo") -> None:
+def main(model_dir: str, out_dir: str, world_size: str, *modes: str) -> None:
     dist = Distributed("cpu")
     assert dist.world_size == int(world_size), f"launched {dist.world_size} process(es), expected {world_size}"
+    for mode in modes:
+        peft, algo = mode.split(":")
+        one_update(dist, model_dir, Path(out_dir) / f"{mode.replace(':', '-')}.safetensors", "" if peft == "full" else peft, algo)
+
+
+def one_update(dist: Distributed, model_dir: str, out: Path, peft: str, algo: str) -> None:
     torch.manual_seed(0)  # the same LoRA init in every process (DDP also broadcasts rank 0's weights)
     policy = LMPolicy.load(model_dir, "cpu", options=ModelOptions(peft=peft))
     # The batch: 8 sequences of a 3-token context and up to 4 completion tokens, of different
@@ -54,7 +62,7 @@ def main(model_dir: str, out: str, world_size: str, peft: str = "", algo: str = 
     else:
         ppo_step(policy, dist, ids, attn, c, mask, old_logprobs, old_values, advantages, returns)
     if dist.is_main:
-        save_file({k: v.detach().clone().contiguous() for k, v in policy.state_dict().items() if k != "model.lm_head.weight"}, out)
+        save_file({k: v.detach().clone().contiguous() for k, v in policy.state_dict().items() if k != "model.lm_head.weight"}, str(out))
     dist.wait()
 
 

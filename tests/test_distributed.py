@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,22 +27,29 @@ def run(cmd, **kw):
     return result
 
 
-@pytest.mark.parametrize(("peft", "algo"), [("", "ppo"), ("lora", "ppo"), ("", "trpo")], ids=["full", "lora", "trpo"])
-def test_two_processes_take_the_step_of_one_process_with_twice_the_batch(tmp_path, tiny_gpt2_dir, peft, algo):
-    run([sys.executable, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "one.safetensors"), "1", peft, algo])
-    run([*LAUNCH, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "two.safetensors"), "2", peft, algo])
-    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
-    assert one.keys() == two.keys()
-    changed = 0
+MODES = ("full:ppo", "lora:ppo", "full:trpo")  # <peft>:<algorithm>, all in one launch per process count
+
+
+def test_two_processes_take_the_step_of_one_process_with_twice_the_batch(tmp_path, tiny_gpt2_dir):
     from agents.policy import LMPolicy
     from pretrain.adapters import ModelOptions
 
-    torch.manual_seed(0)
-    start = LMPolicy.load(tiny_gpt2_dir, "cpu", options=ModelOptions(peft=peft)).state_dict()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
-        changed += not torch.equal(one[name], start[name])
-    assert changed > 0  # the update did move the weights
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run([sys.executable, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "one"), "1", *MODES])
+    run([*LAUNCH, str(WORKER), str(tiny_gpt2_dir), str(tmp_path / "two"), "2", *MODES])
+    for mode in MODES:
+        peft = mode.split(":")[0]
+        name = f"{mode.replace(':', '-')}.safetensors"
+        one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert one.keys() == two.keys()
+        torch.manual_seed(0)
+        start = LMPolicy.load(tiny_gpt2_dir, "cpu", options=ModelOptions(peft="" if peft == "full" else peft)).state_dict()
+        changed = 0
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{mode}: {key}")
+            changed += not torch.equal(one[key], start[key])
+        assert changed > 0, f"{mode}: the update did not move the weights"
 
 
 def metrics(out: Path) -> list[dict]:
