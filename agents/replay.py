@@ -1,4 +1,4 @@
-"""Experience replay for DQN over token contexts.
+"""Experience replay for DQN over token contexts: transitions, and whole episodes.
 
 * ``ReplayBuffer`` (Lin 1992): a ring buffer of the ``capacity`` most recent transitions, sampled
   uniformly.
@@ -16,6 +16,10 @@ float32 discount), plus 16 bytes per leaf of the sum tree (a power of two >= cap
 prioritized replay: :meth:`ReplayBuffer.nbytes`. Checkpoints write each array as a ``.npy`` file
 straight from its memory (``np.save``, no pickle) and read it back with ``allow_pickle=False``, so
 saving never holds a second copy of the buffer.
+
+``EpisodeReplayBuffer`` / ``PrioritizedEpisodeReplayBuffer`` keep whole episodes instead (the
+context once, the completion, per-token rewards and reference log-probs) for multi-step learning
+over stored paths, at ~1/20 of the transition buffer's bytes per token (see the class).
 """
 
 from __future__ import annotations
@@ -185,15 +189,13 @@ class SumTree:
         return node - self.capacity
 
 
-class PrioritizedReplayBuffer(ReplayBuffer):
-    """Proportional prioritized replay (Schaul et al. 2016): P(i) = p_i^alpha / sum_k p_k^alpha,
-    p_i = |td_error_i| + eps, importance-sampling weights w_i = (N P(i))^-beta / max_j w_j
-    (``Batch.is_weights``, which scale each transition's loss). ``ValueError`` for alpha < 0, beta outside [0, 1] or eps <= 0
-    (with eps = 0, all-zero TD errors would leave nothing to sample by)."""
+class Prioritized:
+    """Proportional prioritized sampling (Schaul et al. 2016) for a buffer of ``size`` items (transitions
+    or episodes): P(i) = p_i^alpha / sum_k p_k^alpha, p_i = |error_i| + eps (a new item gets the current
+    max priority), importance-sampling weights w_i = (N P(i))^-beta / max_j w_j. Mixed in before the
+    buffer class it prioritizes (``PrioritizedReplayBuffer``, ``PrioritizedEpisodeReplayBuffer``)."""
 
-    def __init__(self, capacity: int, max_len: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
-                 seed: int = 0, pad_id: int = 0):
-        super().__init__(capacity, max_len, seed, pad_id)
+    def _init_priorities(self, capacity: int, alpha: float, beta: float, eps: float) -> None:
         if alpha < 0 or not 0 <= beta <= 1:
             raise ValueError(f"need alpha >= 0 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
         if not eps > 0:  # p_i = |delta_i| + eps > 0: the total priority can never be 0
@@ -242,3 +244,156 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def _set_meta(self, meta: dict) -> None:
         super()._set_meta(meta)
         self.beta, self.max_priority = meta["beta"], meta["max_priority"]
+
+
+class PrioritizedReplayBuffer(Prioritized, ReplayBuffer):
+    """Proportional prioritized replay of transitions (Schaul et al. 2016): P(i) = p_i^alpha / sum_k p_k^alpha,
+    p_i = |td_error_i| + eps, importance-sampling weights w_i = (N P(i))^-beta / max_j w_j
+    (``Batch.is_weights``, which scale each transition's loss). ``ValueError`` for alpha < 0, beta outside [0, 1] or eps <= 0
+    (with eps = 0, all-zero TD errors would leave nothing to sample by)."""
+
+    def __init__(self, capacity: int, max_len: int, alpha: float = 0.6, beta: float = 0.4, eps: float = 1e-6,
+                 seed: int = 0, pad_id: int = 0):
+        ReplayBuffer.__init__(self, capacity, max_len, seed, pad_id)
+        self._init_priorities(capacity, alpha, beta, eps)
+
+
+@dataclass
+class EpisodeBatch:
+    """Whole episodes for one teacher-forced pass, laid out like ``agents.rollout.Rollout``."""
+
+    input_ids: torch.Tensor  # (B, C + T) int64: the left-padded context, then the right-padded completion
+    attention_mask: torch.Tensor  # (B, C + T) int64
+    completion_start: int  # C
+    completion_mask: torch.Tensor  # (B, T) bool
+    rewards: torch.Tensor  # (B, T) float32: the env's per-step rewards, 0 on padding
+    ref_logprobs: torch.Tensor | None  # (B, T) float32: log pi_ref of each token (None if the buffer keeps none)
+    is_weights: torch.Tensor  # (B,) importance-sampling weights (1 for uniform replay)
+    indices: np.ndarray  # (B,) buffer slots, for update_priorities
+
+
+class EpisodeReplayBuffer:
+    """A ring buffer of the ``capacity`` most recent whole episodes, sampled uniformly: what
+    multi-step (path-consistency) learning replays, where a transition buffer would store the
+    context again for every token.
+
+    An episode is its context (up to ``max_context`` int32 ids, stored once, right-aligned), its
+    completion (up to ``max_new_tokens`` int32 ids, left-aligned), the env's per-step rewards and,
+    with ``ref_logprobs=True``, the reference's log-prob of each token (float32 each): per episode
+    4 (max_context + max_new_tokens (2 + ref)) + 8 bytes, fixed at construction (:meth:`nbytes`);
+    with 32 + 16 tokens and the reference, 328 bytes: 20.5 bytes per generated token, where the
+    transition buffer (``ReplayBuffer``, two 48-token contexts per token) holds 405.
+
+    ``add`` raises ``ValueError`` for a context or completion that does not fit, an empty
+    completion, mismatched lengths or a non-finite reward; sampling an empty buffer raises
+    ``RuntimeError``. ``save``/``load`` as ``ReplayBuffer`` (``.npy`` files, no pickle)."""
+
+    def __init__(self, capacity: int, max_context: int, max_new_tokens: int, ref_logprobs: bool = False, seed: int = 0,
+                 pad_id: int = 0):
+        if capacity <= 0 or max_context <= 0 or max_new_tokens <= 0:
+            raise ValueError(f"capacity, max_context and max_new_tokens must be positive, got {capacity}, {max_context}, "
+                             f"{max_new_tokens}")
+        self.capacity, self.max_context, self.max_new_tokens, self.pad_id = capacity, max_context, max_new_tokens, pad_id
+        self.contexts = np.full((capacity, max_context), pad_id, dtype=np.int32)
+        self.completions = np.full((capacity, max_new_tokens), pad_id, dtype=np.int32)
+        self.context_lengths = np.zeros(capacity, dtype=np.int32)
+        self.completion_lengths = np.zeros(capacity, dtype=np.int32)
+        self.rewards = np.zeros((capacity, max_new_tokens), dtype=np.float32)
+        self.ref_logprobs = np.zeros((capacity, max_new_tokens), dtype=np.float32) if ref_logprobs else None
+        self.pos = 0
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, context, completion, rewards, ref_logprobs=None) -> int:
+        """Store one episode (token-id sequences, per-token rewards and reference log-probs); returns its slot."""
+        context, completion = list(context), list(completion)
+        rewards = np.asarray(rewards, dtype=np.float32)
+        if not 0 < len(context) <= self.max_context:
+            raise ValueError(f"a context of {len(context)} tokens does not fit max_context={self.max_context} (or is empty)")
+        if not 0 < len(completion) <= self.max_new_tokens:
+            raise ValueError(f"a completion of {len(completion)} tokens does not fit max_new_tokens={self.max_new_tokens} (or is empty)")
+        if rewards.shape != (len(completion),):
+            raise ValueError(f"got {rewards.shape[0] if rewards.ndim else 'no'} rewards for {len(completion)} tokens: give one per token")
+        if not np.isfinite(rewards).all():
+            raise ValueError(f"non-finite reward {rewards[~np.isfinite(rewards)][0]} offered to the replay buffer")
+        if (ref_logprobs is None) != (self.ref_logprobs is None):
+            raise ValueError("this buffer " + ("keeps" if self.ref_logprobs is not None else "does not keep")
+                             + " reference log-probs: give them with every episode, or never")
+        i, n = self.pos, len(completion)
+        self.contexts[i] = self.pad_id
+        self.contexts[i, self.max_context - len(context) :] = context
+        self.completions[i] = self.pad_id
+        self.completions[i, :n] = completion
+        self.context_lengths[i], self.completion_lengths[i] = len(context), n
+        self.rewards[i] = 0.0
+        self.rewards[i, :n] = rewards
+        if self.ref_logprobs is not None:
+            self.ref_logprobs[i] = 0.0
+            self.ref_logprobs[i, :n] = np.asarray(ref_logprobs, dtype=np.float32)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        return i
+
+    def add_rollout(self, rollout) -> list[int]:
+        """Store every episode of an ``agents.rollout.Rollout`` (its env rewards and reference log-probs)."""
+        start = rollout.completion_start
+        ids, attn = rollout.input_ids.cpu(), rollout.attention_mask.cpu()
+        live = rollout.completion_mask.cpu()
+        rewards = rollout.env_rewards.cpu()
+        refs = None if rollout.ref_logprobs is None or self.ref_logprobs is None else rollout.ref_logprobs.cpu()
+        slots = []
+        for row in range(ids.shape[0]):
+            context = ids[row, :start][attn[row, :start].bool()].tolist()
+            done = live[row]
+            slots.append(self.add(context, ids[row, start:][done].tolist(), rewards[row][done].numpy(),
+                                  None if refs is None else refs[row][done].numpy()))
+        return slots
+
+    def sample_indices(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        return self.rng.integers(0, self.size, size=batch_size), np.ones(batch_size, dtype=np.float32)
+
+    def sample(self, batch_size: int, device="cpu") -> EpisodeBatch:
+        """``batch_size`` episodes as one :class:`EpisodeBatch`, padded to the longest sampled context and completion."""
+        indices, is_weights = self.sample_indices(batch_size)
+        c = int(self.context_lengths[indices].max())
+        t = int(self.completion_lengths[indices].max())
+        context = self.contexts[indices, self.max_context - c :]
+        context_mask = np.arange(c)[None, :] >= (c - self.context_lengths[indices])[:, None]
+        completion_mask = np.arange(t)[None, :] < self.completion_lengths[indices][:, None]
+        ids = np.concatenate([context, self.completions[indices, :t]], 1).astype(np.int64)
+        mask = np.concatenate([context_mask, completion_mask], 1).astype(np.int64)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        refs = None if self.ref_logprobs is None else as_t(self.ref_logprobs[indices, :t])
+        return EpisodeBatch(as_t(ids), as_t(mask), c, as_t(completion_mask), as_t(self.rewards[indices, :t]), refs,
+                            torch.as_tensor(is_weights, device=device), indices)
+
+    # -- memory and checkpointing (as ReplayBuffer) --------------------------------------------------
+    def _named_arrays(self):
+        names = ["contexts", "completions", "context_lengths", "completion_lengths", "rewards"]
+        names += ["ref_logprobs"] if self.ref_logprobs is not None else []
+        return [(k, getattr(self, k)) for k in names]
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffer's arrays (what the class docstring's formula gives)."""
+        return sum(array.nbytes for _, array in self._named_arrays())
+
+    _meta = ReplayBuffer._meta
+    _set_meta = ReplayBuffer._set_meta
+    save = ReplayBuffer.save
+    load = ReplayBuffer.load
+
+
+class PrioritizedEpisodeReplayBuffer(Prioritized, EpisodeReplayBuffer):
+    """Prioritized replay of whole episodes: P(i) proportional to (|error_i| + eps)^alpha, with error_i an
+    episode's own (e.g. the largest path-consistency or TD error along it), importance-sampling weights
+    as ``PrioritizedReplayBuffer``."""
+
+    def __init__(self, capacity: int, max_context: int, max_new_tokens: int, ref_logprobs: bool = False, alpha: float = 0.6,
+                 beta: float = 0.4, eps: float = 1e-6, seed: int = 0, pad_id: int = 0):
+        EpisodeReplayBuffer.__init__(self, capacity, max_context, max_new_tokens, ref_logprobs, seed, pad_id)
+        self._init_priorities(capacity, alpha, beta, eps)

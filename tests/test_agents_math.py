@@ -1,12 +1,14 @@
 """The update math of the agents against hand computations and analytic gradients."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from agents.ppo import clipped_policy_loss, clipped_value_loss, compute_gae, whiten
 from agents.reinforce import reinforce_loss, rloo_baseline
-from agents.replay import PrioritizedReplayBuffer, ReplayBuffer, SumTree
+from agents.replay import EpisodeReplayBuffer, PrioritizedEpisodeReplayBuffer, PrioritizedReplayBuffer, ReplayBuffer, SumTree
 
 
 def test_gae_matches_hand_computation():
@@ -212,3 +214,69 @@ def test_inverse_cdf_sampling_matches_the_probabilities_and_never_draws_masked_t
     one_hot = torch.zeros(3, 8192)
     one_hot[torch.arange(3), torch.tensor([0, 4000, 8191])] = 1.0
     assert sample_categorical(one_hot).tolist() == [0, 4000, 8191]
+
+
+def test_episode_replay_stores_whole_episodes_and_samples_them_for_one_pass():
+    """Context once (right-aligned), completion, per-token rewards and reference log-probs; a sample
+    is laid out like a rollout: [left-padded context | right-padded completion]."""
+    buf = EpisodeReplayBuffer(capacity=3, max_context=6, max_new_tokens=4, ref_logprobs=True, seed=0)
+    episodes = {}
+    for i in range(5):  # the ring keeps the last 3
+        context, completion = [10 + i] * (i % 3 + 1), [20 + i] * (i % 4 + 1)
+        rewards, refs = [0.0] * (len(completion) - 1) + [float(i)], [-0.5 - i] * len(completion)
+        episodes[i] = (context, completion, rewards, refs)
+        buf.add(context, completion, rewards, refs)
+    assert len(buf) == 3 and buf.contexts.dtype == np.int32 and buf.completions.dtype == np.int32
+    batch = buf.sample(16)
+    start = batch.completion_start
+    assert start == batch.input_ids.shape[1] - batch.completion_mask.shape[1]
+    seen = set()
+    for row in range(16):
+        i = int(batch.input_ids[row, start]) - 20  # the episode, from its first completion token
+        context, completion, rewards, refs = episodes[i]
+        seen.add(i)
+        assert batch.input_ids[row, :start][batch.attention_mask[row, :start].bool()].tolist() == context
+        live = batch.completion_mask[row]
+        assert batch.input_ids[row, start:][live].tolist() == completion
+        assert batch.attention_mask[row, start:].bool().tolist() == live.tolist()
+        assert batch.rewards[row][live].tolist() == rewards and batch.ref_logprobs[row][live].tolist() == refs
+        assert float(batch.rewards[row][~live].abs().sum()) == 0
+    assert seen == {2, 3, 4}
+    # per episode 4 (max_context + max_new_tokens (2 + ref)) + 8 bytes
+    assert buf.nbytes() == 3 * (4 * (6 + 4 * 3) + 8)
+    with pytest.raises(ValueError, match="does not fit max_new_tokens=4"):
+        buf.add([1], [2] * 5, [0.0] * 5, [0.0] * 5)
+    with pytest.raises(ValueError, match="one per token"):
+        buf.add([1], [2, 3], [0.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="reference log-probs"):
+        buf.add([1], [2], [0.0])
+
+
+def test_episode_replay_takes_a_rollout():
+    rollout = SimpleNamespace(
+        input_ids=torch.tensor([[0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 1, 1]]), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+        completion_start=3, completion_mask=torch.tensor([[True, True, True], [True, False, False]]),
+        env_rewards=torch.tensor([[0.0, 0.0, 1.5], [-1.0, 0.0, 0.0]]), ref_logprobs=torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]]))
+    buf = EpisodeReplayBuffer(4, max_context=4, max_new_tokens=3, ref_logprobs=True)
+    assert buf.add_rollout(rollout) == [0, 1]
+    assert buf.contexts[0, -2:].tolist() == [5, 6] and buf.context_lengths.tolist()[:2] == [2, 3]
+    assert buf.completions[1, :1].tolist() == [7] and buf.completion_lengths.tolist()[:2] == [3, 1]
+    assert buf.rewards[0].tolist() == [0.0, 0.0, 1.5] and buf.ref_logprobs[1].tolist() == [-4.0, 0.0, 0.0]
+
+
+def test_prioritized_episodes_are_sampled_by_priority_and_survive_a_checkpoint(tmp_path):
+    priorities, alpha = np.array([1.0, 2.0, 3.0, 4.0]), 0.7
+    buf = PrioritizedEpisodeReplayBuffer(4, max_context=2, max_new_tokens=2, alpha=alpha, eps=1e-12, seed=0)
+    for i in range(4):
+        buf.add([i + 1], [i + 1], [float(i)])
+    buf.update_priorities(np.arange(4), priorities)
+    counts = np.zeros(4)
+    for _ in range(2000):
+        np.add.at(counts, buf.sample_indices(16)[0], 1)
+    np.testing.assert_allclose(counts / counts.sum(), priorities**alpha / (priorities**alpha).sum(), atol=0.01)
+    buf.save(tmp_path)
+    other = PrioritizedEpisodeReplayBuffer(4, max_context=2, max_new_tokens=2, alpha=alpha, eps=1e-12, seed=1)
+    other.load(tmp_path)
+    assert other.sample_indices(16)[0].tolist() == buf.sample_indices(16)[0].tolist()
+    with pytest.raises(ValueError, match="this buffer"):
+        EpisodeReplayBuffer(8, max_context=2, max_new_tokens=2).load(tmp_path)
