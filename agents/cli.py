@@ -101,10 +101,26 @@ def unknown_flags_message(parser: HfArgumentParser, unknown: list[str], prog: st
             continue
         flag = arg.split("=", 1)[0]
         close = difflib.get_close_matches(flag.replace("_", "-"), options, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; see {prog} --help for the flags"
+        owners = commands_with_field(flag.lstrip("-").replace("-", "_"))
+        if owners:  # a flag of another command: say whose, rather than guess a near spelling here
+            hint = f"; it is a flag of {' and '.join(owners)}" if len(owners) <= 3 else \
+                f"; it is a flag of {', '.join(owners[:3])} and {len(owners) - 3} more commands"
+        elif close:
+            hint = f"; did you mean {' or '.join(close)}?"
+        else:
+            hint = f"; see {prog} --help for the flags"
         lines.append(f"{prog}: unknown flag {flag}{hint}")
         after_flag = "=" not in arg
     return "\n".join(lines)
+
+
+def commands_with_field(name: str) -> list[str]:
+    """The commands whose config has the field ``name`` (``--group-size``: ``textgym train grpo``)."""
+    from dataclasses import fields
+
+    tables = ((COMMANDS, "textgym "), (TRAIN, "textgym train "))
+    return [prefix + command for table, prefix in tables for command, entry in table.items()
+            if name in {f.name for f in fields(entry.config)}]
 
 
 def usage() -> str:

@@ -28,6 +28,8 @@ def test_unknown_flag_gets_our_message_with_close_matches(capsys):
     err = capsys.readouterr().err
     assert "unknown flag --lr-rate; did you mean --lr" in err and "did you mean --whiten-advantages" in err
     assert "HfArgumentParser" not in err and "'3'" not in err, "a value after an unknown flag is not reported again"
+    assert main(["train", "trpo", "--group-size", "4"]) == 2  # another algorithm's flag: say whose
+    assert "unknown flag --group-size; it is a flag of textgym train grpo" in capsys.readouterr().err
 
 
 def test_version_and_the_help_of_off_switches(capsys):
