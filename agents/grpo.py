@@ -219,7 +219,7 @@ def train(cfg: GRPOConfig) -> dict:
                 order = torch.from_numpy(run.np_rng.permutation(n)).to(ids.device)
                 for mb_start in range(0, n, minibatch_size):
                     idx = order[mb_start : mb_start + minibatch_size]
-                    if float(dist.sum(float(loss_mask[idx].sum()))) == 0:  # every sequence masked out, on every process
+                    if cfg.mask_zero_std_groups and float(dist.sum(float(loss_mask[idx].sum()))) == 0:  # all masked out, everywhere
                         continue
                     logprobs, entropy, _ = model(ids[idx], attn[idx], start, entropy="detached" if on_policy else "none")
                     if on_policy:  # the one step's forward is at theta_old: its log-probs are pi_old's

@@ -37,7 +37,7 @@ from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.distributed import Distributed, SingleProcess
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
+from rlhf.kl import kl_controller, kl_estimate, warn_if_negative_kl
 
 
 @dataclass
@@ -211,8 +211,7 @@ def train(cfg: PPOConfig) -> dict:
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     params = policy.trainable_parameters()  # all weights, or the adapter's + the value head
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
+    kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     penalty_coef = cfg.penalty_coef
     if cfg.resume:
         state = run.restore(optimizer, env)

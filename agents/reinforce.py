@@ -30,7 +30,7 @@ from agents.run import RunOptions, check_finite, optimizer_step, reward_metrics,
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
+from rlhf.kl import kl_controller, kl_estimate, warn_if_negative_kl
 
 BASELINES = ("none", "moving_average", "rloo")
 
@@ -87,8 +87,7 @@ def train(cfg: ReinforceConfig) -> dict:
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     params = policy.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
+    kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     moving_baseline = 0.0
     if cfg.resume:
         state = run.restore(optimizer, env)

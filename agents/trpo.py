@@ -50,7 +50,7 @@ from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.distributed import Distributed, SingleProcess
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_estimate, warn_if_negative_kl
+from rlhf.kl import kl_controller, kl_estimate, warn_if_negative_kl
 from rlhf.logprobs import gather_logprobs
 
 
@@ -248,8 +248,7 @@ def train(cfg: TRPOConfig) -> dict:
     params = policy_parameters(policy)
     value_model = dist.prepare(head)  # the critic's gradients are all-reduced; the policy's are averaged by hand
     value_optimizer = torch.optim.Adam(head.parameters(), lr=cfg.vf_lr, eps=1e-5)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
+    kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     if cfg.resume:
         state = run.restore(value_optimizer, env)
         kl_ctl.value = state["kl_coef"]

@@ -116,3 +116,9 @@ class AdaptiveKLController:
         error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def kl_controller(kl_coef: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10_000):
+    """The agents' beta: a :class:`FixedKLController` at ``kl_coef``, or with ``adaptive`` an
+    :class:`AdaptiveKLController` starting there and steering toward ``target`` over ``horizon`` steps."""
+    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)
