@@ -58,7 +58,7 @@ TRAIN: dict[str, Command] = {
     "reinforce": Command(reinforce.ReinforceConfig, reinforce.train, "REINFORCE with a baseline (none, moving average, RLOO)"),
     "grpo": Command(grpo.GRPOConfig, grpo.train, "GRPO: group-relative advantages, clipped ratio, no value head (Dr. GRPO, DAPO variants)"),
     "trpo": Command(trpo.TRPOConfig, trpo.train, "TRPO: natural gradient by conjugate gradient, KL trust region, line search"),
-    "dqn": Command(dqn.DQNConfig, dqn.train, "DQN with Q = V + beta log pi from the LM: replay (uniform/prioritized), double/soft-Q, n-step"),
+    "dqn": Command(dqn.DQNConfig, dqn.train, "soft Q-learning with Q = V + beta log pi from the LM: path consistency over fresh + replayed episodes (default), or TD over transitions"),
     "sb3-ppo": Command(sb3.SB3PPOConfig, partial(sb3.train, algorithm="ppo"), "Stable-Baselines3 PPO with the LM as its actor-critic policy"),
     "sb3-a2c": Command(sb3.SB3A2CConfig, partial(sb3.train, algorithm="a2c"), "Stable-Baselines3 A2C with the LM as its actor-critic policy"),
     "sb3-dqn": Command(sb3.SB3DQNConfig, partial(sb3.train, algorithm="dqn"), "Stable-Baselines3 DQN with Q = V + T log pi from the LM"),

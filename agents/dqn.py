@@ -1,8 +1,15 @@
-"""DQN over the token action space (Mnih et al. 2015), initialised from the LM.
+"""Value-based fine-tuning over the token action space, initialised from the LM: ``DQNConfig`` and TD learning.
 
-    textgym train dqn --env TextGenToy-v0
+    textgym train dqn                   # objective 'pcl': soft Q-learning by path consistency (agents/pcl.py)
+    textgym train dqn --objective td --env TextGenToy-v0 --max-new-tokens 4 --num-envs 16 --lr 1e-3 \
+        --gradient-steps 8 --max-grad-norm 10 --total-steps 4000    # DQN over transitions (below)
 
-Q(s, .) comes from the LM itself, in one of two forms (``q_form``), invalid tokens at -inf:
+The default objective learns the whole episode's reward at every token in one update, from fresh and
+replayed episodes, and is the one that fine-tunes the LM on TextGen-v0 (see ``agents.pcl``). The TD
+objective below (Mnih et al. 2015) moves a reward paid on the last token back by n tokens per
+update; it reaches the optimum of TextGenToy-v0 but barely moves the LM on TextGen-v0.
+
+TD learning. Q(s, .) comes from the LM itself, in one of two forms (``q_form``), invalid tokens at -inf:
 
     "logits"       Q(s, a) = logit(s, a)
     "log_policy"   Q(s, a) = V(s) + beta log pi(a | s),   pi = softmax(logits),  V = s * (zero-init head)
@@ -37,12 +44,13 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents import pcl
 from agents.policy import LMPolicy, check_policy_fits_env, sample_categorical
 from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from agents.run import Run, RunOptions, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
@@ -53,51 +61,73 @@ from pretrain.padding import position_ids_from_mask
 
 @dataclass
 class DQNConfig(TaskConfig, RunOptions):
-    """DQN fine-tuning of an LM's logits as Q-values on a TextGen env."""
+    """Value-based fine-tuning of an LM on a TextGen env: soft Q-learning by path consistency over
+    whole episodes (``objective`` 'pcl', ``agents.pcl``; the default, tuned for TextGen-v0) or TD
+    learning over transitions (``objective`` 'td', this module). Fields marked pcl: or td: belong to
+    that objective only; setting one under the other is an error."""
 
-    env: str = hparam("TextGenToy-v0", "registered env id (module:MyTask-v0 imports module first)")
-    num_envs: int = hparam(16, "parallel envs (episodes collected per update)")
-    total_steps: int = hparam(4_000, "env steps (transitions) to train for")
-    max_new_tokens: int = hparam(4, "tokens per episode")
-    env_ref_logprob_coef: float = hparam(0.0, "beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
-    lr: float = hparam(1e-3, "Adam learning rate")
+    objective: str = hparam("pcl", "'pcl': d-step path consistency over whole fresh + replayed episodes (agents/pcl.py); "
+                                   "'td': one- or n-step TD learning over replayed transitions")
+    env: str = hparam("TextGen-v0", "registered env id (module:MyTask-v0 imports module first)")
+    num_envs: int = hparam(32, "parallel envs (episodes collected per update)")
+    total_steps: int = hparam(32_768, "env steps (generated tokens) to train for")
+    max_new_tokens: int = hparam(16, "tokens per episode")
+    lr: float = hparam(1e-4, "Adam learning rate")
     gamma: float = hparam(1.0, "discount")
-    n_step: int = hparam(1, "n-step returns")
-    buffer_size: int = hparam(20_000, "replay capacity (transitions)")
+    gradient_steps: int = hparam(2, "gradient steps after each batch of episodes")
     prioritized: bool = hparam(False, "prioritized replay (proportional, sum tree)")
     per_alpha: float = hparam(0.6, "priority exponent alpha")
     per_beta0: float = hparam(0.4, "initial importance-sampling exponent beta (annealed to 1)")
-    batch_size: int = hparam(64, "transitions per gradient step")
-    learning_starts: int = hparam(128, "transitions collected before learning")
-    gradient_steps: int = hparam(8, "gradient steps after each batch of episodes")
     target_update_every: int = hparam(100, "gradient steps between hard target updates (when tau = 1)")
     tau: float = hparam(1.0, "Polyak coefficient for the target network (1 = hard updates)")
-    double_dqn: bool = hparam(True, "double DQN targets")
-    soft_q: bool = hparam(False, "soft Bellman backup V = beta log sum exp(Q / beta)")
-    soft_q_beta: float = hparam(0.1, "temperature beta of the soft backup")
-    value_scale: float = hparam(10.0, "V = value_scale * Linear(h) in the log_policy form (the head's effective lr multiplier)")
-    q_form: str = hparam("log_policy", "'log_policy' (Q = V + beta log pi; beta = soft_q_beta with soft-Q, else 1) or 'logits' (Q = logits)")
-    exploration: str = hparam("epsilon", "'epsilon' (epsilon-greedy) or 'boltzmann' (softmax(Q / temperature))")
-    epsilon_start: float = hparam(1.0, "initial epsilon")
-    epsilon_end: float = hparam(0.05, "final epsilon")
-    epsilon_fraction: float = hparam(0.5, "fraction of training over which epsilon anneals")
-    temperature: float = hparam(0.0, "Boltzmann temperature; 0 = the Q-scale beta (soft_q_beta with soft-Q, else 1): the LM's own distribution at the start")
-    max_grad_norm: float = hparam(10.0, "clip the global gradient norm")
+    value_scale: float = hparam(10.0, "V = value_scale * Linear(h) (the head's effective lr multiplier)")
+    max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
+    # -- pcl ---------------------------------------------------------------------------------------
+    kl_coef: float = hparam(0.1, "pcl: beta of the KL to the reference inside the consistency (the soft-Q temperature)")
+    pcl_steps: int = hparam(0, "pcl: d of the d-step consistency (0 = to each episode's end)")
+    replay_episodes: int = hparam(1024, "pcl: replay capacity (whole episodes)")
+    replay_batch_size: int = hparam(32, "pcl: replayed episodes per gradient step, next to the num_envs fresh ones (0 = on-policy)")
+    # -- td ----------------------------------------------------------------------------------------
+    env_ref_logprob_coef: float = hparam(0.0, "td: beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
+    n_step: int = hparam(1, "td: n-step returns")
+    buffer_size: int = hparam(20_000, "td: replay capacity (transitions)")
+    batch_size: int = hparam(64, "td: transitions per gradient step")
+    learning_starts: int = hparam(128, "td: transitions collected before learning")
+    double_dqn: bool = hparam(True, "td: double DQN targets")
+    soft_q: bool = hparam(False, "td: soft Bellman backup V = beta log sum exp(Q / beta)")
+    soft_q_beta: float = hparam(0.1, "td: temperature beta of the soft backup")
+    q_form: str = hparam("log_policy", "td: 'log_policy' (Q = V + beta log pi; beta = soft_q_beta with soft-Q, else 1) or 'logits' (Q = logits)")
+    exploration: str = hparam("epsilon", "td: 'epsilon' (epsilon-greedy) or 'boltzmann' (softmax(Q / temperature))")
+    epsilon_start: float = hparam(1.0, "td: initial epsilon")
+    epsilon_end: float = hparam(0.05, "td: final epsilon")
+    epsilon_fraction: float = hparam(0.5, "td: fraction of training over which epsilon anneals")
+    temperature: float = hparam(0.0, "td: Boltzmann temperature; 0 = the Q-scale beta (soft_q_beta with soft-Q, else 1): the LM's own distribution at the start")
 
     def __post_init__(self):
         validate_fields(self)
         self.validate_task()
+        if self.objective not in ("pcl", "td"):
+            raise ValueError(f"unknown objective {self.objective!r}; expected 'pcl' or 'td'")
+        other = "td" if self.objective == "pcl" else "pcl"
+        for f in fields(self):
+            if f.metadata.get("help", "").startswith(f"{other}:") and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is an option of objective '{other}', not of "
+                                 f"'{self.objective}': drop it, or add --objective {other}")
+        if self.objective == "pcl" and self.replay_episodes < self.num_envs:
+            raise ValueError(f"replay_episodes ({self.replay_episodes}) must hold one batch of num_envs ({self.num_envs}) episodes")
         if self.q_form not in ("log_policy", "logits"):
             raise ValueError(f"unknown q_form {self.q_form!r}; expected 'log_policy' or 'logits'")
         if self.exploration not in ("epsilon", "boltzmann"):
             raise ValueError(f"unknown exploration {self.exploration!r}; expected 'epsilon' or 'boltzmann'")
         if not 0 < self.tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps", "soft_q_beta", "value_scale")
+        require_positive(self, "num_envs", "total_steps", "n_step", "batch_size", "buffer_size", "gradient_steps", "soft_q_beta",
+                         "value_scale", "replay_episodes")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = the Q-scale beta), got {self.temperature}")
         require_positive(self, "max_new_tokens", "target_update_every", "checkpoint_every", "sample_every", "keep_checkpoints")
-        require_non_negative(self, "env_ref_logprob_coef", "lr", "per_alpha", "learning_starts", "max_grad_norm")
+        require_non_negative(self, "kl_coef", "pcl_steps", "replay_batch_size", "env_ref_logprob_coef", "lr", "per_alpha",
+                             "learning_starts", "max_grad_norm")
         require_unit_interval(self, "gamma", "per_beta0", "epsilon_start", "epsilon_end", "epsilon_fraction")
 
     @property
@@ -142,7 +172,9 @@ def epsilon_at(step: int, total: int, cfg: DQNConfig) -> float:
 
 def train(cfg: DQNConfig) -> dict:
     """Run DQN as ``cfg`` says (the same run dir, resume, errors and summary as ``agents.ppo.train``);
-    the replay buffer is checkpointed with the run."""
+    the replay buffer is checkpointed with the run. ``objective`` 'pcl' runs ``agents.pcl.train``."""
+    if cfg.objective == "pcl":
+        return pcl.train(cfg)
     device = device_of(cfg)
     torch.manual_seed(cfg.seed)
     run = Run(cfg, "dqn", total_updates=max(1, cfg.total_steps // (cfg.num_envs * cfg.max_new_tokens)))

@@ -337,13 +337,15 @@ class EpisodeReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
         return i
 
-    def add_rollout(self, rollout) -> list[int]:
-        """Store every episode of an ``agents.rollout.Rollout`` (its env rewards and reference log-probs)."""
+    def add_rollout(self, rollout, ref_logprobs: torch.Tensor | None = None) -> list[int]:
+        """Store every episode of an ``agents.rollout.Rollout`` (its env rewards, and the reference
+        log-probs ``ref_logprobs`` (N, T), by default the env's own); returns their slots."""
         start = rollout.completion_start
         ids, attn = rollout.input_ids.cpu(), rollout.attention_mask.cpu()
         live = rollout.completion_mask.cpu()
         rewards = rollout.env_rewards.cpu()
-        refs = None if rollout.ref_logprobs is None or self.ref_logprobs is None else rollout.ref_logprobs.cpu()
+        refs = rollout.ref_logprobs if ref_logprobs is None else ref_logprobs
+        refs = None if refs is None or self.ref_logprobs is None else refs.detach().float().cpu()
         slots = []
         for row in range(ids.shape[0]):
             context = ids[row, :start][attn[row, :start].bool()].tolist()
@@ -359,7 +361,15 @@ class EpisodeReplayBuffer:
 
     def sample(self, batch_size: int, device="cpu") -> EpisodeBatch:
         """``batch_size`` episodes as one :class:`EpisodeBatch`, padded to the longest sampled context and completion."""
-        indices, is_weights = self.sample_indices(batch_size)
+        return self.batch(*self.sample_indices(batch_size), device=device)
+
+    def batch(self, indices: np.ndarray, is_weights: np.ndarray | None = None, device="cpu") -> EpisodeBatch:
+        """The episodes in slots ``indices`` (e.g. the ones just added, for an on-policy batch) as one
+        :class:`EpisodeBatch`; ``is_weights`` default to 1."""
+        indices = np.asarray(indices)
+        if len(indices) == 0 or indices.min() < 0 or indices.max() >= self.size:
+            raise IndexError(f"slots {indices.tolist()} are not all among the {self.size} stored episodes")
+        is_weights = np.ones(len(indices), dtype=np.float32) if is_weights is None else is_weights
         c = int(self.context_lengths[indices].max())
         t = int(self.completion_lengths[indices].max())
         context = self.contexts[indices, self.max_context - c :]

@@ -186,10 +186,10 @@ def test_dqn_log_policy_q_is_the_lm_and_its_soft_value_is_the_value_head(tiny_gp
     policy.valid_actions[policy.tokenizer.pad_token_id] = False
     ids = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    cfg = DQNConfig(soft_q=True, soft_q_beta=0.5, q_form="log_policy")
+    cfg = DQNConfig(objective="td", soft_q=True, soft_q_beta=0.5, q_form="log_policy")
     with torch.no_grad():
         q = q_values(policy, ids, mask, cfg)
-        logits = q_values(policy, ids, mask, DQNConfig(q_form="logits"))
+        logits = q_values(policy, ids, mask, DQNConfig(objective="td", q_form="logits"))
         # Boltzmann at beta is the LM; soft value beta*logsumexp(Q/beta) = V(s) = 0 for the zero-init head
         torch.testing.assert_close(torch.softmax(q / 0.5, -1), torch.softmax(logits, -1))
         torch.testing.assert_close(0.5 * torch.logsumexp(q / 0.5, -1), torch.zeros(2), atol=1e-5, rtol=0)
@@ -197,7 +197,7 @@ def test_dqn_log_policy_q_is_the_lm_and_its_soft_value_is_the_value_head(tiny_gp
         torch.testing.assert_close(0.5 * torch.logsumexp(q_values(policy, ids, mask, cfg) / 0.5, -1), torch.full((2,), 2.0))
     assert torch.isinf(q[:, policy.tokenizer.pad_token_id]).all(), "invalid tokens stay at -inf"
     with pytest.raises(ValueError, match="unknown q_form 'dueling'"):
-        DQNConfig(q_form="dueling")
+        DQNConfig(objective="td", q_form="dueling")
 
 
 def test_inverse_cdf_sampling_matches_the_probabilities_and_never_draws_masked_tokens():
@@ -262,6 +262,50 @@ def test_episode_replay_takes_a_rollout():
     assert buf.contexts[0, -2:].tolist() == [5, 6] and buf.context_lengths.tolist()[:2] == [2, 3]
     assert buf.completions[1, :1].tolist() == [7] and buf.completion_lengths.tolist()[:2] == [3, 1]
     assert buf.rewards[0].tolist() == [0.0, 0.0, 1.5] and buf.ref_logprobs[1].tolist() == [-4.0, 0.0, 0.0]
+    # another reference's log-probs instead of the env's; then the stored slots, in one on-policy batch
+    assert buf.add_rollout(rollout, ref_logprobs=torch.full((2, 3), -0.25)) == [2, 3]
+    assert buf.ref_logprobs[2].tolist() == [-0.25] * 3 and buf.ref_logprobs[3].tolist() == [-0.25, 0.0, 0.0]
+    batch = buf.batch(np.array([0, 1]))
+    torch.testing.assert_close(batch.input_ids[:, batch.completion_start:] * batch.completion_mask,
+                               rollout.input_ids[:, 3:] * rollout.completion_mask)
+    assert batch.is_weights.tolist() == [1.0, 1.0]
+    with pytest.raises(IndexError, match=r"slots \[4\] are not all among the 4 stored episodes"):
+        buf.batch(np.array([4]))
+
+
+def test_path_consistency_of_a_3_step_path_by_hand():
+    """C_t = -V(s_t) + gamma^d V'(s_{t+d}) + sum_{i<d} gamma^i (r_{t+i} - beta (log pi - log pi_ref)), V' = 0 past the end."""
+    from agents.pcl import consistency_loss, path_consistency
+
+    beta, gamma = 0.1, 0.9
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, 0.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -1.0], [-1.0, 0.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]])  # the RM pays on the last token
+    values = torch.tensor([[0.3, 0.6, 1.2], [0.4, 0.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[0.5, 0.7, 1.1], [0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    u0 = [0.0 - beta * (-1.0 + 1.5), 0.0 - beta * (-2.0 + 1.0), 2.0 - beta * (-0.5 + 1.0)]  # r - beta (log pi - log pi_ref)
+    u1 = -1.0 - beta * (-1.5 + 1.0)
+    by_hand = {
+        0: [[-0.3 + u0[0] + gamma * u0[1] + gamma**2 * u0[2], -0.6 + u0[1] + gamma * u0[2], -1.2 + u0[2]], [-0.4 + u1, 0, 0]],
+        1: [[-0.3 + u0[0] + gamma * 0.7, -0.6 + u0[1] + gamma * 1.1, -1.2 + u0[2]], [-0.4 + u1, 0, 0]],
+        2: [[-0.3 + u0[0] + gamma * u0[1] + gamma**2 * 1.1, -0.6 + u0[1] + gamma * u0[2], -1.2 + u0[2]], [-0.4 + u1, 0, 0]],
+    }
+    for d, expected in by_hand.items():
+        c = path_consistency(values, target, logprobs, ref, rewards, mask, beta, gamma, d)
+        torch.testing.assert_close(c, torch.tensor(expected), rtol=0, atol=1e-6)
+    c = path_consistency(values, target, logprobs, ref, rewards, mask, beta, gamma, 3)
+    torch.testing.assert_close(c, torch.tensor(by_hand[0]), rtol=0, atol=1e-6, msg="d >= T is d = 0, to the end")
+    # the gradient of sum_{b,t} w_b C^2 / 2 / n (d = T): dL/dV(s_t) = -w C_t / n and
+    # dL/dlog pi(a_i) = -beta sum_{t <= i} gamma^(i - t) w C_t / n: each token answers for every path through it
+    weights = torch.tensor([1.0, 0.5])
+    consistency_loss(c, mask, weights).backward()
+    w = weights[:, None] * mask
+    torch.testing.assert_close(values.grad, -w * c.detach() / 4)
+    wc = (w * c.detach()).tolist()
+    expected = [[-beta * sum(gamma ** (i - t) * row[t] for t in range(i + 1)) / 4 for i in range(3)] for row in wc]
+    torch.testing.assert_close(logprobs.grad, torch.tensor(expected) * mask)
+    torch.testing.assert_close(consistency_loss(c, mask, weights), (w * c.detach() ** 2).sum() / 2 / 4)
 
 
 def test_prioritized_episodes_are_sampled_by_priority_and_survive_a_checkpoint(tmp_path):

@@ -21,6 +21,7 @@ from pretrain.padding import position_ids_from_mask
 from rlhf.logprobs import completion_logprobs
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
+TD_TOY = dict(**TOY, objective="td", num_envs=16, lr=1e-3, gradient_steps=8, max_grad_norm=10.0)  # the TD objective's toy settings
 
 
 def metrics(out):
@@ -72,22 +73,59 @@ def test_reinforce_learns_the_toy_env(tmp_path):
 
 def test_dqn_with_prioritized_replay_reaches_the_optimal_policy(tmp_path):
     out = tmp_path / "dqn"
-    result = dqn.train(dqn.DQNConfig(**TOY, total_steps=2500, prioritized=True, n_step=2, out=str(out)))
+    result = dqn.train(dqn.DQNConfig(**TD_TOY, total_steps=2500, prioritized=True, n_step=2, out=str(out)))
     assert greedy_return(result["final"]) == 1.0
     last = metrics(out)[-1]
     assert last["replay/size"] == last["env_steps"] and last["explore/epsilon"] == pytest.approx(0.05)
 
 
+def steps_to_solve(out, threshold=0.9) -> float:
+    """Env steps until the training reward first averages >= threshold over 3 updates (inf if never)."""
+    rows = metrics(out)
+    for i in range(2, len(rows)):
+        if np.mean([r["reward/rm"] for r in rows[i - 2 : i + 1]]) >= threshold:
+            return rows[i]["env_steps"]
+    return float("inf")
+
+
+def test_path_consistency_reaches_the_toy_optimum_in_fewer_env_steps_than_single_step_dqn(tmp_path):
+    """The reward is paid on the last token only: one-step TD moves it back one token per update, the
+    whole-episode consistency reaches every token at once (issue 21)."""
+    dqn.train(dqn.DQNConfig(**TD_TOY, total_steps=4096, out=str(tmp_path / "td")))
+    same = {k: v for k, v in TD_TOY.items() if k != "objective"}  # same batch, lr, steps per update and clipping
+    result = dqn.train(dqn.DQNConfig(**same, kl_coef=0.05, total_steps=1024, out=str(tmp_path / "pcl")))
+    pcl_steps, td_steps = steps_to_solve(tmp_path / "pcl"), steps_to_solve(tmp_path / "td")
+    assert pcl_steps <= 768 and 2 * pcl_steps < td_steps < float("inf"), (pcl_steps, td_steps)  # 680 vs 1,858 steps
+    assert greedy_return(result["final"]) == 1.0
+    last = metrics(tmp_path / "pcl")[-1]
+    assert last["replay/size"] == 1024 // 4 and last["replay/on_policy_fraction"] == pytest.approx(16 / (16 + 32))
+
+
+def test_path_consistency_fine_tunes_any_causal_lm_dir(tmp_path, tiny_model_dir, tiny_rm_dir):
+    """`textgym train dqn` (PCL) on a GPT-2, Llama or Qwen2 dir with its reward model: the LM moves."""
+    out = tmp_path / "run"
+    assert main(["train", "dqn", "--model", str(tiny_model_dir), "--reward", str(tiny_rm_dir), "--num-envs", "4",
+                 "--max-new-tokens", "4", "--total-steps", "48", "--replay-batch-size", "4", "--lr", "1e-3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    rows = metrics(out)
+    assert len(rows) == 3 and rows[-1]["replay/size"] == 12 and rows[-1]["kl/ref"] != 0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 TAGS = {
     "ppo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "loss/value", "policy/clipfrac",
             "policy/approx_kl", "value/explained_variance", "lr", "perf/tokens_per_s"],
-    "dqn": ["reward/rm", "reward/gold", "value/td_error", "explore/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
+    "dqn": ["reward/rm", "reward/gold", "kl/ref", "loss/consistency", "consistency/abs_mean", "value/mean", "value/abs_max",
+            "replay/size", "replay/on_policy_fraction", "lr", "perf/tokens_per_s"],
+    "dqn_td": ["reward/rm", "reward/gold", "value/td_error", "explore/epsilon", "replay/size", "loss/value", "lr", "perf/tokens_per_s"],
     "grpo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/policy", "grpo/frac_zero_std_groups",
              "grpo/clip_ratio_low", "grpo/clip_ratio_high", "lr", "perf/tokens_per_s"],
     "trpo": ["reward/rm", "reward/gold", "kl/ref", "policy/entropy", "loss/value", "value/explained_variance", "trpo/kl",
              "trpo/cg_iters", "trpo/line_search_steps", "trpo/step_accepted", "perf/tokens_per_s"],
 }
-MODULES = {"ppo": ppo, "dqn": dqn, "grpo": grpo, "trpo": trpo}
+MODULES = {"ppo": ppo, "dqn": dqn, "dqn_td": dqn, "grpo": grpo, "trpo": trpo}
 
 
 def small_config(algo, out, **kw):
@@ -99,11 +137,13 @@ def small_config(algo, out, **kw):
     if algo == "ppo":
         return ppo.PPOConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, lr=1e-3, num_minibatches=2,
                              checkpoint_every=3, sample_every=2, out=str(out), **kw)
-    return dqn.DQNConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, learning_starts=32, gradient_steps=2,
+    if algo == "dqn":  # path consistency, prioritized episode replay
+        return dqn.DQNConfig(**common, lr=1e-3, replay_batch_size=8, prioritized=True)
+    return dqn.DQNConfig(**TOY, objective="td", num_envs=8, total_steps=8 * 4 * 6, learning_starts=32, gradient_steps=2,
                          prioritized=True, checkpoint_every=3, sample_every=2, out=str(out), **kw)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dqn", "grpo", "trpo"])
+@pytest.mark.parametrize("algo", ["ppo", "dqn", "dqn_td", "grpo", "trpo"])
 def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch, algo):
     module = MODULES[algo]
     module.train(small_config(algo, tmp_path / "straight"))
@@ -141,7 +181,7 @@ def test_incompatible_resume_is_refused_and_nothing_is_overwritten(tmp_path):
     with pytest.raises(ValueError, match="it holds a 'train dqn' run, not 'train ppo'"):
         ppo.train(small_config("ppo", "", resume=str(out)))
     with pytest.raises(ValueError, match=r"differ from the checkpoint .*\(num_envs: checkpoint 8, this run 16; prioritized: checkpoint True"):
-        dqn.train(dqn.DQNConfig(**TOY, num_envs=16, total_steps=512, resume=str(out)))
+        dqn.train(dqn.DQNConfig(**TOY, num_envs=16, total_steps=512, lr=1e-3, replay_batch_size=8, resume=str(out)))
     with pytest.raises(ValueError, match="continues that run in its own dir, but --out is"):
         dqn.train(small_config("dqn", tmp_path / "elsewhere", resume=str(out)))
     with pytest.raises(FileExistsError, match="already holds a 'train dqn' run; continue it with --resume"):
@@ -269,7 +309,7 @@ def test_policy_networks_are_deterministic_for_a_dropout_model(tiny_dropout_dir)
     torch.testing.assert_close(values, values_again, rtol=0, atol=0)
     ref = teacher_forced(policy.reference(), ids, attn, 2, policy.valid_actions)
     torch.testing.assert_close(ref, first.detach(), rtol=0, atol=1e-6)
-    cfg = dqn.DQNConfig(q_form="log_policy")
+    cfg = dqn.DQNConfig(objective="td", q_form="log_policy")
     target = dqn.q_values(copy.deepcopy(policy).eval(), ids, attn, cfg)
     torch.testing.assert_close(dqn.q_values(policy, ids, attn, cfg), target, rtol=0, atol=1e-6)
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from agents import dqn, ppo, reinforce
+from agents import dqn, pcl, ppo, reinforce
 from agents.policy import LMPolicy, sample_categorical
 from pretrain.optim import NonFiniteError, check_finite, optimizer_step
 from rlhf import dpo, reward_training, sft
@@ -86,9 +86,17 @@ def test_a_non_finite_policy_stops_the_next_rollout_and_says_there_is_no_checkpo
 
 def test_dqn_stops_at_non_finite_q_values(tmp_path, monkeypatch):
     blow_up_at(dqn, monkeypatch, step=1)
-    cfg = dqn.DQNConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, learning_starts=8, gradient_steps=1, checkpoint_every=10,
+    cfg = dqn.DQNConfig(**TOY, objective="td", num_envs=8, total_steps=8 * 4 * 6, learning_starts=8, gradient_steps=1, checkpoint_every=10,
                         exploration="boltzmann", out=str(tmp_path / "dqn"))
     with pytest.raises(NonFiniteError, match=r"the Q-values of the valid actions became non-finite .* in update 2"):
+        dqn.train(cfg)
+
+
+def test_path_consistency_stops_at_a_non_finite_policy(tmp_path, monkeypatch):
+    blow_up_at(pcl, monkeypatch, step=1)  # the second gradient step of update 1 reads the blown-up weights
+    cfg = dqn.DQNConfig(**TOY, num_envs=8, total_steps=8 * 4 * 6, lr=1e-3, replay_batch_size=8, checkpoint_every=10,
+                        out=str(tmp_path / "pcl"))
+    with pytest.raises(NonFiniteError, match=r"the path consistency became non-finite .* in update 1; stopping"):
         dqn.train(cfg)
 
 
