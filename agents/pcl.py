@@ -43,6 +43,7 @@ the LM); its target V' is the Polyak average of that head (``tau``), read on the
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,15 +104,15 @@ def critic_values(head: torch.nn.Module, features: torch.Tensor, mask: torch.Ten
 def train(cfg: DQNConfig) -> dict:
     """Run PCL as ``cfg`` says (``cfg.objective == "pcl"``; the same run dir, resume, errors and summary
     as ``agents.ppo.train``); the episode replay buffer and the target critic are checkpointed with the run."""
-    dist, run, env, policy, reference = start_policy_run(cfg, "dqn", value_head=True)  # reference None: the env's ref_logprobs
-    if dist.world_size > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train dqn runs in one process (its replay buffer is per process); launch it without torchrun")
+    dist, run, env, policy, reference = start_policy_run(cfg, "dqn", value_head=True)  # reference None: the env's ref_logprobs
     device = dist.device
     head = policy.value_head
     target_head = copy.deepcopy(head).requires_grad_(False)  # V', the Polyak-averaged critic
     params = policy.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
-    context_length = env.single_observation_space["input_ids"].shape[0]
+    context_length = env.single_observation_space["input_ids"].shape[0] - env.max_new_tokens  # the observation: context + completion
     buffer_cls = PrioritizedEpisodeReplayBuffer if cfg.prioritized else EpisodeReplayBuffer
     kwargs = dict(alpha=cfg.per_alpha, beta=cfg.per_beta0) if cfg.prioritized else {}
     buffer = buffer_cls(cfg.replay_episodes, context_length, cfg.max_new_tokens, ref_logprobs=True, seed=cfg.seed,
@@ -120,7 +121,8 @@ def train(cfg: DQNConfig) -> dict:
     if cfg.resume:
         state = run.restore(optimizer, env)
         buffer.load(run.resume_from)
-        target_head.load_state_dict({k[len("target_head."):]: v for k, v in state["tensors"].items()})
+        prefix = "target_head."
+        target_head.load_state_dict({k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)})
         grad_steps = state["grad_steps"]
 
     with run:

@@ -30,6 +30,10 @@ hang loses nothing else; the JSON is rewritten after every part. Parts, in the o
   --dtype bfloat16`` (TRPO's double backprop through the adapter under autocast): wall time, the
   last update's metrics.
 
+* ``g_pcl``: ``textgym train dqn`` (path consistency, its defaults) and ``textgym train reinforce``,
+  ``--total-steps 16384`` each, then one ``textgym eval`` of both: wall times, the last update's
+  metrics, held-out gold / RM / KL.
+
 ``--parts f_grpo_trpo a_main_job`` runs only those parts (default: all).
 
 bitsandbytes: its stock wheel (0.50.2, manylinux_2_24, 41 MiB) does not fit the 64 MiB that
@@ -296,8 +300,45 @@ def part_grpo_trpo(args, tmp: Path):
     return fn
 
 
+def part_pcl(args, tmp: Path):
+    def fn(timeout):
+        deadline = time.perf_counter() + timeout
+        entry = {}
+        steps = ["--total-steps", "64", "--num-envs", "8", "--max-new-tokens", "8"] if args.quick else ["--total-steps", "16384"]
+        for algo in ("dqn", "reinforce"):
+            left = deadline - time.perf_counter()
+            if left < MIN_PART_S:
+                entry[algo] = {"skipped": "out of time"}
+                continue
+            try:
+                out = tmp / f"{algo}-pcl-part"
+                proc, wall = run([sys.executable, "-m", "agents.cli", "train", algo, "--device", args.device, "--out", str(out),
+                                  "--overwrite", *steps], left * (0.6 if algo == "dqn" else 0.7))
+                checked(proc)
+                last = last_metrics(out)
+                entry[algo] = {"wall_s": round(wall, 1), **{k: v for k, v in last.items() if not k.startswith("reward/terms")}}
+            except Exception as err:  # noqa: BLE001
+                entry[algo] = {"error": f"{type(err).__name__}: {err}"[-1500:]}
+        runs = [str(tmp / f"{algo}-pcl-part") for algo in ("dqn", "reinforce") if "wall_s" in entry.get(algo, {})]
+        left = deadline - time.perf_counter()
+        if runs and left > MIN_PART_S:
+            try:
+                episodes = ["--episodes", "16", "--num-envs", "8", "--max-new-tokens", "8"] if args.quick else []
+                proc, wall = run([sys.executable, "-m", "agents.cli", "eval", "--device", args.device, "--runs", *runs,
+                                  "--out", str(tmp / "pcl-eval"), "--overwrite", *episodes], left)
+                checked(proc)
+                points = json.loads((tmp / "pcl-eval" / "eval.json").read_text())
+                entry["eval"] = {"wall_s": round(wall, 1), **{name: [{k: p.get(k) for k in ("label", "gold", "rm", "kl_ref")} for p in pts]
+                                                             for name, pts in points.items() if isinstance(pts, list)}}
+            except Exception as err:  # noqa: BLE001
+                entry["eval"] = {"error": f"{type(err).__name__}: {err}"[-1500:]}
+        return entry
+    return fn
+
+
 PARTS = {"b_adapters": (part_adapters, 180), "e_gpu_tests": (part_gpu_tests, 90), "a_main_job": (part_main_job, 120),
-         "c_dpo": (part_dpo, 90), "d_benchmarks": (part_benchmarks, 150), "f_grpo_trpo": (part_grpo_trpo, 360)}
+         "c_dpo": (part_dpo, 90), "d_benchmarks": (part_benchmarks, 150), "f_grpo_trpo": (part_grpo_trpo, 360),
+         "g_pcl": (part_pcl, 300)}
 
 
 def main():

@@ -21,11 +21,15 @@ same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed 
   ``grpo_mu1`` and ``trl_grpo_mu1``: the same with TRL's defaults of one pass and one optimizer step
   per batch (on-policy: neither scores pi_old in a pass of its own);
 * ``trpo``: our TRPO (``agents.trpo``, its defaults), next to our PPO;
+* ``pcl``: our DQN as soft Q-learning by path consistency (``textgym train dqn``'s default: fresh +
+  replayed whole episodes, 2 gradient steps per batch), next to REINFORCE-RLOO and to ``dqn_td``,
+  the transition-level soft-Q DQN (``--objective td``, the settings of the README's TD row);
 * ``sb3_ppo`` (unless ``--no-sb3``): Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy``
   on the same env and budget, plus SB3's acting throughput with and without the policy's KV cache;
 
 and the ratios of ours to each. Gold gain per minute = the mean training-episode gold score of the
-last quarter of updates minus the first quarter's, divided by the run's wall time.
+last quarter of updates minus the first quarter's, divided by the run's wall time; our agents also
+report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.logger import configure
 
-from agents import grpo, ppo, reinforce, trpo
+from agents import dqn, grpo, ppo, reinforce, trpo
 from agents.sb3 import TextGenCallback, make_sb3_agent, make_sb3_vec_env
 from pretrain import load_lm
 from pretrain.corpus import load_prompts
@@ -253,8 +257,9 @@ def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, seed: int 
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     steps = [0] + [r["env_steps"] for r in rows]
     seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(steps, steps[1:], rows))
-    return {"updates_per_s": len(rows) / seconds, "tokens_per_s": steps[-1] / seconds,
-            "gold_gain_per_min": gold_gain([r["reward/gold"] for r in rows]) / (seconds / 60)}
+    gain = gold_gain([r["reward/gold"] for r in rows])
+    return {"updates_per_s": len(rows) / seconds, "tokens_per_s": steps[-1] / seconds, "gold_gain_per_min": gain / (seconds / 60),
+            "gold_gain_per_1k_tokens": gain / (steps[-1] / 1000), "final_kl": rows[-1].get("kl/ref")}
 
 
 def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05, seed: int = 0) -> dict:
@@ -290,8 +295,10 @@ def sb3_acting(batch, max_new_tokens, device, steps=128) -> dict:
     return {"acting_tokens_per_s": result, "cache_speedup": round(result["cached"] / result["uncached"], 3)}
 
 
+DQN_TD_SETTINGS = dict(objective="td", exploration="boltzmann", soft_q=True, soft_q_beta=0.1, env_ref_logprob_coef=0.1,
+                       gradient_steps=16, learning_starts=512, max_grad_norm=10.0)
 METHODS = ("naive_reinforce", "naive_ppo", "ppo", "reinforce_rloo", "trl_rloo", "grpo", "trl_grpo", "grpo_mu1", "trl_grpo_mu1", "trpo",
-           "sb3_ppo")
+           "pcl", "dqn_td", "sb3_ppo")
 
 
 def main():
@@ -322,6 +329,8 @@ def main():
         "grpo_mu1": lambda: ours(grpo, grpo.GRPOConfig, *common, seed=args.seed, **GRPO_MU1),
         "trl_grpo_mu1": lambda: trl_grpo(*common, seed=args.seed, num_iterations=1, minibatches=1),
         "trpo": lambda: ours(trpo, trpo.TRPOConfig, *common, seed=args.seed),
+        "pcl": lambda: ours(dqn, dqn.DQNConfig, *common, seed=args.seed),
+        "dqn_td": lambda: ours(dqn, dqn.DQNConfig, *common, seed=args.seed, **DQN_TD_SETTINGS),
         "sb3_ppo": lambda: sb3_ppo(*common, seed=args.seed),
     }
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -332,10 +341,10 @@ def main():
         result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
     for ours_name, theirs in (("reinforce_rloo", "trl_rloo"), ("grpo", "trl_grpo"), ("grpo_mu1", "trl_grpo_mu1"), ("ppo", "naive_ppo"), ("ppo", "sb3_ppo"),
                               ("trpo", "ppo"), ("ppo", "naive_reinforce"), ("reinforce_rloo", "naive_reinforce"),
-                              ("sb3_ppo", "naive_reinforce")):
+                              ("sb3_ppo", "naive_reinforce"), ("pcl", "reinforce_rloo"), ("pcl", "dqn_td")):
         if ours_name in result and theirs in result:
-            for metric in ("tokens_per_s", "gold_gain_per_min"):
-                if result[theirs][metric] > 0:
+            for metric in ("tokens_per_s", "gold_gain_per_min", "gold_gain_per_1k_tokens"):
+                if result[theirs].get(metric, 0) > 0 and metric in result[ours_name]:
                     result[f"{ours_name}_{metric}_ratio_vs_{theirs}"] = round(result[ours_name][metric] / result[theirs][metric], 3)
     print(json.dumps(result))
 
