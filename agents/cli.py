@@ -192,7 +192,8 @@ def resumed_config(config_cls: type, cfg, given: set[str], prog: str):
 
     run = RunDir(cfg.resume, prog.removeprefix("textgym "), resume=True)
     names = {f.name for f in fields(config_cls)}
-    saved = {k: v for k, v in run.saved_config().items() if k in names and k not in ("out", "overwrite", "resume")}
+    saved = {**getattr(config_cls, "OLDER_RUNS", {}), **run.saved_config()}  # a field newer than the run: its value then
+    saved = {k: v for k, v in saved.items() if k in names and k not in ("out", "overwrite", "resume")}
     return config_cls(**{**saved, **{k: getattr(cfg, k) for k in given if k in names}, "resume": cfg.resume})
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -78,8 +79,6 @@ class DQNConfig(TaskConfig, RunOptions):
     prioritized: bool = hparam(False, "prioritized replay (proportional, sum tree)")
     per_alpha: float = hparam(0.6, "priority exponent alpha")
     per_beta0: float = hparam(0.4, "initial importance-sampling exponent beta (annealed to 1)")
-    target_update_every: int = hparam(100, "gradient steps between hard target updates (when tau = 1)")
-    tau: float = hparam(1.0, "Polyak coefficient for the target network (1 = hard updates)")
     value_scale: float = hparam(10.0, "V = value_scale * Linear(h) (the head's effective lr multiplier)")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm")
     # -- pcl ---------------------------------------------------------------------------------------
@@ -87,12 +86,15 @@ class DQNConfig(TaskConfig, RunOptions):
     pcl_steps: int = hparam(0, "pcl: d of the d-step consistency (0 = to each episode's end)")
     replay_episodes: int = hparam(1024, "pcl: replay capacity (whole episodes)")
     replay_batch_size: int = hparam(32, "pcl: replayed episodes per gradient step, next to the num_envs fresh ones (0 = on-policy)")
+    critic_tau: float = hparam(0.05, "pcl: Polyak coefficient of the target critic V' per gradient step (read only when pcl_steps > 0)")
     # -- td ----------------------------------------------------------------------------------------
     env_ref_logprob_coef: float = hparam(0.0, "td: beta of the env's beta*log pi_ref shaping (pair with soft-Q at the same beta)")
     n_step: int = hparam(1, "td: n-step returns")
     buffer_size: int = hparam(20_000, "td: replay capacity (transitions)")
     batch_size: int = hparam(64, "td: transitions per gradient step")
     learning_starts: int = hparam(128, "td: transitions collected before learning")
+    target_update_every: int = hparam(100, "td: gradient steps between hard target updates (when tau = 1)")
+    tau: float = hparam(1.0, "td: Polyak coefficient for the target network (1 = hard updates)")
     double_dqn: bool = hparam(True, "td: double DQN targets")
     soft_q: bool = hparam(False, "td: soft Bellman backup V = beta log sum exp(Q / beta)")
     soft_q_beta: float = hparam(0.1, "td: temperature beta of the soft backup")
@@ -102,6 +104,9 @@ class DQNConfig(TaskConfig, RunOptions):
     epsilon_end: float = hparam(0.05, "td: final epsilon")
     epsilon_fraction: float = hparam(0.5, "td: fraction of training over which epsilon anneals")
     temperature: float = hparam(0.0, "td: Boltzmann temperature; 0 = the Q-scale beta (soft_q_beta with soft-Q, else 1): the LM's own distribution at the start")
+
+    # What a run saved before a field existed ran with: resuming it fills the field in (and checks it).
+    OLDER_RUNS: ClassVar[dict] = {"objective": "td"}
 
     def __post_init__(self):
         validate_fields(self)
@@ -113,8 +118,11 @@ class DQNConfig(TaskConfig, RunOptions):
             if f.metadata.get("help", "").startswith(f"{other}:") and getattr(self, f.name) != f.default:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r} is an option of objective '{other}', not of "
                                  f"'{self.objective}': drop it, or add --objective {other}")
-        if self.objective == "pcl" and self.replay_episodes < self.num_envs:
-            raise ValueError(f"replay_episodes ({self.replay_episodes}) must hold one batch of num_envs ({self.num_envs}) episodes")
+        if self.objective == "pcl" and self.replay_episodes <= self.num_envs * (self.replay_batch_size > 0):
+            raise ValueError(f"replay_episodes ({self.replay_episodes}) must hold more than one batch of num_envs ({self.num_envs}) "
+                             "episodes, or there is nothing to replay (replay_batch_size 0: on-policy only)")
+        if not 0 < self.critic_tau <= 1:
+            raise ValueError(f"critic_tau must be in (0, 1], got {self.critic_tau}")
         if self.q_form not in ("log_policy", "logits"):
             raise ValueError(f"unknown q_form {self.q_form!r}; expected 'log_policy' or 'logits'")
         if self.exploration not in ("epsilon", "boltzmann"):

@@ -37,7 +37,8 @@ The KL to the reference lives *inside* the consistency (beta = ``kl_coef``, the 
 ``env_ref_logprob_coef`` stays 0), with pi_ref's log-probs stored with each episode, so the replay
 holds everything C needs but the current pi and V. The critic is the value head on the policy's
 detached last hidden states, scaled by ``value_scale`` (so only the consistency's log pi terms move
-the LM); its target V' is the Polyak average of that head (``tau``), read on the current features.
+the LM); its target V' is the Polyak average of that head (``critic_tau`` per gradient step), read on
+the current features; only d > 0 reads it.
 """
 
 from __future__ import annotations
@@ -159,12 +160,9 @@ def train(cfg: DQNConfig) -> dict:
                 grad_steps += 1
                 if cfg.prioritized:  # an episode's priority: its largest |C_t|
                     buffer.update_priorities(indices, consistency.detach().abs().amax(1).cpu().numpy())
-                with torch.no_grad():  # Polyak: theta' <- (1 - tau) theta' + tau theta (tau = 1: a copy every target_update_every)
-                    if cfg.tau < 1:
-                        for p_target, p in zip(target_head.parameters(), head.parameters()):
-                            p_target.lerp_(p, cfg.tau)
-                    elif grad_steps % cfg.target_update_every == 0:
-                        target_head.load_state_dict(head.state_dict())
+                with torch.no_grad():  # Polyak: theta' <- (1 - tau) theta' + tau theta
+                    for p_target, p in zip(target_head.parameters(), head.parameters()):
+                        p_target.lerp_(p, cfg.critic_tau)
                 log.setdefault("loss/consistency", []).append(float(loss.detach()))
                 log.setdefault("consistency/abs_mean", []).append(float((consistency.detach().abs() * mask).sum() / mask.sum()))
                 if step == 0:  # the fresh episodes under the policy that sampled them

@@ -186,7 +186,8 @@ class Run:
         self._stop = False
         self.resume_from = self.dir.latest_checkpoint() if cfg.resume else None
         if self.resume_from is not None:
-            check_same_config(asdict(cfg), self.dir.saved_config(self.resume_from), self.resume_from)
+            saved = {**getattr(cfg, "OLDER_RUNS", {}), **self.dir.saved_config(self.resume_from)}  # fields newer than the run
+            check_same_config(asdict(cfg), saved, self.resume_from)
 
     # -- resume -----------------------------------------------------------------------------------
     def resume_model_dir(self) -> Path | None:

@@ -200,6 +200,20 @@ def test_dqn_log_policy_q_is_the_lm_and_its_soft_value_is_the_value_head(tiny_gp
         DQNConfig(objective="td", q_form="dueling")
 
 
+def test_dqn_settings_of_the_other_objective_or_without_room_to_replay_are_errors():
+    from agents.dqn import DQNConfig
+
+    with pytest.raises(ValueError, match="n_step=3 is an option of objective 'td', not of 'pcl': drop it, or add --objective td"):
+        DQNConfig(n_step=3)
+    with pytest.raises(ValueError, match="kl_coef=0.3 is an option of objective 'pcl', not of 'td'"):
+        DQNConfig(objective="td", kl_coef=0.3)
+    with pytest.raises(ValueError, match=r"replay_episodes \(32\) must hold more than one batch of num_envs \(32\)"):
+        DQNConfig(replay_episodes=32)
+    assert DQNConfig(replay_episodes=32, replay_batch_size=0).replay_episodes == 32  # on-policy only: one batch is enough
+    with pytest.raises(ValueError, match="critic_tau must be in"):
+        DQNConfig(critic_tau=0.0)
+
+
 def test_inverse_cdf_sampling_matches_the_probabilities_and_never_draws_masked_tokens():
     from agents.policy import sample_categorical
 

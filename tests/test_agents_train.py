@@ -18,6 +18,7 @@ from agents.policy import LMPolicy
 from agents.run import NonFiniteError, Run
 from envs.toy import TextGenToyEnv
 from pretrain.padding import position_ids_from_mask
+from pretrain.run_dir import sha256_file
 from rlhf.logprobs import completion_logprobs
 
 TOY = dict(env="TextGenToy-v0", max_new_tokens=4, device="cpu")
@@ -172,6 +173,25 @@ def test_resume_reproduces_the_uninterrupted_metric_stream(tmp_path, monkeypatch
     ea.Reload()
     assert set(TAGS[algo]) <= set(ea.Tags()["scalars"])
     assert "samples" in " ".join(ea.Tags()["tensors"])
+
+
+def test_a_dqn_run_saved_before_objectives_existed_resumes_as_td(tmp_path, capsys):
+    out = tmp_path / "old"
+    dqn.train(small_config("dqn_td", out))
+    for state in [out / "run.json", *out.glob("checkpoint-*/training_state.json")]:  # as the code before issue 21 saved them
+        data = json.loads(state.read_text())
+        config = data["state"]["config"] if "state" in data else data["config"]
+        del config["objective"]
+        state.write_text(json.dumps(data))
+        manifest = state.parent / "manifest.json"
+        if state.name != "run.json":  # the checkpoint's checksum of the rewritten file
+            listed = json.loads(manifest.read_text())
+            listed["files"][state.name] = sha256_file(state)
+            manifest.write_text(json.dumps(listed))
+    with pytest.raises(ValueError, match=r"objective: checkpoint 'td', this run 'pcl'"):
+        dqn.train(dqn.DQNConfig(**TOY, num_envs=8, resume=str(out)))
+    assert main(["train", "dqn", "--resume", str(out), "--total-steps", str(8 * 4 * 9)]) == 0
+    assert metrics(out)[-1]["update"] == 9 and "value/td_error" in metrics(out)[-1]
 
 
 def test_incompatible_resume_is_refused_and_nothing_is_overwritten(tmp_path):
