@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -73,7 +73,13 @@ def test_a_killed_two_process_lora_run_resumes_to_the_uninterrupted_metrics(tmp_
     while not (out / "checkpoint-2" / "manifest.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # every process of the run, at once, mid-update
+    # Every process of the run, at once, mid-update. torchrun starts each worker in a session of its own,
+    # so killing the launcher's process group would leave the workers to finish the run unkilled.
+    launcher = psutil.Process(proc.pid)
+    processes = [*launcher.children(recursive=True), launcher]
+    for p in processes:
+        p.kill()
+    psutil.wait_procs(processes, timeout=30)
     proc.wait()
     assert not (out / "final").exists()
     run([*LAUNCH, "-m", "agents.cli", "train", "ppo", "--resume", str(out)])
