@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,9 +54,6 @@ from agents.replay import EpisodeReplayBuffer, PrioritizedEpisodeReplayBuffer
 from agents.rollout import collect_rollout
 from agents.run import check_finite, optimizer_step, reward_metrics, start_policy_run
 from rlhf.logprobs import gather_logprobs
-
-if TYPE_CHECKING:
-    from agents.dqn import DQNConfig
 
 
 def window_matrix(horizon: int, steps: int, gamma: float, device=None) -> torch.Tensor:
@@ -102,9 +98,10 @@ def critic_values(head: torch.nn.Module, features: torch.Tensor, mask: torch.Ten
     return scale * head(features).squeeze(-1) * mask
 
 
-def train(cfg: DQNConfig) -> dict:
-    """Run PCL as ``cfg`` says (``cfg.objective == "pcl"``; the same run dir, resume, errors and summary
-    as ``agents.ppo.train``); the episode replay buffer and the target critic are checkpointed with the run."""
+def train(cfg) -> dict:
+    """Run PCL as ``cfg`` (an ``agents.dqn.DQNConfig`` with ``objective == "pcl"``; ``agents.dqn.train``
+    calls this) says, with the same run dir, resume, errors and summary as ``agents.ppo.train``; the
+    episode replay buffer and the target critic are checkpointed with the run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("train dqn runs in one process (its replay buffer is per process); launch it without torchrun")
     dist, run, env, policy, reference = start_policy_run(cfg, "dqn", value_head=True)  # reference None: the env's ref_logprobs
