@@ -5,7 +5,9 @@ import math
 import re
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import ACT2FN
 
 from pretrain import corpus, default_model_dir, load_lm
 from pretrain.model import sha256_file
@@ -31,6 +33,32 @@ def test_weights_match_manifest_and_fit_the_budget():
     assert MANIFEST["dtype"] == "float16" and MANIFEST["seed"] == 0
     for key in ("test_ppl_token", "test_ppl_word", "tokens_seen", "steps", "device", "command", "data"):
         assert key in MANIFEST
+
+
+def test_the_shipped_activation_is_gpt2s_tanh_gelu_in_one_kernel():
+    """The shipped LM and RM run gelu_pytorch_tanh: the same function as the gelu_new they were trained
+    with (GPT-2's tanh approximation), one kernel instead of five; their outputs agree to float tolerance."""
+    from transformers import AutoConfig
+
+    from rlhf.reward_model import RewardModel, default_reward_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    texts = [p.text for p in corpus.load_prompts("test")[:32]]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    logits = {}
+    for act in ("gelu_pytorch_tanh", "gelu_new"):
+        config = AutoConfig.from_pretrained(default_model_dir(), activation_function=act)
+        model = AutoModelForCausalLM.from_pretrained(default_model_dir(), config=config, dtype=torch.float32)
+        assert model.config.activation_function == act
+        logits[act] = model(**batch).logits.detach()
+    torch.testing.assert_close(logits["gelu_pytorch_tanh"], logits["gelu_new"], rtol=0, atol=1e-4)
+    rm = RewardModel.load(default_reward_model_dir())
+    assert rm.model.config.activation_function == "gelu_pytorch_tanh"
+    scores = torch.tensor(rm.score(texts, ["and it was"] * len(texts)))
+    rm.model.config.activation_function = "gelu_new"
+    for block in rm.model.transformer.h:
+        block.mlp.act = ACT2FN["gelu_new"]
+    torch.testing.assert_close(torch.tensor(rm.score(texts, ["and it was"] * len(texts))), scores, rtol=0, atol=1e-4)
 
 
 def test_default_beats_the_reference_perplexity():
