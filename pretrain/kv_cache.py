@@ -12,6 +12,9 @@ vector env auto-resets each sub-env on its own). Each row is left-padded inside 
   step costs O(context) attention, never a re-encoding of the context.
 * Columns that are padding in every row are trimmed from the left, so the cache never grows past
   the longest live context.
+* Each layer's keys and values live in a buffer with room for ``APPEND_ROOM`` more tokens: a step
+  writes its token's keys and values in place (``_AppendLayer``) where ``DynamicCache`` would copy
+  the whole cache into a new tensor per layer and token (measured: 17% of a batch-256 rollout).
 
 Positions come from the mask (a row's first real token has position 0), so every row sees exactly
 the logits it would see alone and unpadded. Works for any HF causal LM with a ``DynamicCache``
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from pretrain.padding import CALL_COST_TOKENS, left_pad, length_buckets, position_ids_from_mask
 
@@ -51,6 +55,28 @@ def _returned_cache(output) -> DynamicCache:
     return cache if cache is not None else output.past_key_values
 
 
+APPEND_ROOM = 32  # tokens a layer's buffer holds beyond the live cache before it is reallocated
+
+
+class _AppendLayer(DynamicLayer):
+    """A ``DynamicLayer`` over columns [start, end) of preallocated (B, H, capacity, D) buffers: ``update``
+    writes the new keys/values at ``end`` in place and returns views, instead of concatenating."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, end: int):
+        super().__init__()
+        self.k_buffer, self.v_buffer, self.start, self.end = keys, values, start, end
+        self.keys, self.values = keys[:, :, start:end], values[:, :, start:end]
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        self.k_buffer[:, :, self.end : self.end + n] = key_states  # CachedLM.step made the room
+        self.v_buffer[:, :, self.end : self.end + n] = value_states
+        self.end += n
+        self.keys, self.values = self.k_buffer[:, :, self.start : self.end], self.v_buffer[:, :, self.start : self.end]
+        return self.keys, self.values
+
+
 class CachedLM:
     """Batched incremental decoding with per-row resets. All tensors live on the model's device."""
 
@@ -69,15 +95,17 @@ class CachedLM:
         # A prompt-tuned model (pretrain.adapters.AdaptedLM) puts n soft-prompt columns before every
         # prefilled context: they stay in the cache, with mask 1, ahead of the prompt's tokens.
         self.n_virtual = int(getattr(model, "num_virtual_tokens", 0))
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (B, H, S, D): views of the buffers
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (B, H, capacity, D)
+        self._end = 0  # the live cache is columns [_end - S, _end) of the buffers
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, S)
         self.next_logits = torch.zeros(batch_size, 0, device=self.device)  # (B, V): logits of the next token
         self.next_hidden: torch.Tensor | None = None  # (B, hidden), with keep_hidden
 
     @torch.no_grad()
-    def _forward(self, input_ids, attention_mask, position_ids, kv=None):
+    def _forward(self, input_ids, attention_mask, position_ids, cache: DynamicCache | None = None):
         """(next-token logits, last hidden state or None, per-layer keys/values) of the newest position."""
-        kwargs = {self._cache_arg: DynamicCache(ddp_cache_data=kv)} if kv is not None else {}
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
             output_hidden_states=self.keep_hidden, **self._last_only, **kwargs
@@ -135,7 +163,7 @@ class CachedLM:
         self._left_pad_to(width)
         new_dtype = parts[0][3][0][0].dtype
         if self.kv[0][0].dtype != new_dtype:  # filled outside an autocast region, now inside one (or back)
-            self.kv = [(k.to(new_dtype), v.to(new_dtype)) for k, v in self.kv]
+            self._adopt([(k.to(new_dtype), v.to(new_dtype)) for k, v in self.kv])
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
         for k, v in self.kv:
@@ -162,22 +190,40 @@ class CachedLM:
         tokens = tokens.to(self.device).long().view(self.batch_size, 1)
         positions = self.mask.sum(1, keepdim=True)  # the new token's position in each row
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        self.next_logits, self.next_hidden, self.kv = self._forward(tokens, self.mask, positions, self.kv)
+        if not self._buffers or self._end == self._buffers[0][0].shape[2]:  # no room for this token's keys
+            self._adopt(self.kv)
+        seq = self.kv[0][0].shape[2]
+        cache = DynamicCache()
+        cache.layers = [_AppendLayer(k, v, self._end - seq, self._end) for k, v in self._buffers]
+        self.next_logits, self.next_hidden, self.kv = self._forward(tokens, self.mask, positions, cache)
+        self._end += 1
         return self.next_logits
+
+    def _adopt(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy the live cache ``kv`` to the front of new buffers with ``APPEND_ROOM`` free columns after it."""
+        seq = kv[0][0].shape[2]
+        self._buffers = []
+        for k, v in kv:
+            shape = (*k.shape[:2], seq + APPEND_ROOM, k.shape[3])
+            k_buffer, v_buffer = k.new_empty(shape), v.new_empty(shape)
+            k_buffer[:, :, :seq], v_buffer[:, :, :seq] = k, v
+            self._buffers.append((k_buffer, v_buffer))
+        self._end = seq
+        self.kv = [(k[:, :, :seq], v[:, :, :seq]) for k, v in self._buffers]
 
     def _left_pad_to(self, width: int) -> None:
         extra = width - self.mask.shape[1]
         if extra > 0:
-            self.kv = [
+            self._adopt([
                 (torch.cat([k.new_zeros((*k.shape[:2], extra, k.shape[3])), k], 2),
                  torch.cat([v.new_zeros((*v.shape[:2], extra, v.shape[3])), v], 2))
                 for k, v in self.kv
-            ]
+            ])
             self.mask = torch.cat([self.mask.new_zeros((self.batch_size, extra)), self.mask], 1)
 
     def _trim(self) -> None:
         live = self.mask.any(0).nonzero()
         first = int(live[0]) if len(live) else self.mask.shape[1]
-        if first > 0:
-            self.kv = [(k[:, :, first:].contiguous(), v[:, :, first:].contiguous()) for k, v in self.kv]
+        if first > 0:  # views: the buffers keep their columns, the live cache starts later
+            self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
             self.mask = self.mask[:, first:]

@@ -17,7 +17,7 @@ def test_incremental_logits_match_full_forward_with_staggered_resets(tiny_model_
     contexts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     lm.reset_rows([0, 1, 2], contexts)
     g = torch.Generator().manual_seed(0)
-    for step in range(8):
+    for step in range(48):  # past the buffers' APPEND_ROOM (32): the in-place appends move to new buffers
         tokens = torch.randint(3, 500, (3,), generator=g)
         logits = lm.step(tokens)
         for row in range(3):
@@ -29,6 +29,10 @@ def test_incremental_logits_match_full_forward_with_staggered_resets(tiny_model_
         if step == 5:  # rows 0 and 2 restart together with different lengths
             contexts[0], contexts[2] = [30], [31, 32]
             lm.reset_rows([0, 2], [contexts[0], contexts[2]])
+            logits = lm.next_logits
+        if step == 30:  # row 1 restarts late, shorter than the live cache: written into the buffers' columns
+            contexts[1] = [40, 41, 42]
+            lm.reset_rows([1], [contexts[1]])
             logits = lm.next_logits
         for row in range(3):
             torch.testing.assert_close(logits[row], full_forward_logits(model, contexts[row]), atol=1e-4, rtol=1e-4)
