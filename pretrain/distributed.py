@@ -25,6 +25,7 @@ the step of 1 process x N B (tested).
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -108,6 +109,12 @@ class SingleProcess:
         return result
 
 
+def destroy_process_group() -> None:
+    """``torch.distributed.destroy_process_group()`` if one is up (idempotent)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class Distributed(SingleProcess):
     """The process group of a data-parallel run (``accelerate.Accelerator``): the methods of
     :class:`SingleProcess`, over every process. ``device`` is this process's (``cuda:<local rank>``
@@ -120,6 +127,9 @@ class Distributed(SingleProcess):
 
         cpu = resolve_device(device).type == "cpu"
         self.accelerator = Accelerator(cpu=cpu)
+        # Tear the process group down before the interpreter does: left to exit, gloo's threads are
+        # destroyed still joinable now and then ("terminate called without an active exception", exit -6).
+        atexit.register(destroy_process_group)
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
