@@ -163,7 +163,7 @@ class CachedLM:
         self._left_pad_to(width)
         new_dtype = parts[0][3][0][0].dtype
         if self.kv[0][0].dtype != new_dtype:  # filled outside an autocast region, now inside one (or back)
-            self._adopt([(k.to(new_dtype), v.to(new_dtype)) for k, v in self.kv])
+            self._adopt(self.kv, dtype=new_dtype)
         seq = self.mask.shape[1]
         index = torch.as_tensor(list(rows), device=self.device)
         for k, v in self.kv:
@@ -199,14 +199,16 @@ class CachedLM:
         self._end += 1
         return self.next_logits
 
-    def _adopt(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy the live cache ``kv`` to the front of new buffers with ``APPEND_ROOM`` free columns after it."""
-        seq = kv[0][0].shape[2]
+    def _adopt(self, kv: list[tuple[torch.Tensor, torch.Tensor]], pad: int = 0, dtype: torch.dtype | None = None) -> None:
+        """Copy the live cache ``kv`` into new buffers (in ``dtype``, default its own), after ``pad`` zero
+        columns and with ``APPEND_ROOM`` free columns after it: one copy per reallocation."""
+        seq = pad + kv[0][0].shape[2]
         self._buffers = []
         for k, v in kv:
             shape = (*k.shape[:2], seq + APPEND_ROOM, k.shape[3])
-            k_buffer, v_buffer = k.new_empty(shape), v.new_empty(shape)
-            k_buffer[:, :, :seq], v_buffer[:, :, :seq] = k, v
+            k_buffer, v_buffer = k.new_empty(shape, dtype=dtype or k.dtype), v.new_empty(shape, dtype=dtype or v.dtype)
+            k_buffer[:, :, :pad], v_buffer[:, :, :pad] = 0, 0
+            k_buffer[:, :, pad:seq], v_buffer[:, :, pad:seq] = k, v
             self._buffers.append((k_buffer, v_buffer))
         self._end = seq
         self.kv = [(k[:, :, :seq], v[:, :, :seq]) for k, v in self._buffers]
@@ -214,11 +216,7 @@ class CachedLM:
     def _left_pad_to(self, width: int) -> None:
         extra = width - self.mask.shape[1]
         if extra > 0:
-            self._adopt([
-                (torch.cat([k.new_zeros((*k.shape[:2], extra, k.shape[3])), k], 2),
-                 torch.cat([v.new_zeros((*v.shape[:2], extra, v.shape[3])), v], 2))
-                for k, v in self.kv
-            ])
+            self._adopt(self.kv, pad=extra)
             self.mask = torch.cat([self.mask.new_zeros((self.batch_size, extra)), self.mask], 1)
 
     def _trim(self) -> None:
