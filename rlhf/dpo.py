@@ -41,9 +41,9 @@ from pretrain.checkpoint import StepRun, save_trained_lm
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.distributed import process_group
 from pretrain.model import disable_dropout
-from pretrain.optim import check_model_finite, optimizer_step
+from pretrain.optim import check_model_finite, make_adam, optimizer_step
 from pretrain.progress import progress_bar
-from rlhf.logprobs import encode, sequence_logprobs, text_token_limit
+from rlhf.logprobs import encode, packed_sequence_logprobs, text_token_limit, tokenize_pairs
 from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -95,6 +95,8 @@ class DPOConfig(ModelOptions):
     max_new_tokens: int = hparam(32, "completion length (data building and evaluation)")
     epochs: int = hparam(1, "passes over the pairs")
     batch_size: int = hparam(32, "pairs per step (per process: N processes take N x batch_size)")
+    precompute_ref_logps: bool = hparam(True, "score every pair under pi_ref once before training, then free the reference "
+                                              "copy (False: a reference forward in every step)")
     lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
     warmup_ratio: float = hparam(0.1, "fraction of steps spent warming up")
     max_grad_norm: float = hparam(1.0, "clip the global gradient norm (0 = off)")
@@ -124,16 +126,36 @@ class DPOConfig(ModelOptions):
 
 def pair_logps(model, tokenizer, pairs: list[PreferencePair], device, max_length: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs log pi(y_w | x) and log pi(y_l | x), each (B,), of the chosen and rejected
-    completions of ``pairs``, in one forward pass over the 2B rows (TRL's concatenated forward: one
-    call of a data-parallel wrapper per backward pass). ``model`` is called as the HF model is (a
-    ``DistributedDataParallel`` wrapper, an adapter, a frozen reference); ``max_length`` defaults to
-    its context (``rlhf.logprobs.text_token_limit``), and a longer pair is a ``ValueError``."""
+    """Sequence log-probs log pi(y_w | x) and log pi(y_l | x), each (B,) float32, of the chosen and
+    rejected completions of ``pairs``, in one forward pass over the 2B rows (TRL's concatenated
+    forward: one call of a data-parallel wrapper per backward pass), right-padded, with the LM head on
+    the completion tokens only (``rlhf.logprobs.packed_sequence_logprobs``). ``model`` is called as the
+    HF model is (a ``DistributedDataParallel`` wrapper, an adapter, a frozen reference); ``max_length``
+    defaults to its context (``rlhf.logprobs.text_token_limit``), and a longer pair is a ``ValueError``."""
     max_length = text_token_limit(model) if max_length is None else max_length
     prompts = [p.prompt for p in pairs]
-    enc = encode(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], max_length, device)
-    logps = sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["completion_mask"])  # (2B,)
+    prompt_ids, completion_ids = tokenize_pairs(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                                max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logps = packed_sequence_logprobs(model, prompt_ids, completion_ids, pad, device)  # (2B,)
     return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def reference_logps(reference, tokenizer, pairs: list[PreferencePair], device, max_length: int | None = None,
+                    batch_size: int = 64, dtype: str = "float32") -> torch.Tensor:
+    """log pi_ref(y_w | x) and log pi_ref(y_l | x) of every pair, (P, 2) float32 on the CPU, in
+    no-grad passes over ``batch_size`` pairs of similar length (sorted, so little padding): what DPO's
+    loss needs of the frozen reference, computed once per dataset instead of once per step (TRL's
+    ``precompute_ref_log_probs``)."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)))
+    out = torch.empty((len(pairs), 2))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        with autocast(dtype, device):
+            chosen, rejected = pair_logps(reference, tokenizer, [pairs[i] for i in index], device, max_length)
+        out[index] = torch.stack([chosen, rejected], 1).float().cpu()
+    return out
 
 
 @contextlib.contextmanager
@@ -206,7 +228,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     batches = [batch for batch in batches if len(batch) >= dist.world_size]
     n_steps = len(batches)
     params = trainable_parameters(policy)  # all weights, or the adapter's
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
     torch.manual_seed(cfg.seed + dist.rank)  # each process's own stream (DPO draws none itself: dropout is off)
     steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)
@@ -214,16 +236,30 @@ def train_dpo(cfg: DPOConfig) -> dict:
     probe = encode(tokenizer, [pairs[0].prompt], [pairs[0].chosen], None, device)  # checked finite before each save
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     max_length = text_token_limit(policy)
+    ref_table = None
+    if cfg.precompute_ref_logps:
+        # pi_ref's log-probs of the pairs this process still trains on, once, then the reference copy is
+        # freed (an adapter's reference is the policy itself: nothing to free).
+        mine = sorted({int(i) for batch in batches[steps.step :] for i in steps.shard(batch)})
+        ref_table = torch.full((len(pairs), 2), float("nan"))
+        if mine:
+            ref_table[mine] = reference_logps(reference, tokenizer, [pairs[i] for i in mine], device, max_length,
+                                              2 * cfg.batch_size, cfg.dtype)
+        reference = None
     policy.train()
     last = {}
     with steps, progress_bar("dpo") as bar:
         task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="", visible=dist.is_main)
         for step in range(steps.step + 1, n_steps + 1):
-            batch = [pairs[i] for i in steps.shard(batches[step - 1])]
+            index = steps.shard(batches[step - 1])
+            batch = [pairs[i] for i in index]
             with autocast(cfg.dtype, device):  # bf16 matmuls for policy and reference when asked; weights stay fp32
                 chosen_logps, rejected_logps = pair_logps(model, tokenizer, batch, device, max_length)
-                with torch.no_grad():
-                    ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device, max_length)
+                if ref_table is not None:
+                    ref_chosen_logps, ref_rejected_logps = ref_table[index].to(device).unbind(1)
+                else:
+                    with torch.no_grad():
+                        ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device, max_length)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 cfg.beta, cfg.loss_type, cfg.label_smoothing,

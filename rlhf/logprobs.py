@@ -87,6 +87,66 @@ def sequence_logprobs(
     return completion_logprobs(model, input_ids, attention_mask, completion_mask).sum(-1)
 
 
+def output_head(model) -> torch.nn.Linear | None:
+    """The LM head of ``model`` (looking through a data-parallel wrapper and the adapter wrappers)
+    when it is a plain ``nn.Linear`` that maps the last hidden state to the logits, else None."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DistributedDataParallel
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+def packed_sequence_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """log pi(completion | prompt) of token-id pairs, (B,) float32, in one forward pass that runs the
+    LM head on the completion tokens only.
+
+    The rows are *right*-padded and read with the causal mask alone: a token never sees the padding
+    after it, so every real token gets exactly the log-probs it gets alone,
+    with positions 0, 1, ... and no padding mask to build or apply. The last hidden states at the N
+    positions that predict a completion token are gathered into one (N, H) matrix and only those
+    meet the (H, V) head: log pi(y_t) = z_t[y_t] - logsumexp(z_t), z = head(h). That skips the
+    head's matmul on the prompt and the padding, and the (B, T, V) logits tensor. A model whose
+    logits are not the plain ``nn.Linear`` head of its last hidden state (a soft-capped or scaled
+    head, LoRA on the head) is detected from the one position the model computes itself and scored
+    through its full logits instead. An empty prompt has nothing to predict the completion's first
+    token, which is then left out of the sum.
+    """
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    # predicts[i, t]: position t of row i predicts completion token t + 1.
+    predicts = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        predicts[i, max(len(p), 1) - 1 : len(p) + len(c) - 1] = True
+    predicts = predicts.to(device)
+    targets = input_ids.roll(-1, dims=1)[predicts]  # (N,)
+    row_of = predicts.nonzero()[:, 0]  # (N,)
+    # An all-ones mask (rather than none, which transformers warns about when a row holds pad ids) is
+    # recognised as "causal only": no padding mask is built.
+    attention_mask = torch.ones_like(input_ids)
+    head = output_head(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=head is not None,
+                logits_to_keep=1 if head is not None else 0)
+    if head is not None:
+        hidden = out.hidden_states[-1]
+        # The model's own logits at the last position must be what the head gives there.
+        if torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+            logits = head(hidden[predicts]).float()  # (N, V)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[predicts].float()
+    else:
+        logits = out.logits[predicts].float()
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    return torch.zeros(len(rows), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps)
+
+
 def text_token_limit(model) -> int | None:
     """How many tokens of text ``model`` reads at once: its ``n_positions`` (GPT-2) less the virtual
     tokens of a soft prompt (``pretrain.adapters``), looking through a data-parallel wrapper; None

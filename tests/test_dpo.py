@@ -8,8 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from pretrain import load_lm
-from rlhf.dpo import DPOConfig, dpo_loss, train_dpo
-from rlhf.logprobs import encode, sequence_logprobs
+from rlhf.dpo import DPOConfig, dpo_loss, pair_logps, reference_logps, train_dpo
+from rlhf.logprobs import encode, output_head, sequence_logprobs
+from rlhf.preferences import PreferencePair
 
 PC, PR, RC, RR = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.8])
 BETA = 0.5
@@ -69,6 +70,79 @@ def test_sequence_logprobs_sum_completion_tokens_and_mask_padding(tiny_model_dir
             logp = F.log_softmax(model(ids).logits[0].float(), -1)
             by_hand = sum(logp[len(p) + j - 1, tok].item() for j, tok in enumerate(c))
             assert padded[i].item() == pytest.approx(by_hand, abs=1e-4)
+
+
+PAIRS = [PreferencePair("A fine", " film indeed, and", " bad"), PreferencePair("This movie was really", " good", " the worst of all"),
+         PreferencePair("Oh", " no", " yes it was a film")]
+
+
+def left_padded_logps(model, tokenizer, pairs):
+    """The reference computation: left-padded rows, full logits, log-softmax (``sequence_logprobs``)."""
+    prompts = [p.prompt for p in pairs]
+    batch = encode(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    logps = sequence_logprobs(model, **batch)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def softcapped_lm_dir(path, tokenizer):
+    """A tiny Gemma-2: its logits are tanh-soft-capped, so they are *not* the plain head of the last hidden state."""
+    from transformers import Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, max_position_embeddings=128, final_logit_softcapping=0.5,
+                          eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_pair_logps_equal_the_left_padded_full_logits_computation(tiny_model_dir):
+    """DPO's packed pass (right-padded, causal mask only, LM head on completion tokens) gives every
+    architecture's log-probs and gradients exactly as the left-padded full-logits pass."""
+    check_pair_logps(tiny_model_dir)
+
+
+def test_pair_logps_of_a_soft_capped_head_fall_back_to_the_models_logits(tmp_path, tiny_tokenizer):
+    """A head that is not a plain Linear of the last hidden state (Gemma-2's soft cap) is detected."""
+    check_pair_logps(softcapped_lm_dir(tmp_path / "gemma2", tiny_tokenizer))
+
+
+def check_pair_logps(directory):
+    model, tokenizer = load_lm(directory)
+    assert output_head(model) is not None, "the fast path applies: a plain nn.Linear head"
+    grads = []
+    for compute in (left_padded_logps, lambda m, t, p: pair_logps(m, t, p, "cpu")):
+        model.zero_grad()
+        chosen, rejected = compute(model, tokenizer, PAIRS)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if len(grads) == 1:
+            expected = chosen.detach(), rejected.detach()
+    torch.testing.assert_close(chosen.detach(), expected[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(rejected.detach(), expected[1], rtol=0, atol=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+    table = reference_logps(model, tokenizer, PAIRS, "cpu", batch_size=2)  # batches of sorted pairs, no grad
+    torch.testing.assert_close(table, torch.stack(expected, 1), rtol=0, atol=1e-4)
+
+
+def test_a_precomputed_reference_trains_exactly_as_a_reference_forward_per_step(tmp_path, tiny_gpt2_dir):
+    pairs = [{"prompt": f"Review {i}:", "chosen": " wonderful film" + " indeed" * (i % 3), "rejected": " boring"} for i in range(12)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in pairs))
+    losses = {}
+    for precompute in (True, False):
+        out = tmp_path / f"dpo-{precompute}"
+        train_dpo(DPOConfig(model=str(tiny_gpt2_dir), data=str(data), out=str(out), epochs=2, batch_size=4, lr=3e-3,
+                            device="cpu", precompute_ref_logps=precompute))
+        ea = EventAccumulator(str(out))
+        ea.Reload()
+        losses[precompute] = [e.value for e in ea.Scalars("loss/dpo")]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][-1] < losses[True][0] - 0.05, "and it learns"
 
 
 def test_encode_refuses_to_truncate(tiny_tokenizer):
