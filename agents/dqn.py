@@ -57,6 +57,7 @@ from agents.replay import PrioritizedReplayBuffer, ReplayBuffer
 from agents.run import Run, RunOptions, check_finite, device_of, make_env, make_policy_model, optimizer_step, reward_metrics
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
+from pretrain.optim import make_adam
 from pretrain.padding import position_ids_from_mask
 
 
@@ -195,7 +196,7 @@ def train(cfg: DQNConfig) -> dict:
     q_net, valid = policy, policy.valid_actions  # the Q-network: the LM (+ the value head for "log_policy")
     valid_host = valid.cpu()
     target_net = copy.deepcopy(q_net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
+    optimizer = make_adam(q_net.parameters(), lr=cfg.lr)
     buffer_cls = PrioritizedReplayBuffer if cfg.prioritized else ReplayBuffer
     kwargs = dict(alpha=cfg.per_alpha, beta=cfg.per_beta0) if cfg.prioritized else {}
     context_length = env.single_observation_space["input_ids"].shape[0]  # the observation window

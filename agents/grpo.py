@@ -44,7 +44,7 @@ import torch
 
 from agents.policy import reference_logprobs
 from agents.rollout import collect_rollout
-from agents.run import RunOptions, check_finite, optimizer_step, reward_metrics, start_policy_run
+from agents.run import RunOptions, check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
@@ -181,7 +181,7 @@ def train(cfg: GRPOConfig) -> dict:
     device = dist.device
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     params = policy.trainable_parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(params, lr=cfg.lr, eps=1e-5)
     if cfg.resume:
         run.restore(optimizer, env)
     on_policy = scores_in_the_step(cfg)

@@ -52,7 +52,7 @@ import torch
 from agents.policy import reference_logprobs
 from agents.replay import EpisodeReplayBuffer, PrioritizedEpisodeReplayBuffer
 from agents.rollout import collect_rollout
-from agents.run import check_finite, optimizer_step, reward_metrics, start_policy_run
+from agents.run import check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from rlhf.logprobs import gather_logprobs
 
 
@@ -109,7 +109,7 @@ def train(cfg) -> dict:
     head = policy.value_head
     target_head = copy.deepcopy(head).requires_grad_(False)  # V', the Polyak-averaged critic
     params = policy.trainable_parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(params, lr=cfg.lr, eps=1e-5)
     context_length = env.single_observation_space["input_ids"].shape[0] - env.max_new_tokens  # the observation: context + completion
     buffer_cls = PrioritizedEpisodeReplayBuffer if cfg.prioritized else EpisodeReplayBuffer
     kwargs = dict(alpha=cfg.per_alpha, beta=cfg.per_beta0) if cfg.prioritized else {}

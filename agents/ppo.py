@@ -32,7 +32,7 @@ import torch
 
 from agents.policy import reference_logprobs
 from agents.rollout import Rollout, collect_rollout
-from agents.run import RunOptions, check_finite, optimizer_step, reward_metrics, start_policy_run
+from agents.run import RunOptions, check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -210,7 +210,7 @@ def train(cfg: PPOConfig) -> dict:
     device = dist.device
     model = dist.prepare(policy)  # gradients all-reduced across processes (the policy itself in one process)
     params = policy.trainable_parameters()  # all weights, or the adapter's + the value head
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+    optimizer = make_adam(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     penalty_coef = cfg.penalty_coef
     if cfg.resume:

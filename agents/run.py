@@ -39,7 +39,7 @@ from pretrain.checkpoint import STATE, load_training_state, save_training_state
 from pretrain.config import hparam
 from pretrain.distributed import Distributed, SingleProcess
 from pretrain.model import build_gpt2, resolve_device, save_lm
-from pretrain.optim import NonFiniteError, check_finite, optimizer_step
+from pretrain.optim import NonFiniteError, check_finite, make_adam, optimizer_step
 from pretrain.progress import progress_bar
 from pretrain.run_dir import RunDir, StopOnInterrupt, atomic_write_dir, check_same_config, resolve_out, verify_dir
 
@@ -136,7 +136,7 @@ def reward_metrics(rm_scores, gold_scores, reward_terms: dict | None = None) -> 
     return metrics
 
 
-__all__ = ["NonFiniteError", "Run", "RunOptions", "check_finite", "device_of", "make_env", "make_policy_model", "optimizer_step",
+__all__ = ["NonFiniteError", "Run", "RunOptions", "check_finite", "device_of", "make_adam", "make_env", "make_policy_model", "optimizer_step",
            "reward_metrics", "start_policy_run"]
 
 

@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from agents.policy import LMPolicy, reference_logprobs
 from agents.ppo import compute_gae, explained_variance, masked_mean, whiten
 from agents.rollout import collect_rollout
-from agents.run import RunOptions, check_finite, optimizer_step, reward_metrics, start_policy_run
+from agents.run import RunOptions, check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
@@ -247,7 +247,7 @@ def train(cfg: TRPOConfig) -> dict:
     head = policy.value_head
     params = policy_parameters(policy)
     value_model = dist.prepare(head)  # the critic's gradients are all-reduced; the policy's are averaged by hand
-    value_optimizer = torch.optim.Adam(head.parameters(), lr=cfg.vf_lr, eps=1e-5)
+    value_optimizer = make_adam(head.parameters(), lr=cfg.vf_lr, eps=1e-5)
     kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     if cfg.resume:
         state = run.restore(value_optimizer, env)

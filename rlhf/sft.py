@@ -30,7 +30,7 @@ from pretrain.adapters import ModelOptions, autocast, load_trainable_lm, model_o
 from pretrain.checkpoint import StepRun, save_trained_lm
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.distributed import Distributed, process_group
-from pretrain.optim import check_finite, check_model_finite, optimizer_step
+from pretrain.optim import check_finite, check_model_finite, make_adam, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.jsonl import read_records
 from rlhf.logprobs import completion_logprobs, encode, text_token_limit
@@ -161,7 +161,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     batches = [(epoch, index) for epoch, index in batches if len(index) >= dist.world_size]
     n_steps = len(batches)
     params = trainable_parameters(model)  # all weights, or the adapter's
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps), n_steps)
     torch.manual_seed(cfg.seed + dist.rank)  # each process's own dropout masks
     state = steps.restore(optimizer=optimizer, np_rng=rng, scheduler=scheduler)

@@ -116,3 +116,24 @@ def test_bad_config_values():
         PretrainConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match="steps must be positive, got 0"):
         PretrainConfig(steps=0)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_make_adam_is_fused_and_takes_torchs_adam_steps(decoupled):
+    from pretrain.optim import make_adam
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(3)]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    optimizer = make_adam(ours, lr=0.1, eps=1e-5, weight_decay=0.01, decoupled=decoupled)
+    reference = (torch.optim.AdamW if decoupled else torch.optim.Adam)(theirs, lr=0.1, eps=1e-5, weight_decay=0.01, foreach=False)
+    assert optimizer.param_groups[0]["fused"] and isinstance(optimizer, type(reference))
+    for step in range(5):
+        for params, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            sum(((p - step) ** 2).sum() for p in params).backward()
+            opt.step()
+    for a, b, w in zip(ours, theirs, weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, w)
