@@ -1,35 +1,49 @@
-"""DPO step and reward-model scoring throughput vs the naive versions, same model, data and batch.
+"""DPO training throughput vs the naive loop and TRL's DPOTrainer, same model, data, batch and settings.
 
-    python benchmarks/dpo_throughput.py [--device cpu|cuda] [--batch 32] [--steps 5]
+    python benchmarks/dpo_throughput.py [--device cpu|cuda] [--batch 32] [--steps 8] [--repeats 3]
 
-Prints one JSON object:
+The data is ``--steps`` batches of ``--batch`` pairs (one epoch). Every figure is measured
+``--repeats`` times in this process; each ratio is taken within a repeat and reported as its median
+with the min and max over the repeats. Prints one JSON object:
 
-* ``dpo``: samples (pairs) per second of ``rlhf.dpo``'s step (chosen and rejected batches, each padded to
-  its own width; log-probs via logsumexp and gather, no full log-softmax tensor) and of the
-  naive step (four separate forwards, full ``log_softmax`` then gather), and the ratio;
+* ``dpo``: pairs per second of a training step:
+  - ``ours``: ``rlhf.dpo``'s step as ``textgym dpo`` runs it: the policy's packed forward and
+    backward (``pair_logps``: chosen and rejected in one right-padded pass, the LM head on completion
+    tokens only), pi_ref's log-probs read from the table that ``reference_logps`` computed once
+    before training (its cost is in ``precompute_s_per_pair`` and in the epoch figures);
+  - ``ours_reference_forward``: the same step with a reference forward in the step
+    (``--no-precompute-ref-logps``);
+  - ``naive``: what a user writes: four separate forwards (chosen/rejected x policy/reference), each
+    with a full ``log_softmax`` and a gather;
+  - ``epoch_1`` / ``epoch_3``: pairs per second of whole training runs of 1 and 3 epochs, the
+    reference precomputation included, ours vs naive;
+* ``trl`` (only when ``trl`` is installed; it is not a dependency): TRL's ``DPOTrainer`` on the same
+  model, reference, pairs, batch, beta and learning rate (sigmoid loss, AdamW), with its defaults
+  and with each of its speed options that runs here (``precompute_ref_log_probs``, ``padding_free``),
+  timed per training step after its first one, plus its precomputation, and our ratios to each;
 * ``rm``: (prompt, completion) pairs scored per second by ``RewardModel.score`` (batched) and by a
   plain loop over examples, and the ratio.
-
-* ``trl`` (only when ``trl`` is installed; it is not a dependency): pairs per second of TRL's
-  ``DPOTrainer`` on the same model, reference, pairs, batch, beta and learning rate (sigmoid loss,
-  AdamW), timed over its training steps after a warm-up step, and our step's ratio to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import importlib.util
 import io
 import json
+import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pretrain import load_lm
 from pretrain.model import resolve_device
-from rlhf.dpo import dpo_loss, pair_logps
+from rlhf.dpo import dpo_loss, pair_logps, reference_logps
 from rlhf.logprobs import encode
 from rlhf.preferences import PreferencePair
 from rlhf.reward_model import RewardModel
@@ -49,20 +63,27 @@ def naive_logps(model, tokenizer, prompts, completions, device):
     return (logp * enc["completion_mask"][:, 1:]).sum(-1)
 
 
-def time_it(fn, steps, device) -> float:
-    fn()
+def spread(values: list[float], digits: int = 3) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def timed(fn, device) -> float:
+    """Seconds one call of ``fn`` takes."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        fn()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return time.perf_counter() - start
 
 
-def trl_pairs_per_s(policy, reference, tokenizer, pairs, steps: int, device) -> float | None:
-    """TRL's DPOTrainer on the same model/reference/pairs/batch; None when trl is not installed."""
+def trl_run(policy, reference, tokenizer, pairs, batch: int, device, **options) -> dict | None:
+    """TRL's DPOTrainer for one epoch over ``pairs`` (plus a first warm-up batch), on the same model,
+    reference, batch, beta and lr: seconds per step after the first and seconds of its start-up work
+    (the reference precomputation, when asked); None when trl is not installed, the reason when an
+    option does not run here."""
     try:
         from datasets import Dataset
         from transformers import TrainerCallback
@@ -72,76 +93,142 @@ def trl_pairs_per_s(policy, reference, tokenizer, pairs, steps: int, device) -> 
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times: list[float] = []
+            self.begin, self.times = 0.0, []
 
         def on_step_end(self, args, state, control, **kwargs):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
-    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs[:batch] + pairs]
+    data = Dataset.from_list(rows)
+    policy = copy.deepcopy(policy)  # TRL trains its own copy: every repeat starts from the same weights
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
-            output_dir=out, per_device_train_batch_size=len(pairs), max_steps=steps + 1, learning_rate=1e-6, beta=0.1,
+            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-6, beta=0.1,
             loss_type=["sigmoid"], report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             use_cpu=device.type == "cpu", dataloader_drop_last=True, gradient_checkpointing=False,  # as ours: no recompute
+            **options,
         )
         timer = StepTimer()
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=data.repeat(steps + 1),
-                             processing_class=tokenizer, callbacks=[timer])
-        with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its own summary; we print JSON only
-            trainer.train()
-    return len(pairs) * steps / (timer.times[-1] - timer.times[0])
+        try:
+            trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=data,
+                                 processing_class=tokenizer, callbacks=[timer])
+            timer.begin = time.perf_counter()  # train() precomputes the reference log-probs when asked
+            with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its own summary; we print JSON only
+                trainer.train()
+        except (ValueError, RuntimeError, NotImplementedError) as err:
+            return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+    steps = np.diff(timer.times)
+    step_s = float(np.mean(steps))
+    return {"step_s": step_s, "startup_s": max(0.0, timer.times[0] - timer.begin - step_s)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="batches in the data set (one epoch)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-trl", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    policy, tokenizer = load_lm("default", device=device)
+    torch.manual_seed(0)
+    initial, tokenizer = load_lm("default", device=device)
     reference, _ = load_lm("default", device=device)
     reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    pairs = make_pairs(args.batch)
+    pairs = make_pairs(args.batch * args.steps)
+    batches = [pairs[i : i + args.batch] for i in range(0, len(pairs), args.batch)]
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "batch": args.batch}
+              "batch": args.batch, "pairs": len(pairs), "repeats": args.repeats}
 
-    def ours():
-        chosen, rejected = pair_logps(policy, tokenizer, pairs, device)
-        with torch.no_grad():
-            ref_c, ref_r = pair_logps(reference, tokenizer, pairs, device)
-        loss = dpo_loss(chosen, rejected, ref_c, ref_r)[0].mean()
+    def runner(step):
+        """Fresh policy and optimizer (every method starts from the same weights), one warm-up step on
+        the first batch, then the epoch: seconds per step."""
+        policy = copy.deepcopy(initial)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        step(policy, optimizer, 0)
+        return timed(lambda: [step(policy, optimizer, i) for i in range(len(batches))], device) / len(batches)
+
+    def dpo_step(policy, optimizer, chosen, rejected, ref_chosen, ref_rejected):
+        loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected)[0].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    def naive():
-        prompts = [p.prompt for p in pairs]
-        chosen = naive_logps(policy, tokenizer, prompts, [p.chosen for p in pairs], device)
-        rejected = naive_logps(policy, tokenizer, prompts, [p.rejected for p in pairs], device)
+    table = {}
+
+    def ours(policy, optimizer, i):
+        chosen, rejected = pair_logps(policy, tokenizer, batches[i], device)
+        ref = table["ref"][i * args.batch : (i + 1) * args.batch].to(device)
+        dpo_step(policy, optimizer, chosen, rejected, ref[:, 0], ref[:, 1])
+
+    def ours_reference_forward(policy, optimizer, i):
+        chosen, rejected = pair_logps(policy, tokenizer, batches[i], device)
         with torch.no_grad():
-            ref_c = naive_logps(reference, tokenizer, prompts, [p.chosen for p in pairs], device)
-            ref_r = naive_logps(reference, tokenizer, prompts, [p.rejected for p in pairs], device)
-        loss = -F.logsigmoid(0.1 * ((chosen - ref_c) - (rejected - ref_r))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+            ref_chosen, ref_rejected = pair_logps(reference, tokenizer, batches[i], device)
+        dpo_step(policy, optimizer, chosen, rejected, ref_chosen, ref_rejected)
 
-    t_ours, t_naive = time_it(ours, args.steps, device), time_it(naive, args.steps, device)
-    result["dpo"] = {"ours_pairs_per_s": round(args.batch / t_ours, 1), "naive_pairs_per_s": round(args.batch / t_naive, 1),
-                     "ratio": round(t_naive / t_ours, 3)}
+    def naive(policy, optimizer, i):
+        prompts = [p.prompt for p in batches[i]]
+        chosen = naive_logps(policy, tokenizer, prompts, [p.chosen for p in batches[i]], device)
+        rejected = naive_logps(policy, tokenizer, prompts, [p.rejected for p in batches[i]], device)
+        with torch.no_grad():
+            ref_chosen = naive_logps(reference, tokenizer, prompts, [p.chosen for p in batches[i]], device)
+            ref_rejected = naive_logps(reference, tokenizer, prompts, [p.rejected for p in batches[i]], device)
+        dpo_step(policy, optimizer, chosen, rejected, ref_chosen, ref_rejected)
 
-    trl = trl_pairs_per_s(policy, reference, tokenizer, pairs, args.steps, device)
-    if trl is not None:
-        result["trl"] = {"trl_dpo_trainer_pairs_per_s": round(trl, 1), "ours_ratio_vs_trl": round(args.batch / t_ours / trl, 3)}
+    def precompute():
+        table["ref"] = reference_logps(reference, tokenizer, pairs, device, batch_size=2 * args.batch)
+
+    use_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    trl_options = {"defaults": {}, "precompute_ref_log_probs": {"precompute_ref_log_probs": True},
+                   "padding_free": {"padding_free": True}}
+    per_pair = {}  # name -> seconds per pair, per repeat
+    trl_runs: dict[str, list] = {name: [] for name in trl_options} if use_trl else {}
+    for _ in range(args.repeats):
+        precompute()  # warm-up
+        per_pair.setdefault("precompute", []).append(timed(precompute, device) / len(pairs))
+        for name, step in (("ours", ours), ("ours_reference_forward", ours_reference_forward), ("naive", naive)):
+            per_pair.setdefault(name, []).append(runner(step) / args.batch)
+        for name, options in trl_options.items() if use_trl else ():
+            trl_runs[name].append(trl_run(initial, reference, tokenizer, pairs, args.batch, device, **options))
+
+    def rate(name):
+        return spread([1 / s for s in per_pair[name]], 1)
+
+    def ratio(ours_s, theirs_s):
+        return spread([t / o for o, t in zip(ours_s, theirs_s)])
+
+    ours_s, naive_s, pre_s = per_pair["ours"], per_pair["naive"], per_pair["precompute"]
+    result["dpo"] = {
+        "ours_pairs_per_s": rate("ours"), "ours_reference_forward_pairs_per_s": rate("ours_reference_forward"),
+        "naive_pairs_per_s": rate("naive"), "precompute_s_per_pair": spread(pre_s, 5),
+        "ratio_vs_naive": ratio(ours_s, naive_s),
+        "reference_forward_ratio_vs_naive": ratio(per_pair["ours_reference_forward"], naive_s),
+    }
+    for epochs in (1, 3):  # whole runs: our precomputation once, then the epochs' steps
+        result["dpo"][f"epoch_{epochs}_ratio_vs_naive"] = ratio([pre + epochs * o for pre, o in zip(pre_s, ours_s)],
+                                                               [epochs * n for n in naive_s])
+    if use_trl:
+        result["trl"] = {}
+        for name, runs in trl_runs.items():
+            if any(r is None or "error" in r for r in runs):
+                result["trl"][name] = next(r for r in runs if r is None or "error" in r)
+                continue
+            trl_s = [r["step_s"] / args.batch for r in runs]
+            entry = {"pairs_per_s": spread([1 / s for s in trl_s], 1), "ours_ratio": ratio(ours_s, trl_s)}
+            if name == "precompute_ref_log_probs":
+                entry["startup_s_per_pair"] = spread([r["startup_s"] / len(pairs) for r in runs], 5)
+                entry["ours_epoch_1_ratio"] = ratio([pre + o for pre, o in zip(pre_s, ours_s)],
+                                                    [r["startup_s"] / len(pairs) + t for r, t in zip(runs, trl_s)])
+            result["trl"][name] = entry
 
     rm = RewardModel.load("default", device=device)
-    prompts, completions = [p.prompt for p in pairs] * 4, [p.chosen for p in pairs] * 4
-    t_batched = time_it(lambda: rm.score(prompts, completions), args.steps, device)
-    t_loop = time_it(lambda: [rm.score([p], [c]) for p, c in zip(prompts, completions)], 1, device)
+    prompts, completions = [p.prompt for p in pairs[:128]], [p.chosen for p in pairs[:128]]
+    rm.score(prompts, completions)
+    t_batched = timed(lambda: rm.score(prompts, completions), device)
+    t_loop = timed(lambda: [rm.score([p], [c]) for p, c in zip(prompts, completions)], device)
     result["rm"] = {"batched_per_s": round(len(prompts) / t_batched, 1), "loop_per_s": round(len(prompts) / t_loop, 1),
                     "ratio": round(t_loop / t_batched, 3)}
     print(json.dumps(result))

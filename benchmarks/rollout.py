@@ -4,7 +4,8 @@
 
 For the shipped LM and for a GPT-2-small-size random-init model (same tokenizer), prints one JSON
 object with, per batch size (both sides get the same IMDb review openings from the task's prompt
-list, seed 0; each number is the median of ``--repeats`` timed runs after one warm-up run):
+list, seed 0; each number is the median of ``--repeats`` timed runs after one warm-up run, and
+``spread`` gives each ratio's min and max over the repeats):
 
 * ``generate_tokens_per_s``: the naive baseline, ``model.generate(do_sample=True)`` for the batch
   (no environment, no reward, nothing else);
@@ -47,8 +48,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_rate(run, repeats: int, device) -> float:
-    """Median tokens/s of ``repeats`` timed calls of ``run()`` (which returns its token count), after a warm-up."""
+def median_rate(run, repeats: int, device) -> list[float]:
+    """Tokens/s of each of ``repeats`` timed calls of ``run()`` (which returns its token count), after a warm-up."""
     run()
     rates = []
     for _ in range(repeats):
@@ -57,10 +58,10 @@ def median_rate(run, repeats: int, device) -> float:
         n_tokens = run()
         sync(device)
         rates.append(n_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return rates
 
 
-def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: int) -> float:
+def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: int) -> list[float]:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
@@ -87,8 +88,8 @@ class TimedReward:
         return out
 
 
-def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int, reward="default") -> tuple[float, float]:
-    """Median rollout tokens/s, and the fraction of the rollouts' time spent in the reward function."""
+def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int, reward="default") -> tuple[list[float], float]:
+    """Rollout tokens/s of each repeat, and the fraction of the rollouts' time spent in the reward function."""
     env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef,
                            device=str(device), gold=False, reward=reward)
     env.task.reward_fn = timed = TimedReward(env.task.reward_fn, device)
@@ -161,18 +162,22 @@ def main():
                 gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device, args.repeats)
                 r0, rm_share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
                 r1, _ = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats)
+                med = statistics.median
                 entry["batches"][batch] = {
-                    "generate_tokens_per_s": round(gen, 1),
-                    "rollout_kl0_tokens_per_s": round(r0, 1),
-                    "rollout_kl0_ratio_vs_generate": round(r0 / gen, 3),
+                    "generate_tokens_per_s": round(med(gen), 1),
+                    "rollout_kl0_tokens_per_s": round(med(r0), 1),
+                    "rollout_kl0_ratio_vs_generate": round(med(r0) / med(gen), 3),
                     "rm_time_share": round(rm_share, 3),
-                    "rollout_kl_tokens_per_s": round(r1, 1),
-                    "rollout_kl_ratio_vs_generate": round(r1 / gen, 3),
+                    "rollout_kl_tokens_per_s": round(med(r1), 1),
+                    "rollout_kl_ratio_vs_generate": round(med(r1) / med(gen), 3),
+                    # the i-th rollout over the i-th generate, min and max over the repeats
+                    "spread": {name: [round(min(a / g for a, g in zip(rates, gen)), 3), round(max(a / g for a, g in zip(rates, gen)), 3)]
+                               for name, rates in (("rollout_kl0_ratio_vs_generate", r0), ("rollout_kl_ratio_vs_generate", r1))},
                 }
                 if args.classifier:
                     rc, share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats, args.classifier)
-                    entry["batches"][batch].update(rollout_classifier_tokens_per_s=round(rc, 1),
-                                                   rollout_classifier_ratio_vs_generate=round(rc / gen, 3),
+                    entry["batches"][batch].update(rollout_classifier_tokens_per_s=round(med(rc), 1),
+                                                   rollout_classifier_ratio_vs_generate=round(med(rc) / med(gen), 3),
                                                    classifier_time_share=round(share, 3))
                 print(json.dumps({name: entry["batches"][batch], "batch": batch}), flush=True)
             result["models"][name] = entry

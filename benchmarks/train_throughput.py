@@ -1,6 +1,6 @@
 """Agent training throughput on the embedded default vs the loops a user would write instead.
 
-    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 32] [--batch 32] [--no-sb3] [--methods grpo trl_grpo ...]
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--updates 32] [--batch 32] [--repeats 1] [--no-sb3] [--methods grpo trl_grpo ...]
 
 Prints one JSON object with updates/s, generated tokens/s and gold gain per minute of, all on the
 same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed and KL penalty
@@ -27,7 +27,9 @@ same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed 
 * ``sb3_ppo`` (unless ``--no-sb3``): Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy``
   on the same env and budget, plus SB3's acting throughput with and without the policy's KV cache;
 
-and the ratios of ours to each. Gold gain per minute = the mean training-episode gold score of the
+and the ratios of ours to each. With ``--repeats N`` every method runs N times in turn (same seed);
+each figure is then the median over the repeats, each ratio is taken within a repeat, and
+``spread`` gives the min and max of every ratio over the repeats. Gold gain per minute = the mean training-episode gold score of the
 last quarter of updates minus the first quarter's, divided by the run's wall time; our agents also
 report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency).
 """
@@ -39,6 +41,7 @@ import contextlib
 import csv
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -309,6 +312,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every method (figures: medians; ratios: medians and spread)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="what to run (default: all; the trl_* ones need trl installed)")
     parser.add_argument("--no-sb3", action="store_true", help="skip SB3 PPO (its updates take minutes on a CPU)")
@@ -334,18 +338,30 @@ def main():
         "sb3_ppo": lambda: sb3_ppo(*common, seed=args.seed),
     }
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "seed": args.seed}
-    for name in methods:
-        result[name] = runs[name]()
+              "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "seed": args.seed,
+              "repeats": args.repeats}
+    repeats = []  # one {method: figures} per repeat, the methods in turn within each
+    for _ in range(args.repeats):
+        repeats.append({name: runs[name]() for name in methods})
+    for name in methods:  # the median of each figure over the repeats
+        result[name] = {metric: statistics.median(r[name][metric] for r in repeats) if repeats[0][name][metric] is not None else None
+                        for metric in repeats[0][name]}
     if "sb3_ppo" in methods:
         result["sb3_acting"] = sb3_acting(args.batch, args.max_new_tokens, device)
+    spread = {}
     for ours_name, theirs in (("reinforce_rloo", "trl_rloo"), ("grpo", "trl_grpo"), ("grpo_mu1", "trl_grpo_mu1"), ("ppo", "naive_ppo"), ("ppo", "sb3_ppo"),
                               ("trpo", "ppo"), ("ppo", "naive_reinforce"), ("reinforce_rloo", "naive_reinforce"),
                               ("sb3_ppo", "naive_reinforce"), ("pcl", "reinforce_rloo"), ("pcl", "dqn_td")):
         if ours_name in result and theirs in result:
             for metric in ("tokens_per_s", "gold_gain_per_min", "gold_gain_per_1k_tokens"):
-                if result[theirs].get(metric, 0) > 0 and metric in result[ours_name]:
-                    result[f"{ours_name}_{metric}_ratio_vs_{theirs}"] = round(result[ours_name][metric] / result[theirs][metric], 3)
+                ratios = [r[ours_name][metric] / r[theirs][metric] for r in repeats
+                          if metric in r[ours_name] and r[theirs].get(metric, 0) > 0]
+                if len(ratios) == len(repeats):
+                    key = f"{ours_name}_{metric}_ratio_vs_{theirs}"
+                    result[key] = round(statistics.median(ratios), 3)
+                    spread[key] = [round(min(ratios), 3), round(max(ratios), 3)]
+    if args.repeats > 1:
+        result["spread"] = spread
     print(json.dumps(result))
 
 
