@@ -7,9 +7,9 @@ The data is ``--steps`` batches of ``--batch`` pairs (one epoch). Every figure i
 with the min and max over the repeats. Prints one JSON object:
 
 * ``dpo``: pairs per second of a training step:
-  - ``ours``: ``rlhf.dpo``'s step as ``textgym dpo`` runs it: the policy's packed forward and
-    backward (``pair_logps``: chosen and rejected in one right-padded pass, the LM head on completion
-    tokens only), pi_ref's log-probs read from the table that ``reference_logps`` computed once
+  - ``ours``: ``rlhf.dpo``'s step as ``textgym dpo`` runs it: the policy's packed forwards and
+    backwards (``pair_logps``: chosen and rejected in one right-padded pass, the LM head on completion
+    tokens only) over micro-batches of ``--micro-batch`` pairs, their gradients summed, pi_ref's log-probs read from the table that ``reference_logps`` computed once
     before training (its cost is in ``precompute_s_per_pair`` and in the epoch figures);
   - ``ours_reference_forward``: the same step with a reference forward in the step
     (``--no-precompute-ref-logps``);
@@ -82,7 +82,7 @@ def timed(fn, device) -> float:
 def trl_run(policy, reference, tokenizer, pairs, batch: int, device, **options) -> dict | None:
     """TRL's DPOTrainer for one epoch over ``pairs`` (plus a first warm-up batch), on the same model,
     reference, batch, beta and lr: seconds per step after the first and seconds of its start-up work
-    (the reference precomputation, when asked); None when trl is not installed, the reason when an
+    (tokenising the data set, and the reference precomputation when asked); None when trl is not installed, the reason when an
     option does not run here."""
     try:
         from datasets import Dataset
@@ -111,10 +111,10 @@ def trl_run(policy, reference, tokenizer, pairs, batch: int, device, **options) 
             **options,
         )
         timer = StepTimer()
+        timer.begin = time.perf_counter()  # its start-up: tokenising the data, and precomputing the reference when asked
         try:
             trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=data,
                                  processing_class=tokenizer, callbacks=[timer])
-            timer.begin = time.perf_counter()  # train() precomputes the reference log-probs when asked
             with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its own summary; we print JSON only
                 trainer.train()
         except (ValueError, RuntimeError, NotImplementedError) as err:
@@ -130,6 +130,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="batches in the data set (one epoch)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--micro-batch", type=int, default=16, help="our pairs per pass (textgym dpo's --micro-batch-size)")
     parser.add_argument("--no-trl", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -158,16 +159,23 @@ def main():
 
     table = {}
 
-    def ours(policy, optimizer, i):
-        chosen, rejected = pair_logps(policy, tokenizer, batches[i], device)
-        ref = table["ref"][i * args.batch : (i + 1) * args.batch].to(device)
-        dpo_step(policy, optimizer, chosen, rejected, ref[:, 0], ref[:, 1])
+    def ours(policy, optimizer, i, precomputed=True):
+        """As ``train_dpo`` steps: micro-batches of ``--micro-batch`` pairs, their gradients summed."""
+        optimizer.zero_grad()
+        for start in range(0, args.batch, args.micro_batch):
+            part = batches[i][start : start + args.micro_batch]
+            chosen, rejected = pair_logps(policy, tokenizer, part, device)
+            if precomputed:
+                ref = table["ref"][i * args.batch + start : i * args.batch + start + len(part)].to(device)
+                ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+            else:
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = pair_logps(reference, tokenizer, part, device)
+            (dpo_loss(chosen, rejected, ref_chosen, ref_rejected)[0].sum() / args.batch).backward()
+        optimizer.step()
 
     def ours_reference_forward(policy, optimizer, i):
-        chosen, rejected = pair_logps(policy, tokenizer, batches[i], device)
-        with torch.no_grad():
-            ref_chosen, ref_rejected = pair_logps(reference, tokenizer, batches[i], device)
-        dpo_step(policy, optimizer, chosen, rejected, ref_chosen, ref_rejected)
+        ours(policy, optimizer, i, precomputed=False)
 
     def naive(policy, optimizer, i):
         prompts = [p.prompt for p in batches[i]]
@@ -179,7 +187,7 @@ def main():
         dpo_step(policy, optimizer, chosen, rejected, ref_chosen, ref_rejected)
 
     def precompute():
-        table["ref"] = reference_logps(reference, tokenizer, pairs, device, batch_size=2 * args.batch)
+        table["ref"] = reference_logps(reference, tokenizer, pairs, device, batch_size=args.micro_batch)
 
     use_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
     trl_options = {"defaults": {}, "precompute_ref_log_probs": {"precompute_ref_log_probs": True},

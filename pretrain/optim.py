@@ -52,15 +52,20 @@ def optimizer_step(
     max_grad_norm: float = 0.0,
     scheduler=None,
     where: str = "",
+    zero_grad: bool = True,
 ) -> float:
     """Backpropagate ``loss`` and take one step; returns the global gradient norm (before clipping).
+
+    ``zero_grad=False`` keeps the gradients already accumulated (earlier micro-batches' backward
+    passes) and adds this loss's to them.
 
     ``max_grad_norm`` > 0 clips the global L2 norm of the gradients to it (0 = no clipping; the norm
     is still measured and checked). Raises :class:`NonFiniteError` naming the loss or the gradient
     (and ``where``, e.g. "at update 3") if either is non-finite; the weights are then untouched.
     """
     check_finite("the loss", loss.detach(), where)
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in parameters if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))

@@ -41,7 +41,7 @@ from pretrain.checkpoint import StepRun, save_trained_lm
 from pretrain.config import hparam, require_non_negative, require_positive, validate_fields
 from pretrain.distributed import process_group
 from pretrain.model import disable_dropout
-from pretrain.optim import check_model_finite, make_adam, optimizer_step
+from pretrain.optim import check_finite, check_model_finite, make_adam, optimizer_step
 from pretrain.progress import progress_bar
 from rlhf.logprobs import encode, packed_sequence_logprobs, text_token_limit, tokenize_pairs
 from rlhf.preferences import PreferencePair, build_preferences, load_jsonl, prompt_texts, save_jsonl
@@ -95,6 +95,7 @@ class DPOConfig(ModelOptions):
     max_new_tokens: int = hparam(32, "completion length (data building and evaluation)")
     epochs: int = hparam(1, "passes over the pairs")
     batch_size: int = hparam(32, "pairs per step (per process: N processes take N x batch_size)")
+    micro_batch_size: int = hparam(16, "pairs per forward/backward pass; a step sums the gradients of its passes (the same step)")
     precompute_ref_logps: bool = hparam(True, "score every pair under pi_ref once before training, then free the reference "
                                               "copy (False: a reference forward in every step)")
     lr: float = hparam(5e-5, "peak AdamW learning rate (linear warmup and decay)")
@@ -113,7 +114,7 @@ class DPOConfig(ModelOptions):
         self.validate_model_options()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        require_positive(self, "beta", "lr", "epochs", "batch_size", "num_prompts", "max_new_tokens")
+        require_positive(self, "beta", "lr", "epochs", "batch_size", "micro_batch_size", "num_prompts", "max_new_tokens")
         require_non_negative(self, "tau", "max_grad_norm", "weight_decay", "checkpoint_every")
         require_positive(self, "keep_checkpoints")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -143,7 +144,7 @@ def pair_logps(model, tokenizer, pairs: list[PreferencePair], device, max_length
 
 @torch.no_grad()
 def reference_logps(reference, tokenizer, pairs: list[PreferencePair], device, max_length: int | None = None,
-                    batch_size: int = 64, dtype: str = "float32") -> torch.Tensor:
+                    batch_size: int = 16, dtype: str = "float32") -> torch.Tensor:
     """log pi_ref(y_w | x) and log pi_ref(y_l | x) of every pair, (P, 2) float32 on the CPU, in
     no-grad passes over ``batch_size`` pairs of similar length (sorted, so little padding): what DPO's
     loss needs of the frozen reference, computed once per dataset instead of once per step (TRL's
@@ -244,7 +245,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         ref_table = torch.full((len(pairs), 2), float("nan"))
         if mine:
             ref_table[mine] = reference_logps(reference, tokenizer, [pairs[i] for i in mine], device, max_length,
-                                              2 * cfg.batch_size, cfg.dtype)
+                                              cfg.micro_batch_size, cfg.dtype)
         reference = None
     policy.train()
     last = {}
@@ -252,22 +253,39 @@ def train_dpo(cfg: DPOConfig) -> dict:
         task = bar.add_task("dpo", total=n_steps, completed=steps.step, status="", visible=dist.is_main)
         for step in range(steps.step + 1, n_steps + 1):
             index = steps.shard(batches[step - 1])
-            batch = [pairs[i] for i in index]
-            with autocast(cfg.dtype, device):  # bf16 matmuls for policy and reference when asked; weights stay fp32
-                chosen_logps, rejected_logps = pair_logps(model, tokenizer, batch, device, max_length)
-                if ref_table is not None:
-                    ref_chosen_logps, ref_rejected_logps = ref_table[index].to(device).unbind(1)
-                else:
-                    with torch.no_grad():
-                        ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, batch, device, max_length)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                cfg.beta, cfg.loss_type, cfg.label_smoothing,
-            )
             # The mean over the global batch: the gradient all-reduce averages the processes' gradients,
             # so each divides its sum by the mean number of pairs per process.
-            loss = losses.sum() / dist.global_count(losses.new_ones(len(batch)))
-            optimizer_step(loss, optimizer, params, cfg.max_grad_norm, scheduler, f"at DPO step {step}")
+            count = dist.global_count(torch.ones(len(index), device=device))
+            # Micro-batches of micro_batch_size pairs, their gradients summed: the step of the whole
+            # batch, in passes small enough for the CPU's caches (and for memory).
+            optimizer.zero_grad(set_to_none=True)
+            parts = [index[start : start + cfg.micro_batch_size] for start in range(0, len(index), cfg.micro_batch_size)]
+            outputs = []
+            for j, part in enumerate(parts):
+                final_part = j == len(parts) - 1
+                sync = contextlib.nullcontext() if final_part or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    with autocast(cfg.dtype, device):  # bf16 matmuls for policy and reference when asked; weights stay fp32
+                        chosen_logps, rejected_logps = pair_logps(model, tokenizer, [pairs[i] for i in part], device, max_length)
+                        if ref_table is not None:
+                            ref_chosen_logps, ref_rejected_logps = ref_table[part].to(device).unbind(1)
+                        else:
+                            with torch.no_grad():
+                                ref_chosen_logps, ref_rejected_logps = pair_logps(reference, tokenizer, [pairs[i] for i in part],
+                                                                                  device, max_length)
+                    losses, chosen_rewards, rejected_rewards = dpo_loss(
+                        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                    )
+                    loss = losses.sum() / count
+                    if final_part:
+                        optimizer_step(loss, optimizer, params, cfg.max_grad_norm, scheduler, f"at DPO step {step}", zero_grad=False)
+                    else:
+                        check_finite("the loss", loss.detach(), f"at DPO step {step}")
+                        loss.backward()
+                outputs.append(torch.stack([t.detach().float() for t in (losses, chosen_rewards, rejected_rewards, chosen_logps,
+                                                                          rejected_logps)], 1))
+            losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = torch.cat(outputs).unbind(1)
             metrics = dist.mean_metrics({
                 "loss/dpo": losses.mean().item(),
                 "rewards/chosen": chosen_rewards.mean().item(),

@@ -128,21 +128,22 @@ def check_pair_logps(directory):
     torch.testing.assert_close(table, torch.stack(expected, 1), rtol=0, atol=1e-4)
 
 
-def test_a_precomputed_reference_trains_exactly_as_a_reference_forward_per_step(tmp_path, tiny_gpt2_dir):
+def test_a_precomputed_reference_and_micro_batches_train_exactly_as_one_pass_with_a_reference_forward(tmp_path, tiny_gpt2_dir):
     pairs = [{"prompt": f"Review {i}:", "chosen": " wonderful film" + " indeed" * (i % 3), "rejected": " boring"} for i in range(12)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(p) for p in pairs))
     losses = {}
-    for precompute in (True, False):
-        out = tmp_path / f"dpo-{precompute}"
+    for precompute, micro in ((True, 16), (False, 16), (True, 3)):
+        out = tmp_path / f"dpo-{precompute}-{micro}"
         train_dpo(DPOConfig(model=str(tiny_gpt2_dir), data=str(data), out=str(out), epochs=2, batch_size=4, lr=3e-3,
-                            device="cpu", precompute_ref_logps=precompute))
+                            device="cpu", precompute_ref_logps=precompute, micro_batch_size=micro))
         ea = EventAccumulator(str(out))
         ea.Reload()
-        losses[precompute] = [e.value for e in ea.Scalars("loss/dpo")]
-    assert len(losses[True]) == 6
-    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
-    assert losses[True][-1] < losses[True][0] - 0.05, "and it learns"
+        losses[precompute, micro] = [e.value for e in ea.Scalars("loss/dpo")]
+    assert len(losses[True, 16]) == 6
+    assert losses[True, 16] == pytest.approx(losses[False, 16], abs=1e-5)
+    assert losses[True, 3] == pytest.approx(losses[True, 16], abs=1e-5), "passes of 3 + 1 pairs: the same steps"
+    assert losses[True, 16][-1] < losses[True, 16][0] - 0.05, "and it learns"
 
 
 def test_encode_refuses_to_truncate(tiny_tokenizer):

@@ -238,10 +238,11 @@ LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--npro
 
 
 def test_two_processes_take_the_steps_of_one_process_with_twice_the_batch(tmp_path, tiny_gpt2_dir):
-    """DPO (all weights), SFT (LoRA; unequal shards of a 7-demonstration epoch) and the reward model
-    (LoRA) with 2 processes x batch 2 end where 1 process x batch 4 does; only the main process writes."""
+    """DPO (all weights; one pair per pass, so each process sums its gradients before the all-reduce),
+    SFT (LoRA; unequal shards of a 7-demonstration epoch) and the reward model (LoRA) with 2 processes x
+    batch 2 end where 1 process x batch 4 does; only the main process writes."""
     data = write_data(tmp_path / "data.jsonl", n=8)
-    runs = [("dpo", {}), ("sft", LORA), ("reward", LORA)]
+    runs = [("dpo", {"micro_batch_size": 1}), ("sft", LORA), ("reward", LORA)]
 
     def fields(name, extra, out, batch_size):  # lr 1e-3: Adam's first steps amplify float noise in gradients near 0 by lr / eps
         _, cfg = trainer(name, tiny_gpt2_dir, data, out, epochs=1, checkpoint_every=1, lr=1e-3, **extra)
