@@ -27,9 +27,10 @@ same model, reward model, batch (32 episodes of 16 tokens), learning rate, seed 
 * ``sb3_ppo`` (unless ``--no-sb3``): Stable-Baselines3 PPO with ``agents.sb3.LMActorCriticPolicy``
   on the same env and budget, plus SB3's acting throughput with and without the policy's KV cache;
 
-and the ratios of ours to each. With ``--repeats N`` every method runs N times in turn (same seed);
-each figure is then the median over the repeats, each ratio is taken within a repeat, and
-``spread`` gives the min and max of every ratio over the repeats. Gold gain per minute = the mean training-episode gold score of the
+and the ratios of ours to each. With ``--repeats N`` every method runs N times in turn, with seeds
+``--seed``, ``--seed`` + 1, ...; each figure is then the median over the repeats, each ratio is taken
+within a repeat (same seed on both sides), and ``spread`` gives the min and max of every ratio over
+the repeats. Gold gain per minute = the mean training-episode gold score of the
 last quarter of updates minus the first quarter's, divided by the run's wall time; our agents also
 report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency).
 """
@@ -312,7 +313,8 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1, help="runs of every method (figures: medians; ratios: medians and spread)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every method, seeds --seed, --seed + 1, ... "
+                                                                      "(figures: medians; ratios: medians and spread)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="what to run (default: all; the trl_* ones need trl installed)")
     parser.add_argument("--no-sb3", action="store_true", help="skip SB3 PPO (its updates take minutes on a CPU)")
@@ -323,26 +325,26 @@ def main():
     if importlib.util.find_spec("trl") is None:
         methods = [m for m in methods if not m.startswith("trl_")]
     runs = {
-        "naive_reinforce": lambda: naive_reinforce(*common, seed=args.seed),
-        "naive_ppo": lambda: naive_ppo(*common, seed=args.seed),
-        "ppo": lambda: ours(ppo, ppo.PPOConfig, *common, seed=args.seed),
-        "reinforce_rloo": lambda: ours(reinforce, reinforce.ReinforceConfig, *common, seed=args.seed),
-        "trl_rloo": lambda: trl_rloo(*common, seed=args.seed),
-        "grpo": lambda: ours(grpo, grpo.GRPOConfig, *common, seed=args.seed, **GRPO_SETTINGS),
-        "trl_grpo": lambda: trl_grpo(*common, seed=args.seed),
-        "grpo_mu1": lambda: ours(grpo, grpo.GRPOConfig, *common, seed=args.seed, **GRPO_MU1),
-        "trl_grpo_mu1": lambda: trl_grpo(*common, seed=args.seed, num_iterations=1, minibatches=1),
-        "trpo": lambda: ours(trpo, trpo.TRPOConfig, *common, seed=args.seed),
-        "pcl": lambda: ours(dqn, dqn.DQNConfig, *common, seed=args.seed),
-        "dqn_td": lambda: ours(dqn, dqn.DQNConfig, *common, seed=args.seed, **DQN_TD_SETTINGS),
-        "sb3_ppo": lambda: sb3_ppo(*common, seed=args.seed),
+        "naive_reinforce": lambda seed: naive_reinforce(*common, seed=seed),
+        "naive_ppo": lambda seed: naive_ppo(*common, seed=seed),
+        "ppo": lambda seed: ours(ppo, ppo.PPOConfig, *common, seed=seed),
+        "reinforce_rloo": lambda seed: ours(reinforce, reinforce.ReinforceConfig, *common, seed=seed),
+        "trl_rloo": lambda seed: trl_rloo(*common, seed=seed),
+        "grpo": lambda seed: ours(grpo, grpo.GRPOConfig, *common, seed=seed, **GRPO_SETTINGS),
+        "trl_grpo": lambda seed: trl_grpo(*common, seed=seed),
+        "grpo_mu1": lambda seed: ours(grpo, grpo.GRPOConfig, *common, seed=seed, **GRPO_MU1),
+        "trl_grpo_mu1": lambda seed: trl_grpo(*common, seed=seed, num_iterations=1, minibatches=1),
+        "trpo": lambda seed: ours(trpo, trpo.TRPOConfig, *common, seed=seed),
+        "pcl": lambda seed: ours(dqn, dqn.DQNConfig, *common, seed=seed),
+        "dqn_td": lambda seed: ours(dqn, dqn.DQNConfig, *common, seed=seed, **DQN_TD_SETTINGS),
+        "sb3_ppo": lambda seed: sb3_ppo(*common, seed=seed),
     }
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "batch": args.batch, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "seed": args.seed,
               "repeats": args.repeats}
     repeats = []  # one {method: figures} per repeat, the methods in turn within each
-    for _ in range(args.repeats):
-        repeats.append({name: runs[name]() for name in methods})
+    for repeat in range(args.repeats):
+        repeats.append({name: runs[name](args.seed + repeat) for name in methods})
     for name in methods:  # the median of each figure over the repeats
         result[name] = {metric: statistics.median(r[name][metric] for r in repeats) if repeats[0][name][metric] is not None else None
                         for metric in repeats[0][name]}
