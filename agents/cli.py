@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from agents import dqn, grpo, ppo, reinforce, sb3, trpo
 from agents.evaluate import EvalConfig, evaluate
+from agents.frontier import FrontierConfig, frontier
 from pretrain.corpus import PromptsConfig, make_prompts
 from pretrain.sample import SampleConfig, sample
 from pretrain.train import PretrainConfig
@@ -51,6 +52,8 @@ COMMANDS: dict[str, Command] = {
     "sft": Command(SFTConfig, train_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
     "dpo": Command(DPOConfig, train_dpo, "Direct Preference Optimization against a frozen reference"),
     "eval": Command(EvalConfig, evaluate, "compare trained policies on held-out prompts (gold, RM, KL); JSON + plot"),
+    "frontier": Command(FrontierConfig, frontier, "sweep every method's strength, evaluate all checkpoints, draw the gold-vs-KL "
+                                                  "frontier with best-of-n and the Gao fits"),
 }
 
 TRAIN: dict[str, Command] = {

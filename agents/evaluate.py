@@ -12,6 +12,7 @@ runs/dpo`` evaluates a DPO run exactly like a PPO run.
     gold         mean gold score (VADER compound of prompt + completion; the toy: its true reward)
     rm           mean reward-model score (what the agent optimised)
     kl_ref       E_y~pi[ sum_t log pi(y_t|.) - log pi_ref(y_t|.) ], the sequence KL to the reference
+    kl_se        its standard error over the episodes
     distinct_1/2 distinct uni/bigrams over all completions
     ref_ppl      the reference LM's perplexity of the completions
 
@@ -137,6 +138,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress
         "gold": float(np.mean(gold[:k])),
         "rm": float(np.mean(rm[:k])),
         "kl_ref": float(np.mean(kls[:k])),
+        "kl_se": float(np.std(kls[:k], ddof=1) / math.sqrt(k)) if k > 1 else 0.0,
         "distinct_1": distinct_n(texts[:k], 1),
         "distinct_2": distinct_n(texts[:k], 2),
         "ref_ppl": math.exp(ref_nll / max(n_tokens, 1)),
