@@ -385,7 +385,7 @@ class FrontierConfig(TaskConfig):
     total_steps: int = hparam(0, "generated tokens per RL run (0 = each method's default; --quick: 2048)")
     best_of_n: list[int] | None = hparam(None, "the n of best-of-n (default: 1 2 4 8 16 32 64; --quick: 1 2 4)")
     dpo_prompts: int = hparam(1000, "prompts whose sampled pairs DPO and IPO train on (one data set for every beta)")
-    episodes: int = hparam(256, "held-out episodes per evaluated model, and prompts of best-of-n (--quick: 64)")
+    episodes: int = hparam(0, "held-out episodes per evaluated model, and prompts of best-of-n (0 = 256; --quick: 64)")
     num_envs: int = hparam(64, "episodes per batch when evaluating")
     max_new_tokens: int = hparam(16, "tokens per episode, in training, evaluation and DPO's data")
     budgets: list[float] | None = hparam(None, "KL budgets of the table, nats per sequence (default: 2 5 10 20)")
@@ -398,6 +398,7 @@ class FrontierConfig(TaskConfig):
         self.validate_task()
         if self.methods is None:
             self.methods = list(QUICK_METHODS if self.quick else DEFAULT_METHODS)
+        self.methods = list(dict.fromkeys(self.methods))  # a method named twice runs and counts once
         unknown = [m for m in self.methods if m != BEST_OF_N and m not in SWEEPS]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; expected some of {', '.join([BEST_OF_N, *SWEEPS])}")
@@ -415,8 +416,10 @@ class FrontierConfig(TaskConfig):
             self.budgets = [2.0, 5.0, 10.0, 20.0]
         if any(b <= 0 for b in self.budgets):
             raise ValueError(f"KL budgets must be > 0, got {self.budgets}")
-        require_non_negative(self, "total_steps")
-        require_positive(self, "dpo_prompts", "episodes", "num_envs", "max_new_tokens")
+        if self.gold == "none":
+            raise ValueError("the frontier is drawn in the gold score: --gold none gives none; name a judge (or leave the env's own)")
+        require_non_negative(self, "total_steps", "episodes")
+        require_positive(self, "dpo_prompts", "num_envs", "max_new_tokens")
 
     @property
     def steps(self) -> int:
@@ -424,7 +427,7 @@ class FrontierConfig(TaskConfig):
 
     @property
     def eval_episodes(self) -> int:
-        return 64 if self.quick and self.episodes == 256 else self.episodes
+        return self.episodes or (64 if self.quick else 256)
 
 
 def task_flags(cfg: TaskConfig) -> list[str]:
@@ -471,11 +474,11 @@ def run_is_finished(run: Path) -> bool:
     return (run / FINAL).is_dir() and verify_dir(run / FINAL) is None
 
 
-def train_run(argv: list[str], run: Path) -> None:
-    """Train one run in a child process (``python -m agents.cli``): a finished run is skipped, an
-    interrupted one resumed from its newest checkpoint. ``RuntimeError`` if the run fails."""
+def train_run(argv: list[str], run: Path) -> bool:
+    """Train one run in a child process (``python -m agents.cli``): a finished run is skipped (returns
+    False), an interrupted one resumed from its newest checkpoint. ``RuntimeError`` if the run fails."""
     if run_is_finished(run):
-        return
+        return False
     if run.is_dir() and RunDir.list_checkpoints(run):
         prefix = argv[:2] if argv[0] == "train" else argv[:1]  # "train ppo" or "dpo": the run keeps its own settings
         argv = [*prefix, "--resume", str(run)]
@@ -483,7 +486,9 @@ def train_run(argv: list[str], run: Path) -> None:
         argv = [*argv, "--out", str(run), "--overwrite"]
     result = subprocess.run([sys.executable, "-m", "agents.cli", *argv])
     if result.returncode != 0:
-        raise RuntimeError(f"textgym {' '.join(argv)} failed (exit {result.returncode}); rerun textgym frontier to resume it")
+        raise RuntimeError(f"textgym {' '.join(argv)} failed (exit {result.returncode}; its error is above); once that is "
+                           "fixed, textgym frontier resumes the sweep")
+    return True
 
 
 @torch.no_grad()
@@ -491,12 +496,15 @@ def best_of_n(env, model_dir, ns: Sequence[int], prompts: int, seed: int) -> lis
     """Best-of-n from the base model on ``prompts`` held-out prompts: max(ns) completions each, and
     for each n the first n of them ranked by the proxy (the env's reward), the best one kept.
 
-    Returns one point per n: "kl" = :func:`best_of_n_kl` (n), "gold" and "proxy" = means over the
-    prompts of the kept completion's gold and proxy scores, "distinct_2" of the kept texts."""
+    Returns one point per n: "kl" = :func:`best_of_n_kl` (n), "gold_abs" and "proxy" = means over the
+    prompts of the kept completion's gold and proxy scores, "gold_base" = the mean gold of all the
+    samples (the base model's gold on these very prompts: the baseline of best-of-n's gain, so n = 1
+    lands at 0 up to sampling noise), "distinct_2" of the kept texts."""
     policy = LMPolicy.load(model_dir, env.device, valid_actions=env.valid_actions, value_head=False).eval()
     torch.manual_seed(seed)
     env.reset(seed=seed)
-    chosen = [env.prompts[i] for i in np.random.default_rng(seed).permutation(len(env.prompts))[:prompts]]
+    # ``prompts`` draws of the held-out prompts: each once in a random order, cycling when there are fewer.
+    chosen = [env.prompts[i] for i in np.resize(np.random.default_rng(seed).permutation(len(env.prompts)), prompts)]
     n_max = max(ns)
     queue = [p for p in chosen for _ in range(n_max)]
     proxy, gold, texts = [], [], []
@@ -514,45 +522,72 @@ def best_of_n(env, model_dir, ns: Sequence[int], prompts: int, seed: int) -> lis
         rows = np.arange(len(chosen))
         kept = [texts[i * n_max + j] for i, j in zip(rows, best)]
         points.append({"label": f"n={n}", "n": n, "kl": best_of_n_kl(n), "kl_se": 0.0, "gold_abs": float(gold_table[rows, best].mean()),
-                       "proxy": float(proxy_table[rows, best].mean()), "distinct_2": distinct_n(kept, 2)})
+                       "gold_base": float(gold_table.mean()), "proxy": float(proxy_table[rows, best].mean()),
+                       "distinct_2": distinct_n(kept, 2)})
     return points
 
 
-def evaluated_run(run: Path, cfg: FrontierConfig, evals: Path) -> list[dict]:
+def evaluated_run(run: Path, cfg: FrontierConfig, evals: Path) -> tuple[list[dict], bool]:
     """``textgym eval`` of one run (its initial model, checkpoints and final model), cached in
     ``evals/<run>/eval.json`` until the run changes."""
     out = evals / run.name
     cached = out / "eval.json"
     if cached.is_file() and cached.stat().st_mtime >= (run / FINAL).stat().st_mtime:
-        return json.loads(cached.read_text())[run.name]
+        return json.loads(cached.read_text())[run.name], False
     eval_cfg = EvalConfig(runs=[str(run)], out=str(out), overwrite=True, episodes=cfg.eval_episodes, num_envs=cfg.num_envs,
                           max_new_tokens=cfg.max_new_tokens, seed=1234 + cfg.seed, device=cfg.device,
                           **{f.name: getattr(cfg, f.name) for f in fields(TaskConfig) if f.name != "model"})
-    return evaluate(eval_cfg)[run.name]
+    return evaluate(eval_cfg)[run.name], True
+
+
+# What the runs and evaluations kept in a sweep dir depend on: a later call must not mix in other settings.
+SWEEP_SETTINGS = ("quick", "total_steps", "dpo_prompts", "episodes", "num_envs", "max_new_tokens", "seed",
+                  *(f.name for f in fields(TaskConfig)))
+SWEEP_FILE = "sweep.json"
+
+
+def check_same_sweep(cfg: FrontierConfig, out: Path, record: bool = False) -> None:
+    """Raise ``ValueError`` naming each setting that differs from the sweep recorded in ``out``: its
+    finished runs and evaluations would be reused as if made with these settings (methods, n and
+    budgets may change: they add runs or change the report). ``record``: write this sweep's settings
+    (once its first run has finished, so a run that fails on a bad setting does not lock the dir)."""
+    mine = {name: getattr(cfg, name) for name in SWEEP_SETTINGS}
+    path = out / SWEEP_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differences = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in mine.items() if saved.get(k) != v]
+        if differences:
+            raise ValueError(f"{out} holds a sweep made with other settings ({'; '.join(differences)}); give another --out")
+    elif record:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
 
 
 def frontier(cfg: FrontierConfig) -> dict:
     """``textgym frontier``: train, evaluate, report (module docstring). Returns what frontier.json holds."""
     out = Path(cfg.out)
     runs, evals = out / "runs", out / "eval"
+    check_same_sweep(cfg, out)
     jobs = run_commands(cfg, runs)
     n_units = 2 * len(jobs) + (BEST_OF_N in cfg.methods)
-    start, done = time.perf_counter(), 0
+    start, done, worked = time.perf_counter(), 0, 0  # units done, and those that did work (skipped ones take no time)
 
     def report(what: str) -> None:  # the sweep's own progress line, between the runs' bars
         elapsed = time.perf_counter() - start
-        eta = elapsed / done * (n_units - done) if done else None
+        eta = elapsed / worked * (n_units - done) if worked else None
         print(f"frontier [{done}/{n_units}] {what}  elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}", flush=True)
 
     for method, knob, value, run, argv in jobs:
         report(f"training {method} {knob}={value:g} -> {run}")
-        train_run(argv, run)
+        worked += train_run(argv, run)
+        check_same_sweep(cfg, out, record=True)  # a finished run: from now on the dir holds this sweep
         done += 1
     points: dict[str, list[dict]] = {}
     base = None
     for method, knob, value, run, _argv in jobs:
         report(f"evaluating {run.name}")
-        for p in evaluated_run(run, cfg, evals):
+        evaluated, ran = evaluated_run(run, cfg, evals)
+        for p in evaluated:
             if p["label"] == "initial":
                 base = base or p  # the same base model, seed and prompts in every run's evaluation
                 if points.get(method):
@@ -560,9 +595,9 @@ def frontier(cfg: FrontierConfig) -> dict:
             points.setdefault(method, []).append({"run": run.name, knob: value, "label": p["label"], "kl": p["kl_ref"],
                                                   "kl_se": p["kl_se"], "gold_abs": p["gold"], "proxy": p["rm"],
                                                   "distinct_2": p["distinct_2"], "ref_ppl": p["ref_ppl"]})
-        done += 1
+        done, worked = done + 1, worked + ran
     if BEST_OF_N in cfg.methods:
-        report(f"best-of-n, n = {' '.join(map(str, cfg.best_of_n))}, on {cfg.eval_episodes} held-out prompts")
+        report(f"best-of-n, n = {' '.join(map(str, cfg.best_of_n))}, on {cfg.eval_episodes} draws of the held-out prompts")
         device = resolve_device(cfg.device)
         env = make_env(cfg.env, cfg.num_envs, device, 1234 + cfg.seed, model=cfg.model, max_new_tokens=cfg.max_new_tokens,
                        prompt_split="test", **task_kwargs(cfg, split="test"))
@@ -570,10 +605,10 @@ def frontier(cfg: FrontierConfig) -> dict:
         if base is None:
             base = evaluate_model(model_dir, load_reference(model_dir, env, device), env, cfg.eval_episodes, 1234 + cfg.seed)
         points[BEST_OF_N] = best_of_n(env, model_dir, cfg.best_of_n, cfg.eval_episodes, cfg.seed)
-        done += 1
+        done, worked = done + 1, worked + 1
     for method_points in points.values():  # gold as the gain over the base model: the frontier starts at (0, 0)
         for p in method_points:
-            p["gold"] = p["gold_abs"] - base["gold"]
+            p["gold"] = p["gold_abs"] - p.get("gold_base", base["gold"])
     fits = {}
     for method, method_points in points.items():
         try:
@@ -595,9 +630,12 @@ def frontier(cfg: FrontierConfig) -> dict:
             continue
         peak_kl = "never turns over" if fit["peak_kl"] is None else f"{fit['peak_kl']:.2f}"
         peak_gold = "–" if fit["peak_gold"] is None else f"{fit['peak_gold']:+.3f}"
+        r2 = "–" if fit["r2"] is None else f"{fit['r2']:.3f}"
         fit_rows.append(f"| {method} | {fit['form']} | {fit['alpha']:.4f} | {fit['beta']:.4f} | {peak_kl} | {peak_gold} | "
-                        f"{fit['r2']:.3f} | {fit['n_points']} |")
-    markdown = (f"Best held-out gold gain over the base model (gold {base['gold']:+.3f}) within each KL budget "
+                        f"{r2} | {fit['n_points']} |")
+    bon_base = f"; best-of-n's over the base model's samples of its own prompt draws, {points[BEST_OF_N][0]['gold_base']:+.3f}" \
+        if BEST_OF_N in points else ""
+    markdown = (f"Best held-out gold gain over the base model (gold {base['gold']:+.3f}{bon_base}) within each KL budget "
                 f"(nats per sequence; the point's KL in parentheses):\n\n{table}\n\n"
                 f"Gao et al. (2022) fits on d = sqrt(KL): gold gain = d (alpha - beta log d) (RL, DPO), d (alpha - beta d) "
                 f"(best-of-n):\n\n" + "\n".join(fit_rows) + "\n")

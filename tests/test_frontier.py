@@ -235,6 +235,12 @@ def test_frontier_quick_on_the_toy_env_writes_one_point_per_run_and_checkpoint_a
     stamp = final.stat().st_mtime
     assert main(argv) == 0
     assert final.stat().st_mtime == stamp
+    # Other settings would reuse runs made with these: refused, naming the setting.
+    from agents.frontier import FrontierConfig, frontier
+
+    with pytest.raises(ValueError, match="total_steps: 512 there, 1024 here"):
+        frontier(FrontierConfig(quick=True, env="TextGenToy-v0", methods=["ppo"], total_steps=1024, max_new_tokens=4, episodes=16,
+                                num_envs=16, device="cpu", out=str(out)))
 
 
 def test_frontier_config_names_what_cannot_run():
