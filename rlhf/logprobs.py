@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from pretrain.padding import position_ids_from_mask
+from pretrain.padding import position_ids_from_mask, right_pad
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,8 +119,8 @@ def packed_sequence_logprobs(
     token, which is then left out of the sum.
     """
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    input_ids, _ = right_pad(rows, pad_id, device)  # its padding mask is not needed: see the all-ones mask below
+    width = input_ids.shape[1]
     # predicts[i, t]: position t of row i predicts completion token t + 1.
     predicts = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
