@@ -42,7 +42,7 @@ from pretrain.kv_cache import CachedLM
 from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
 from pretrain.padding import position_ids_from_mask
-from rlhf.logprobs import completion_logprobs, gather_logprobs, masked_log_softmax
+from rlhf.logprobs import causal_pass, completion_logprobs, masked_log_softmax, unpack
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -147,38 +147,46 @@ class LMPolicy(nn.Module):
         """
         if entropy not in ("grad", "detached", "none"):
             raise ValueError(f"entropy must be 'grad', 'detached' or 'none', got {entropy!r}")
-        log_probs, hidden = self.next_token_log_probs(input_ids, attention_mask, completion_start,
-                                                      hidden_states=self.value_head is not None)
-        live = attention_mask[:, completion_start:].bool()  # generated tokens; the rest is padding
-        logprobs = gather_logprobs(log_probs, input_ids[:, completion_start:], live)
+        live, logits, hidden = self.completion_pass(input_ids, attention_mask, completion_start,
+                                                    hidden_states=self.value_head is not None)
+        log_probs = masked_log_softmax(logits, self.valid_actions)  # (N, V) over the N generated tokens
+        targets = input_ids[:, completion_start:][live]
+        logprobs = unpack(live, log_probs.gather(-1, targets[:, None]).squeeze(-1))
         entropies = None
         if entropy != "none":
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
                 probs = log_probs.exp()
-                entropies = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1) * live
+                entropies = unpack(live, -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1))
         values = None
         if self.value_head is not None:
-            values = self.value_head(hidden.float()).squeeze(-1) * live
+            values = unpack(live, self.value_head(hidden.float()).squeeze(-1))
         return logprobs, entropies, values
+
+    def completion_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                        hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The one teacher-forced pass of the model over [context | completion] rows, read at the N
+        generated tokens only: ``live`` (B, T) bool (the generated tokens, where ``attention_mask``
+        is 1 from ``completion_start`` on), the policy's logits that predict them, (N, V) float32
+        (not yet masked to the valid actions), and with ``hidden_states`` the last hidden state there,
+        (N, H) (else None); N = live.sum(), in row-major order of ``live``.
+
+        It is ``rlhf.logprobs.causal_pass``, the pass every completion scorer runs (the reference's
+        included, so at equal weights their log-probs agree exactly): the rows' tokens moved to the
+        front, trimmed to this batch's longest row, read under the causal mask alone with the LM
+        head on the N positions only. Raises ``ValueError`` for a row with no context token."""
+        live = attention_mask[:, completion_start:].bool()
+        logits, hidden = causal_pass(self.model, input_ids, attention_mask, F.pad(live, (completion_start, 0)), hidden_states)
+        return live, logits, hidden
 
     def next_token_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
                              hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The masked next-token log-distribution log pi(. | s_t) at every completion position, (B, T, V)
         float32 (-inf on invalid actions), and with ``hidden_states`` the model's last hidden state
-        there, (B, T, H) (else None): what :meth:`evaluate` reads, and TRPO's exact KL over the vocabulary."""
-        # The state before completion token t is the sequence up to column completion_start + t - 1,
-        # so only the last T + 1 positions need the LM head (logits_to_keep): the context's do not.
-        n_keep = input_ids.shape[1] - completion_start + 1
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=hidden_states,
-            logits_to_keep=n_keep,
-        )
-        log_probs = masked_log_softmax(out.logits[:, -n_keep:-1], self.valid_actions)
-        hidden = out.hidden_states[-1][:, completion_start - 1 : -1] if hidden_states else None
-        return log_probs, hidden
+        there, (B, T, H) (else None); both 0 where the completion is padding: what TRPO's exact KL
+        over the vocabulary and the path-consistency critic read (one :meth:`completion_pass`)."""
+        live, logits, hidden = self.completion_pass(input_ids, attention_mask, completion_start, hidden_states)
+        log_probs = unpack(live, masked_log_softmax(logits, self.valid_actions))
+        return log_probs, unpack(live, hidden) if hidden_states else None
 
     @torch.no_grad()
     def check_finite(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:

@@ -186,18 +186,20 @@ class TextGenBatch:
             appended = active.long()
             self.attention_mask[:, -1] |= appended
             self.n_generated += appended
-        if self.reference is not None:
-            self.reference.step(actions if every_row else torch.where(active, actions, self.pad_id))
-
         ended = actions == self.eos_id
         ended |= self.n_generated >= task.max_new_tokens
         if not every_row:
             ended &= active
-        finished = {}
-        if ended.any():  # one host sync per step: which rows finished
-            rows = ended.nonzero().flatten()
+        rows = ended.nonzero().flatten() if ended.any() else None  # one host sync per step: which rows finished
+        if rows is not None:
             self.done[rows] = True
             self.done_rows.update(rows.tolist())
+        # The reference reads the new token, unless every episode has ended: its next logits would
+        # never be read (a reset re-primes the rows), so the last step of a batch costs no reference forward.
+        if self.reference is not None and len(self.done_rows) < self.batch_size:
+            self.reference.step(actions if every_row else torch.where(active, actions, self.pad_id))
+        finished = {}
+        if rows is not None:
             scores, finished = self.score_finished(rows)
             rewards[rows] += scores
         return StepResult(rewards, ended, ref_logprobs, finished)

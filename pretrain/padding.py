@@ -8,6 +8,7 @@ tokens only, so a padded row sees exactly the logits it sees alone:
 * ``left_pad``: token-id lists as one left-padded batch.
 * ``right_pad``: the same, padded on the right: what a third-party ``*ForSequenceClassification``
   model expects (absolute positions from the sequence start, BERT's included).
+* ``to_right_padded``: a padded batch's rows with their tokens moved to the front (a causal-mask-only pass).
 * ``length_buckets``: rows grouped into a few batches of similar length (padding the fewest
   tokens), for prefill and reward scoring.
 """
@@ -38,6 +39,15 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> t
     ids = [list(seq) + [pad_id] * (width - len(seq)) for seq in sequences]
     mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in sequences]
     return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
+
+
+def to_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A padded batch (B, S) with each row's tokens (``attention_mask`` 1) moved to its front, in
+    order, then its padding: (B, W), W = the longest row. A left-padded [context | right-padded
+    completion] row becomes one run of tokens from column 0, what a causal-mask-only pass reads."""
+    mask = attention_mask.bool()
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # the row's tokens first
+    return input_ids.gather(1, order[:, : int(mask.sum(1).max())])
 
 
 # A forward call's fixed cost in padded tokens: on 2 CPU cores one call of the shipped 4M-parameter

@@ -4,9 +4,10 @@ PPO, REINFORCE, DQN's evaluation, ``textgym eval``, DPO and SFT all score comple
 
     log pi(y_t | x, y_<t) = logits_t[y_t] - logsumexp(logits_t)        (over the valid tokens, if given)
 
-for the completion tokens y of each row and 0 elsewhere. Position ids are derived from the
-attention mask, so a left-padded row gets exactly the log-probs it gets unpadded, and the LM head
-runs only on the positions that predict a completion token (``logits_to_keep``), not on the prompt.
+for the completion tokens y of each row and 0 elsewhere, in one pass (``causal_pass``): the rows'
+tokens are moved to the front and read under the causal mask alone, so a padded row gets exactly
+the log-probs it gets unpadded, and the LM head runs only on the positions that predict a
+completion token, not on the prompt or the padding.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from pretrain.padding import position_ids_from_mask, right_pad
+from pretrain.padding import right_pad, to_right_padded
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -45,10 +46,42 @@ def gather_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor, mask: torch.T
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
-def keep_from(completion_mask: torch.Tensor) -> int:
-    """How many last positions need the LM head: from the one before the first completion column on."""
-    columns = completion_mask.any(0).nonzero()
-    return min(completion_mask.shape[1] - int(columns[0]) + 1, completion_mask.shape[1]) if len(columns) else 1
+def unpack(where: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` (N, ...) rows laid out at the True entries of ``where`` (B, T) bool, in row-major
+    order, 0 elsewhere: (B, T, ...), differentiable in ``packed``."""
+    return packed.new_zeros((*where.shape, *packed.shape[1:])).index_put((where,), packed)
+
+
+def causal_pass(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
+    hidden_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits (N, V) float32 that predict the N tokens where ``targets`` (B, S) bool is True, in
+    row-major order, and with ``hidden_states`` the last hidden states they come from, (N, H).
+
+    ``input_ids``, ``attention_mask`` (B, S) are padded rows (left-padded contexts and right-padded
+    completions, or any layout); ``targets`` must lie on attended tokens. Each row's tokens are moved
+    to its front (``pretrain.padding.to_right_padded``), trimmed to the batch's longest row, and read
+    under the causal mask alone with the LM head on the N predicting positions (``causal_logits_at``):
+    no padding mask, no work on padding, no head on the prompt. Every pass that scores completions
+    (the policy's, the reference's, SFT's) is this one, so at equal weights they agree exactly.
+    Raises ``ValueError`` for a target that is a row's first token (nothing predicts it) or padding.
+    """
+    mask = attention_mask.bool()
+    if bool((targets & ~mask).any()):
+        raise ValueError("a target token lies on padding (attention_mask 0)")
+    # The k-th token of a row (k = its attended tokens up to it, less 1) sits at position k of the
+    # right-padded row and is predicted at position k - 1.
+    predicted_at = (attention_mask.long().cumsum(1) - 2)[targets]
+    if bool((predicted_at < 0).any()):
+        raise ValueError("a target token is its row's first token: nothing before it predicts it")
+    ids = to_right_padded(input_ids, attention_mask)
+    predicts = torch.zeros_like(ids, dtype=torch.bool)
+    predicts[targets.nonzero()[:, 0], predicted_at] = True
+    return causal_logits_at(model, ids, predicts, hidden_states)
 
 
 def completion_logprobs(
@@ -60,21 +93,15 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """Per-token log pi(x_t | x_<t) for the completion tokens, zero elsewhere: (B, S) float32.
 
-    ``input_ids``, ``attention_mask`` (B, S) left-padded rows; ``completion_mask`` (B, S) 1 on
-    completion tokens (never on padding or the prompt; the first column is never a completion
-    token, as nothing predicts it); ``valid_actions`` (V,) bool restricts the softmax to the tokens
-    a policy may emit (the agents' action mask), None = the full vocabulary.
+    ``input_ids``, ``attention_mask`` (B, S) padded rows; ``completion_mask`` (B, S) 1 on
+    completion tokens (never on padding or a row's first token, as nothing predicts it);
+    ``valid_actions`` (V,) bool restricts the softmax to the tokens a policy may emit (the agents'
+    action mask), None = the full vocabulary. One ``causal_pass``.
     """
-    n_keep = keep_from(completion_mask)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n_keep,
-    ).logits[:, -n_keep:]
-    # The logits at position t predict token t + 1.
-    log_probs = masked_log_softmax(logits[:, :-1], valid_actions)
-    targets, mask = input_ids[:, -n_keep + 1:], completion_mask[:, -n_keep + 1:].bool()
-    logps = gather_logprobs(log_probs, targets, mask)
-    return F.pad(logps, (input_ids.shape[1] - logps.shape[1], 0))
+    targets = completion_mask.bool()
+    logits, _ = causal_pass(model, input_ids, attention_mask, targets)
+    log_probs = masked_log_softmax(logits, valid_actions)
+    return unpack(targets, log_probs.gather(-1, input_ids[targets][:, None]).squeeze(-1))
 
 
 def sequence_logprobs(
@@ -119,7 +146,7 @@ def packed_sequence_logprobs(
     token, which is then left out of the sum.
     """
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    input_ids, _ = right_pad(rows, pad_id, device)  # its padding mask is not needed: see the all-ones mask below
+    input_ids, _ = right_pad(rows, pad_id, device)  # its padding mask is not needed: see causal_logits_at
     width = input_ids.shape[1]
     # predicts[i, t]: position t of row i predicts completion token t + 1.
     predicts = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -128,23 +155,42 @@ def packed_sequence_logprobs(
     predicts = predicts.to(device)
     targets = input_ids.roll(-1, dims=1)[predicts]  # (N,)
     row_of = predicts.nonzero()[:, 0]  # (N,)
-    # An all-ones mask (rather than none, which transformers warns about when a row holds pad ids) is
-    # recognised as "causal only": no padding mask is built.
-    attention_mask = torch.ones_like(input_ids)
-    head = output_head(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=head is not None,
-                logits_to_keep=1 if head is not None else 0)
-    if head is not None:
-        hidden = out.hidden_states[-1]
-        # The model's own logits at the last position must be what the head gives there.
-        if torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
-            logits = head(hidden[predicts]).float()  # (N, V)
-        else:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[predicts].float()
-    else:
-        logits = out.logits[predicts].float()
+    logits, _ = causal_logits_at(model, input_ids, predicts)
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
     return torch.zeros(len(rows), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps)
+
+
+def causal_logits_at(
+    model: PreTrainedModel, input_ids: torch.Tensor, predicts: torch.Tensor, hidden_states: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits (N, V) float32 at the N positions where ``predicts`` (B, W) bool is True, of the
+    *right*-padded rows ``input_ids`` (B, W) read under the causal mask alone; with ``hidden_states``
+    also the last hidden states there, (N, H) (else None). Rows are in row-major order of ``predicts``.
+
+    A token never sees the padding after it, so with positions 0, 1, ... every real token gets
+    exactly the outputs it gets alone, and no padding mask is built or applied (an all-ones mask,
+    rather than none, which transformers warns about when a row holds pad ids, is read as "causal
+    only"). The (N, H) hidden states meet the (H, V) head only where asked, so the head's matmul
+    and the (B, W, V) logits are skipped elsewhere (prompt, padding). A model whose logits are not
+    the plain ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head, LoRA on the
+    head) is detected from the one position the model computes itself, and read through its full
+    logits instead.
+    """
+    attention_mask = torch.ones_like(input_ids)
+    head = output_head(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=head is not None or hidden_states,
+                logits_to_keep=1 if head is not None else 0)
+    hidden = out.hidden_states[-1] if head is not None or hidden_states else None
+    if head is not None:
+        with torch.no_grad():  # the model's own logits at the last position must be what the head gives there
+            plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
+        if plain:
+            logits = head(hidden[predicts])
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[predicts]
+    else:
+        logits = out.logits[predicts]
+    return logits.float(), hidden[predicts] if hidden_states else None
 
 
 def text_token_limit(model) -> int | None:

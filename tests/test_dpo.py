@@ -77,10 +77,14 @@ PAIRS = [PreferencePair("A fine", " film indeed, and", " bad"), PreferencePair("
 
 
 def left_padded_logps(model, tokenizer, pairs):
-    """The reference computation: left-padded rows, full logits, log-softmax (``sequence_logprobs``)."""
+    """The reference computation, written out: left-padded rows with positions from the mask, the
+    full logits, log-softmax, the completion tokens' entries summed."""
     prompts = [p.prompt for p in pairs]
     batch = encode(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    logps = sequence_logprobs(model, **batch)
+    ids, attn, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits.float()
+    picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logps = (picked * completion[:, 1:]).sum(1)
     return logps[: len(pairs)], logps[len(pairs) :]
 
 

@@ -305,3 +305,24 @@ def test_the_old_name_kl_coef_still_works_with_a_deprecation_warning():
     assert env.task.ref_logprob_coef == 0.2
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="kl_coef must be a finite number >= 0, got nan"):
         gym.make("TextGenToy-v0", kl_coef=float("nan"))
+
+
+
+def test_the_reference_skips_the_step_after_every_episode_ended(tiny_env_kwargs):
+    """Once every episode has ended, the reference step that nobody would read is not run (the next
+    reset re-primes the reference), and the episodes after the reset are shaped as before."""
+    vec = TextGenVectorEnv(num_envs=2, ref_logprob_coef=0.05, **tiny_env_kwargs)
+    single = TextGenEnv(ref_logprob_coef=0.05, **tiny_env_kwargs)
+    steps = []
+    step = vec.batch.reference.step
+    vec.batch.reference.step = lambda tokens: (steps.append(1), step(tokens))
+    token = int(np.flatnonzero(vec.action_masks()[0])[42])
+    for seed in (0, 1):
+        _, info = vec.reset(seed=seed, options={"prompt": "This movie was"})
+        single.reset(seed=seed, options={"prompt": "This movie was"})
+        for t in range(6):  # max_new_tokens=6: both episodes end at the last step
+            _, rewards, terminated, _, _ = vec.step(np.full(2, token))
+            _, reward, *_ = single.step(token)
+            assert rewards[0] == pytest.approx(reward, abs=1e-5) and rewards[0] == rewards[1]
+        assert terminated.all()
+    assert len(steps) == 2 * 5
