@@ -318,9 +318,9 @@ def test_the_reference_skips_the_step_after_every_episode_ended(tiny_env_kwargs)
     vec.batch.reference.step = lambda tokens: (steps.append(1), step(tokens))
     token = int(np.flatnonzero(vec.action_masks()[0])[42])
     for seed in (0, 1):
-        _, info = vec.reset(seed=seed, options={"prompt": "This movie was"})
+        vec.reset(seed=seed, options={"prompt": "This movie was"})
         single.reset(seed=seed, options={"prompt": "This movie was"})
-        for t in range(6):  # max_new_tokens=6: both episodes end at the last step
+        for _ in range(6):  # max_new_tokens=6: both episodes end at the last step
             _, rewards, terminated, _, _ = vec.step(np.full(2, token))
             _, reward, *_ = single.step(token)
             assert rewards[0] == pytest.approx(reward, abs=1e-5) and rewards[0] == rewards[1]
