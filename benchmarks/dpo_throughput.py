@@ -14,7 +14,8 @@ with the min and max over the repeats. Prints one JSON object:
   - ``ours_reference_forward``: the same step with a reference forward in the step
     (``--no-precompute-ref-logps``);
   - ``naive``: what a user writes: four separate forwards (chosen/rejected x policy/reference), each
-    with a full ``log_softmax`` and a gather;
+    with a full ``log_softmax`` and a gather, and ``torch.optim.AdamW`` (ours: ``textgym dpo``'s
+    fused AdamW, ``pretrain.optim.make_adam``; TRL's default is fused AdamW as well);
   - ``epoch_1`` / ``epoch_3``: pairs per second of whole training runs of 1 and 3 epochs, the
     reference precomputation included, ours vs naive;
 * ``trl`` (only when ``trl`` is installed; it is not a dependency): TRL's ``DPOTrainer`` on the same
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from pretrain import load_lm
 from pretrain.model import resolve_device
+from pretrain.optim import make_adam
 from rlhf.dpo import dpo_loss, pair_logps, reference_logps
 from rlhf.logprobs import encode
 from rlhf.preferences import PreferencePair
@@ -143,11 +145,14 @@ def main():
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "batch": args.batch, "pairs": len(pairs), "repeats": args.repeats}
 
-    def runner(step):
+    def runner(step, fused: bool):
         """Fresh policy and optimizer (every method starts from the same weights), one warm-up step on
-        the first batch, then the epoch: seconds per step."""
+        the first batch, then the epoch: seconds per step. ``fused``: AdamW as ``textgym dpo`` builds
+        it (``make_adam``, torch's fused kernel; TRL's default ``adamw_torch_fused`` too), else the
+        ``torch.optim.AdamW(model.parameters())`` a user writes."""
         policy = copy.deepcopy(initial)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        optimizer = make_adam(policy.parameters(), lr=1e-6, weight_decay=0.01, decoupled=True) if fused else \
+            torch.optim.AdamW(policy.parameters(), lr=1e-6)
         step(policy, optimizer, 0)
         return timed(lambda: [step(policy, optimizer, i) for i in range(len(batches))], device) / len(batches)
 
@@ -198,7 +203,7 @@ def main():
         precompute()  # warm-up
         per_pair.setdefault("precompute", []).append(timed(precompute, device) / len(pairs))
         for name, step in (("ours", ours), ("ours_reference_forward", ours_reference_forward), ("naive", naive)):
-            per_pair.setdefault(name, []).append(runner(step) / args.batch)
+            per_pair.setdefault(name, []).append(runner(step, fused=name != "naive") / args.batch)
         for name, options in trl_options.items() if use_trl else ():
             trl_runs[name].append(trl_run(initial, reference, tokenizer, pairs, args.batch, device, **options))
 
