@@ -194,9 +194,10 @@ class TextGenBatch:
         if rows is not None:
             self.done[rows] = True
             self.done_rows.update(rows.tolist())
-        # The reference reads the new token, unless every episode has ended: its next logits would
-        # never be read (a reset re-primes the rows), so the last step of a batch costs no reference forward.
-        if self.reference is not None and len(self.done_rows) < self.batch_size:
+        # The reference reads the new token, unless every episode has ended and no action mask is
+        # drawn from it (top-k / top-p): its next logits would never be read (a reset re-primes the
+        # rows), so the last step of a batch costs no reference forward.
+        if self.reference is not None and (len(self.done_rows) < self.batch_size or self.restricts_per_state):
             self.reference.step(actions if every_row else torch.where(active, actions, self.pad_id))
         finished = {}
         if rows is not None:

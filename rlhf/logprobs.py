@@ -114,11 +114,22 @@ def sequence_logprobs(
     return completion_logprobs(model, input_ids, attention_mask, completion_mask).sum(-1)
 
 
+# Config fields of transformers models whose logits are not the head's output (soft cap, scaling),
+# with their neutral values: Gemma-2/3's final_logit_softcapping, Cohere's logit_scale, Granite's
+# logits_scaling.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
+
+
 def output_head(model) -> torch.nn.Linear | None:
     """The LM head of ``model`` (looking through a data-parallel wrapper and the adapter wrappers)
-    when it is a plain ``nn.Linear`` that maps the last hidden state to the logits, else None."""
+    when it is a plain ``nn.Linear`` that maps the last hidden state to the logits, else None (also
+    for a config that transforms the head's output: ``LOGIT_TRANSFORMS``)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module  # DistributedDataParallel
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(config, name, None) not in neutral for name, neutral in LOGIT_TRANSFORMS.items()):
+        return None
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if type(head) is torch.nn.Linear else None
@@ -172,9 +183,10 @@ def causal_logits_at(
     rather than none, which transformers warns about when a row holds pad ids, is read as "causal
     only"). The (N, H) hidden states meet the (H, V) head only where asked, so the head's matmul
     and the (B, W, V) logits are skipped elsewhere (prompt, padding). A model whose logits are not
-    the plain ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head, LoRA on the
-    head) is detected from the one position the model computes itself, and read through its full
-    logits instead.
+    the plain ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head by its config,
+    ``output_head``; LoRA on the head) is read through its full logits in the same one pass; any
+    other transform is caught at the one position the model computes itself, at the cost of a
+    second pass.
     """
     attention_mask = torch.ones_like(input_ids)
     head = output_head(model)

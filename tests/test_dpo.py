@@ -107,14 +107,35 @@ def test_pair_logps_equal_the_left_padded_full_logits_computation(tiny_model_dir
     check_pair_logps(tiny_model_dir)
 
 
-def test_pair_logps_of_a_soft_capped_head_fall_back_to_the_models_logits(tmp_path, tiny_tokenizer):
-    """A head that is not a plain Linear of the last hidden state (Gemma-2's soft cap) is detected."""
-    check_pair_logps(softcapped_lm_dir(tmp_path / "gemma2", tiny_tokenizer))
+def test_pair_logps_of_a_soft_capped_head_read_the_models_logits_in_one_pass(tmp_path, tiny_tokenizer):
+    """A head whose logits its config transforms (Gemma-2's soft cap) is known from the config: the
+    pass reads the model's own logits, in one forward."""
+    model, tokenizer = load_lm(softcapped_lm_dir(tmp_path / "gemma2", tiny_tokenizer))
+    assert output_head(model) is None
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    pair_logps(model, tokenizer, PAIRS, "cpu")
+    assert len(calls) == 1
+    check_pair_logps(model, tokenizer)
 
 
-def check_pair_logps(directory):
-    model, tokenizer = load_lm(directory)
-    assert output_head(model) is not None, "the fast path applies: a plain nn.Linear head"
+def test_pair_logps_catch_a_head_transform_the_config_does_not_name(tiny_gpt2_dir):
+    """Logits that are not the head's output with no config field saying so (here a hook halves
+    them) are caught at the one position the model computes itself, and read from the model."""
+    model, tokenizer = load_lm(tiny_gpt2_dir)
+
+    def halve(module, args, output):
+        output.logits = output.logits / 2
+        return output
+
+    model.register_forward_hook(halve)
+    assert output_head(model) is not None, "a plain Linear head, by its type and config"
+    check_pair_logps(model, tokenizer)
+
+
+def check_pair_logps(model, tokenizer=None):
+    if tokenizer is None:
+        model, tokenizer = load_lm(model)
     grads = []
     for compute in (left_padded_logps, lambda m, t, p: pair_logps(m, t, p, "cpu")):
         model.zero_grad()

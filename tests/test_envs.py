@@ -326,3 +326,18 @@ def test_the_reference_skips_the_step_after_every_episode_ended(tiny_env_kwargs)
             assert rewards[0] == pytest.approx(reward, abs=1e-5) and rewards[0] == rewards[1]
         assert terminated.all()
     assert len(steps) == 2 * 5
+
+
+def test_the_terminal_steps_top_k_action_mask_is_the_final_observations(tiny_env_kwargs):
+    """With top-k, the action mask is drawn from the reference's next-token logits, so the reference
+    still reads the episode's last token: the terminal step's mask is the final context's top-k."""
+    env = TextGenEnv(top_k=5, **tiny_env_kwargs)
+    env.reset(seed=0, options={"prompt": "This movie was"})
+    ref, _ = load_lm(env.task.reference_model)
+    for _ in range(6):  # max_new_tokens=6
+        obs, _, terminated, _, info = env.step(int(np.flatnonzero(env.action_masks())[0]))
+    assert terminated
+    context = obs["input_ids"][obs["attention_mask"] == 1].tolist()
+    with torch.no_grad():
+        logits = ref(torch.tensor([context])).logits[0, -1].masked_fill(~env.task.valid_actions, float("-inf"))
+    assert set(np.flatnonzero(info["action_mask"])) == set(logits.topk(5).indices.tolist())
