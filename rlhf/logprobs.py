@@ -22,7 +22,7 @@ from pretrain.padding import right_pad, to_right_padded
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[label] per position, without materialising the full log-softmax twice.
 
-    logits (B, T, V), labels (B, T) -> (B, T).
+    logits (..., V), labels (...) -> (...): (B, T, V) -> (B, T), or the packed (N, V) -> (N,).
     """
     logits = logits.float()
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -167,7 +167,7 @@ def packed_sequence_logprobs(
     targets = input_ids.roll(-1, dims=1)[predicts]  # (N,)
     row_of = predicts.nonzero()[:, 0]  # (N,)
     logits, _ = causal_logits_at(model, input_ids, predicts)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    logps = token_logprobs(logits, targets)  # (N,)
     return torch.zeros(len(rows), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps)
 
 
