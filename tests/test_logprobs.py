@@ -1,0 +1,125 @@
+"""rlhf.logprobs' completion pass: rows that share a context read it once, with every row's outputs
+exactly those of the row read alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, OPTConfig, Qwen3Config
+
+import rlhf.logprobs as logprobs
+from pretrain.model import load_lm
+from pretrain.padding import left_pad
+from rlhf.logprobs import causal_pass, prefix_sharing_width, shared_prefix_layout
+
+
+def grouped_batch(vocab: int, seed: int = 0, group: int = 4, prompts: int = 3, completion: int = 6):
+    """Left-padded [prompt | completion] rows, ``group`` completions per prompt, some of them ended
+    early (right padding), one of them empty (no target), and one row with a prompt of its own."""
+    g = torch.Generator().manual_seed(seed)
+    rows, targets = [], []
+    for p in range(prompts):
+        prompt = torch.randint(2, vocab, (3 + 2 * p,), generator=g).tolist()
+        for k in range(group):
+            n = 0 if (p, k) == (1, 2) else completion - (k % 3)
+            rows.append(prompt + torch.randint(2, vocab, (n,), generator=g).tolist())
+            targets.append([False] * len(prompt) + [True] * n)
+    rows.append(torch.randint(2, vocab, (9,), generator=g).tolist())
+    targets.append([False] * 4 + [True] * 5)
+    ids, mask = left_pad(rows, pad_id=1)
+    width = ids.shape[1]
+    target = torch.tensor([[False] * (width - len(t)) + t for t in targets])
+    return rows, targets, ids, mask, target
+
+
+def alone(model, rows, targets, hidden=False):
+    """The hand computation: each row read alone, unpadded, its logits at the positions before its targets."""
+    logits, states = [], []
+    for row, target in zip(rows, targets):
+        out = model(input_ids=torch.tensor([row]), output_hidden_states=True)
+        at = [t - 1 for t, f in enumerate(target) if f]
+        logits.append(out.logits[0, at])
+        states.append(out.hidden_states[-1][0, at])
+    return torch.cat(logits), torch.cat(states)
+
+
+def check_shared_pass(model, monkeypatch=None, width: int | None = None):
+    rows, targets, ids, mask, target = grouped_batch(model.config.vocab_size)
+    model.double().eval()  # float64 (eval: no dropout; gradients flow all the same)
+    if width is not None:
+        monkeypatch.setattr(logprobs, "prefix_sharing_width", lambda m: width)
+    weights = torch.randn(int(target.sum()), model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for compute in (lambda: causal_pass(model, ids, mask, target, hidden_states=True), lambda: alone(model, rows, targets)):
+        model.zero_grad()
+        logits, hidden = compute()
+        (hidden * weights).sum().backward()  # float64 end to end (the pass returns float32 logits)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if len(grads) == 1:
+            got = logits.detach(), hidden.detach()
+    torch.testing.assert_close(got[0], logits.detach().float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[1], hidden.detach(), rtol=0, atol=1e-10)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[1]:  # Llama-family norms compute in float32 even in a float64 model: ~1e-6 of the largest entry
+        scale = float(grads[1][name].abs().max())
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_rows_sharing_a_prompt_get_the_logits_hidden_states_and_gradients_of_each_row_alone(tiny_model_dir):
+    model, _ = load_lm(tiny_model_dir)
+    assert prefix_sharing_width(model) == model.config.hidden_size
+    check_shared_pass(model)
+
+
+@pytest.mark.parametrize("width", [10, 1000])
+def test_groups_split_by_the_width_limit_or_packed_whole_are_exact(tiny_gpt2_dir, monkeypatch, width):
+    model, _ = load_lm(tiny_gpt2_dir)
+    check_shared_pass(model, monkeypatch, width)
+
+
+def tiny(config_cls, **kw):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=1, **kw)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny(Qwen3Config, head_dim=8), lambda: tiny(MistralConfig, sliding_window=None)],
+                         ids=["qwen3", "mistral"])
+def test_the_other_listed_architectures_are_exact(make):
+    check_shared_pass(make())
+
+
+def test_eager_attention_reads_the_mask_as_additive_scores(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=128, pad_token_id=1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    check_shared_pass(model)
+
+
+def test_the_layout_reads_each_shared_prompt_once():
+    rows, targets, ids, mask, target = grouped_batch(vocab=64)  # token ids >= 2; the layout pads with 0
+    right = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
+    predicts = torch.zeros_like(target)
+    for i, t in enumerate(targets):
+        predicts[i, [k - 1 for k, f in enumerate(t) if f]] = True
+    layout = shared_prefix_layout(right, predicts, max_width=1000)
+    # Prompts of 3, 5 and 7 tokens once each, every completion but its last token, the lone row's 8 tokens.
+    branches = sum(max(sum(t) - 1, 0) for t in targets[:-1])
+    assert int((layout.input_ids != 0).sum()) == 3 + 5 + 7 + branches + 8
+    assert int((layout.input_ids != 0).sum()) < sum(len(r) for r in rows)
+    assert bool(layout.attends[:, 0].diagonal(dim1=1, dim2=2).all()), "every token reads at least itself"
+    assert layout.rows.numel() == layout.columns.numel() == int(predicts.sum())
+    assert shared_prefix_layout(right[-1:], predicts[-1:], 1000) is None, "nothing shared: the plain pass"
+
+
+def test_models_that_cannot_read_a_packed_row_take_the_plain_pass():
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, word_embed_proj_dim=32))
+    assert prefix_sharing_width(opt) == 0, "OPT derives its positions from the 2-D mask"
+    windowed = tiny(MistralConfig, sliding_window=16)
+    assert prefix_sharing_width(windowed) == 16, "a packed row never outgrows the attention window"
+    prompt_tuned = torch.nn.Module()
+    prompt_tuned.num_virtual_tokens, prompt_tuned.config = 8, GPT2Config()
+    assert prefix_sharing_width(prompt_tuned) == 0
