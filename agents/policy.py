@@ -171,9 +171,10 @@ class LMPolicy(nn.Module):
         (N, H) (else None); N = live.sum(), in row-major order of ``live``.
 
         It is ``rlhf.logprobs.causal_pass``, the pass every completion scorer runs (the reference's
-        included, so at equal weights their log-probs agree exactly): the rows' tokens moved to the
-        front, trimmed to this batch's longest row, read under the causal mask alone with the LM
-        head on the N positions only. Raises ``ValueError`` for a row with no context token."""
+        included, so at equal weights their log-probs on the same batch agree exactly): the rows'
+        tokens moved to the front, trimmed to this batch's longest row, read under the causal mask
+        alone with the LM head on the N positions only; rows with the same context (RLOO's and
+        GRPO's samples of one prompt) read it once. Raises ``ValueError`` for a row with no context token."""
         live = attention_mask[:, completion_start:].bool()
         logits, hidden = causal_pass(self.model, input_ids, attention_mask, F.pad(live, (completion_start, 0)), hidden_states)
         return live, logits, hidden

@@ -72,6 +72,28 @@ def test_reinforce_learns_the_toy_env(tmp_path):
     assert rewards[0] < 0.3 and np.mean(rewards[-3:]) > 0.75
 
 
+def test_reinforce_rloos_update_and_reference_passes_read_each_prompt_once(tmp_path, monkeypatch):
+    """RLOO's k samples of a prompt reach the update and reference passes as one packed row each
+    (rlhf.logprobs.shared_prefix_layout), not as k padded rows."""
+    import rlhf.logprobs
+
+    layouts = []
+
+    def recording(input_ids, predicts, max_width):
+        layout = shared_prefix_layout(input_ids, predicts, max_width)
+        layouts.append((input_ids.shape, layout))
+        return layout
+
+    shared_prefix_layout = rlhf.logprobs.shared_prefix_layout
+    monkeypatch.setattr(rlhf.logprobs, "shared_prefix_layout", recording)
+    reinforce.train(reinforce.ReinforceConfig(**TOY, num_envs=8, total_steps=8 * 4 * 2, lr=1e-3, kl_coef=0.05,
+                                              baseline="rloo", rloo_k=4, out=str(tmp_path / "rloo")))
+    assert len(layouts) == 4, "per update: the reference pass and the update pass"
+    for (rows, width), layout in layouts:
+        assert layout is not None
+        assert layout.input_ids.numel() <= rows * width * rlhf.logprobs.MAX_LAYOUT_COST
+
+
 def test_dqn_with_prioritized_replay_reaches_the_optimal_policy(tmp_path):
     out = tmp_path / "dqn"
     result = dqn.train(dqn.DQNConfig(**TD_TOY, total_steps=2500, prioritized=True, n_step=2, out=str(out)))
