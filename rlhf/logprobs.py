@@ -199,7 +199,7 @@ def causal_logits_at(
     position the model computes itself, at the cost of a second pass.
     """
     max_width = prefix_sharing_width(model) if share_prefixes else 0
-    layout = shared_prefix_layout(input_ids, predicts, max_width) if max_width else None
+    layout = shared_prefix_layout(input_ids, predicts, max_width, attention_window(model)) if max_width else None
     if layout is None:
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         at = predicts.nonzero(as_tuple=True)
@@ -226,34 +226,50 @@ def causal_logits_at(
 PREFIX_SHARING_MODELS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 
 
-def prefix_sharing_width(model) -> int:
-    """The longest packed row ``shared_prefix_layout`` may build for ``model`` (its hidden size: the
-    attention over a packed row of W tokens then costs at most W / 6H of its matmuls), or 0 where
-    ``model`` cannot read packed rows (``PREFIX_SHARING_MODELS``, a soft prompt, a sliding window)."""
+def _unwrapped(model):
+    """``model`` without its data-parallel wrapper (adapter wrappers pass attributes on themselves)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module  # DistributedDataParallel
-    if getattr(model, "num_virtual_tokens", 0):
+    return model
+
+
+def _text_config(model):
+    config = getattr(_unwrapped(model), "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def prefix_sharing_width(model) -> int:
+    """How wide ``shared_prefix_layout`` should pack rows for ``model``: its hidden size H (the
+    attention over a packed row of W tokens then costs at most W / 6H of its matmuls), or 0 where
+    ``model`` cannot read packed rows (not in ``PREFIX_SHARING_MODELS``, a soft prompt, an attention
+    kernel other than SDPA or eager)."""
+    if getattr(_unwrapped(model), "num_virtual_tokens", 0):
         return 0
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = _text_config(model)
     if getattr(config, "model_type", None) not in PREFIX_SHARING_MODELS:
         return 0
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return 0
-    width = int(config.hidden_size)
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) is not False else None
-    return min(width, int(window)) if window else width
+    return int(config.hidden_size)
+
+
+def attention_window(model) -> int | None:
+    """The sliding attention window of ``model``'s config (Mistral; Qwen2/3 with
+    ``use_sliding_window``), None without one. A packed row's 4-D mask replaces the model's own, so
+    a layout is only used where no row is wider than the window (there it never bites)."""
+    config = _text_config(model)
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
 
 
 def _model_mask(model, attends: torch.Tensor) -> torch.Tensor:
     """``attends`` (R, 1, W, W) bool as the model's attention reads a 4-D mask: as it is for SDPA,
     as 0 / the dtype's minimum added to the scores for eager attention."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if config._attn_implementation == "sdpa":
+    if _text_config(model)._attn_implementation == "sdpa":
         return attends
-    dtype = model.dtype  # a transformers model's (an adapter wrapper passes it on)
+    dtype = _unwrapped(model).dtype  # a transformers model's (an adapter wrapper passes it on)
     return torch.zeros(attends.shape, dtype=dtype, device=attends.device).masked_fill(~attends, torch.finfo(dtype).min)
 
 
@@ -280,7 +296,8 @@ class SharedPrefixLayout:
     columns: torch.Tensor
 
 
-def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_width: int) -> SharedPrefixLayout | None:
+def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_width: int,
+                         window: int | None = None) -> SharedPrefixLayout | None:
     """The packed layout of right-padded rows ``input_ids`` (B, W) whose predicting positions
     ``predicts`` (B, W) bool start after a context some rows share; None if no two rows share one.
 
@@ -292,21 +309,25 @@ def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_wi
     context's tokens are computed once for the group instead of once per row (a prompt of RLOO's k = 4
     samples: 4x fewer prompt tokens). A group longer than ``max_width`` is split (each part repeats
     the context), and the parts are packed into rows as wide as the longest part, first-fit
-    decreasing; every padding token reads itself only, so no row of the mask is empty. None also when
-    the packed rows would not save enough of the padded batch's work (``MAX_LAYOUT_COST``).
+    decreasing (a part longer than ``max_width`` is a single context + branch: a row that long); every
+    padding token reads itself only, so no row of the mask is empty. None also when the packed rows
+    would not save enough of the padded batch's work (``MAX_LAYOUT_COST``, checked before anything is
+    built) or would be wider than an attention ``window`` (the mask given replaces the model's: parts
+    are split to fit it, and a row longer than it is read padded).
     """
-    ids, where = input_ids.tolist(), predicts.tolist()
+    batch, full_width = input_ids.shape
+    flags = predicts.to(torch.uint8)
+    firsts = flags.argmax(1).tolist()  # each row's first and last predicting position
+    lasts = (full_width - 1 - flags.flip(1).argmax(1)).tolist()
+    rows = predicts.any(1).nonzero()[:, 0].tolist()
+    ids = input_ids.tolist()
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # context -> [(row, branch)]
-    spans = {}  # row -> (first, last) predicting position
-    for r, flags in enumerate(where):
-        positions = [t for t, f in enumerate(flags) if f]
-        if not positions:
-            continue
-        first, last = positions[0], positions[-1]
-        spans[r] = first, last
-        groups.setdefault(tuple(ids[r][: first + 1]), []).append((r, ids[r][first + 1 : last + 1]))
-    if len(groups) == len(spans):
+    for r in rows:
+        groups.setdefault(tuple(ids[r][: firsts[r] + 1]), []).append((r, ids[r][firsts[r] + 1 : lasts[r] + 1]))
+    needed = sum(len(context) + sum(len(branch) for _, branch in members) for context, members in groups.items())
+    if len(groups) == len(rows) or needed > MAX_LAYOUT_COST * batch * full_width:
         return None
+    max_width = min(max_width, window) if window is not None else max_width
     parts = []  # (context, [(row, branch)]) no longer than max_width, unless one branch is
     for context, members in groups.items():
         part, width = [], len(context)
@@ -319,6 +340,8 @@ def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_wi
         parts.append((context, part))
     lengths = [len(c) + sum(len(b) for _, b in m) for c, m in parts]
     width = max(lengths)
+    if window is not None and width > window:
+        return None
     bins: list[list[int]] = []  # first-fit decreasing: part indices per packed row
     room: list[int] = []
     for i in sorted(range(len(parts)), key=lambda i: -lengths[i]):
@@ -329,12 +352,15 @@ def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_wi
         bins[j].append(i)
         room[j] -= lengths[i]
     R = len(bins)
-    if R * width > MAX_LAYOUT_COST * len(ids) * len(ids[0]):
+    if R * width > MAX_LAYOUT_COST * batch * full_width:
         return None
     packed = [[0] * width for _ in range(R)]
     positions = [[0] * width for _ in range(R)]
     segment = [[-1 - c for c in range(width)] for _ in range(R)]  # a padding token: its own segment
     branch_of = [[0] * width for _ in range(R)]  # 0 on a context, b >= 1 on its b-th branch
+    spans: dict[int, list[int]] = {}  # row -> its predicting positions, ascending
+    for r, t in predicts.nonzero().tolist():
+        spans.setdefault(r, []).append(t)
     at = {}  # row -> (packed row, packed columns of its predicting positions)
     for j, members in enumerate(bins):
         c = 0
@@ -350,7 +376,7 @@ def shared_prefix_layout(input_ids: torch.Tensor, predicts: torch.Tensor, max_wi
                 packed[j][c : c + m], positions[j][c : c + m] = branch, range(n, n + m)
                 segment[j][c : c + m], branch_of[j][c : c + m] = [i] * m, [b] * m
                 first = spans[row][0]
-                at[row] = j, [last_context_column] + [c + t - first - 1 for t, f in enumerate(where[row]) if f and t > first]
+                at[row] = j, [last_context_column] + [c + t - first - 1 for t in spans[row][1:]]
                 c += m
     device = input_ids.device
     segment_t = torch.tensor(segment, device=device)

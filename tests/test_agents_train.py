@@ -79,8 +79,8 @@ def test_reinforce_rloos_update_and_reference_passes_read_each_prompt_once(tmp_p
 
     layouts = []
 
-    def recording(input_ids, predicts, max_width):
-        layout = shared_prefix_layout(input_ids, predicts, max_width)
+    def recording(input_ids, predicts, *args):
+        layout = shared_prefix_layout(input_ids, predicts, *args)
         layouts.append((input_ids.shape, layout))
         return layout
 

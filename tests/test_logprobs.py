@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, OPTConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
 import rlhf.logprobs as logprobs
 from pretrain.model import load_lm
 from pretrain.padding import left_pad
-from rlhf.logprobs import causal_pass, prefix_sharing_width, shared_prefix_layout
+from rlhf.logprobs import attention_window, causal_pass, prefix_sharing_width, shared_prefix_layout
 
 
 def grouped_batch(vocab: int, seed: int = 0, group: int = 4, prompts: int = 3, completion: int = 6):
@@ -118,8 +118,32 @@ def test_models_that_cannot_read_a_packed_row_take_the_plain_pass():
     opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                      num_attention_heads=4, word_embed_proj_dim=32))
     assert prefix_sharing_width(opt) == 0, "OPT derives its positions from the 2-D mask"
-    windowed = tiny(MistralConfig, sliding_window=16)
-    assert prefix_sharing_width(windowed) == 16, "a packed row never outgrows the attention window"
     prompt_tuned = torch.nn.Module()
     prompt_tuned.num_virtual_tokens, prompt_tuned.config = 8, GPT2Config()
     assert prefix_sharing_width(prompt_tuned) == 0
+
+
+@pytest.mark.parametrize("make", [lambda: tiny(MistralConfig, sliding_window=8),
+                                  lambda: tiny(Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=0)],
+                         ids=["mistral", "qwen2"])
+def test_a_sliding_window_model_is_packed_only_where_no_row_outgrows_the_window(make):
+    """The packed rows' mask replaces the model's own, window included: with a row longer than the
+    window the padded pass is used, and each row still gets its outputs read alone."""
+    model = make().double().eval()
+    assert attention_window(model) == 8
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, 64, (4,), generator=g).tolist()
+    short = [prompt + torch.randint(2, 64, (2,), generator=g).tolist() for _ in range(8)]
+    rows = short + [torch.randint(2, 64, (18,), generator=g).tolist()]  # 18 tokens: past the window
+    targets = [[False] * 4 + [True] * 2] * 8 + [[False] * 4 + [True] * 14]
+    ids, mask = left_pad(rows, pad_id=1)
+    target = torch.tensor([[False] * (ids.shape[1] - len(t)) + t for t in targets])
+    logits, _ = causal_pass(model, ids, mask, target)
+    torch.testing.assert_close(logits, alone(model, rows, targets)[0].float(), rtol=0, atol=1e-6)
+    right = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
+    predicts = torch.zeros_like(target)
+    for i, t in enumerate(targets):
+        predicts[i, [k - 1 for k, f in enumerate(t) if f]] = True
+    assert shared_prefix_layout(right, predicts, 1000) is not None, "without the window it would pack"
+    assert shared_prefix_layout(right, predicts, 1000, window=8) is None
+    assert shared_prefix_layout(right[:8], predicts[:8], 1000, window=8) is not None, "the short rows alone fit"
