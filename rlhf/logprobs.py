@@ -191,9 +191,9 @@ def causal_logits_at(
     exactly the outputs it gets alone, and no padding mask is built or applied (an all-ones mask,
     rather than none, which transformers warns about when a row holds pad ids, is read as "causal
     only"). With ``share_prefixes``, rows that start with the same context (the k completions of one
-    prompt: RLOO, GRPO) read it once (``shared_prefix_layout``), exact to float rounding. The (N, H) hidden states
-    meet the (H, V) head only where asked, so the head's matmul and the (B, W, V) logits are skipped
-    elsewhere (prompt, padding). A model whose logits are not the plain ``nn.Linear`` head of its last
+    prompt: RLOO, GRPO) read it once (``shared_prefix_layout``), exact to float rounding. The (N, H)
+    hidden states meet the (H, V) head only where asked, so the head's matmul and the (B, W, V)
+    logits are skipped elsewhere (prompt, padding). A model whose logits are not the plain ``nn.Linear`` head of its last
     hidden state (a soft-capped or scaled head by its config, ``output_head``; LoRA on the head) is
     read through its full logits in the same one pass; any other transform is caught at the one
     position the model computes itself, at the cost of a second pass.
@@ -275,8 +275,8 @@ def _model_mask(model, attends: torch.Tensor) -> torch.Tensor:
 
 # The packed layout is used when its rows x width is at most this fraction of the padded batch's: SDPA
 # reads an explicit mask ~10% slower per token than with its causal kernel (the shipped LM, 2 CPU
-# cores), and attends over wider rows. A DPO pair (a 6-token prompt shared by two 24-token
-# completions: 0.87) is read padded; RLOO's 4 samples of a review opening (0.63) packed.
+# cores), and attends over wider rows. RLOO's 4 samples of a review opening pack to 0.63 (0.77x the
+# time); pairs of a 6-token prompt and two 24-token completions would pack to 0.87 (no faster).
 MAX_LAYOUT_COST = 0.75
 
 
