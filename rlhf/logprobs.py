@@ -193,10 +193,11 @@ def causal_logits_at(
     only"). With ``share_prefixes``, rows that start with the same context (the k completions of one
     prompt: RLOO, GRPO) read it once (``shared_prefix_layout``), exact to float rounding. The (N, H)
     hidden states meet the (H, V) head only where asked, so the head's matmul and the (B, W, V)
-    logits are skipped elsewhere (prompt, padding). A model whose logits are not the plain ``nn.Linear`` head of its last
-    hidden state (a soft-capped or scaled head by its config, ``output_head``; LoRA on the head) is
-    read through its full logits in the same one pass; any other transform is caught at the one
-    position the model computes itself, at the cost of a second pass.
+    logits are skipped elsewhere (prompt, padding). A model whose logits are not the plain
+    ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head by its config,
+    ``output_head``; LoRA on the head) is read through its full logits in the same one pass; any
+    other transform is caught at the one position the model computes itself, at the cost of a
+    second pass.
     """
     max_width = prefix_sharing_width(model) if share_prefixes else 0
     layout = shared_prefix_layout(input_ids, predicts, max_width, attention_window(model)) if max_width else None
