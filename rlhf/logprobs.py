@@ -125,17 +125,26 @@ def sequence_logprobs(
 LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0, 0.0), "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
 
 
+def _unwrapped(model):
+    """``model`` without its data-parallel wrapper (adapter wrappers pass attributes on themselves)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DistributedDataParallel
+    return model
+
+
+def _text_config(model):
+    config = getattr(_unwrapped(model), "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def output_head(model) -> torch.nn.Linear | None:
     """The LM head of ``model`` (looking through a data-parallel wrapper and the adapter wrappers)
     when it is a plain ``nn.Linear`` that maps the last hidden state to the logits, else None (also
     for a config that transforms the head's output: ``LOGIT_TRANSFORMS``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module  # DistributedDataParallel
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = _text_config(model)
     if any(getattr(config, name, None) not in neutral for name, neutral in LOGIT_TRANSFORMS.items()):
         return None
-    get = getattr(model, "get_output_embeddings", None)
+    get = getattr(_unwrapped(model), "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if type(head) is torch.nn.Linear else None
 
@@ -225,18 +234,6 @@ def causal_logits_at(
 # sequences reads each one exactly as alone. Each is tested (tests/test_logprobs.py); any other
 # model, a soft prompt, or an attention kernel other than SDPA / eager takes the plain padded pass.
 PREFIX_SHARING_MODELS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
-
-
-def _unwrapped(model):
-    """``model`` without its data-parallel wrapper (adapter wrappers pass attributes on themselves)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module  # DistributedDataParallel
-    return model
-
-
-def _text_config(model):
-    config = getattr(_unwrapped(model), "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def prefix_sharing_width(model) -> int:
@@ -400,7 +397,7 @@ def text_token_limit(model) -> int | None:
     """How many tokens of text ``model`` reads at once: its ``n_positions`` (GPT-2) less the virtual
     tokens of a soft prompt (``pretrain.adapters``), looking through a data-parallel wrapper; None
     (not checked here) for a config without ``n_positions``."""
-    model = getattr(model, "module", model)
+    model = _unwrapped(model)
     n_positions = getattr(model.config, "n_positions", None)
     return None if n_positions is None else n_positions - getattr(model, "num_virtual_tokens", 0)
 
