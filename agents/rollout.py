@@ -25,6 +25,7 @@ import torch
 
 from agents.policy import LMPolicy
 from envs.api import TextVectorEnv
+from pretrain.side_thread import SideThread
 
 
 @dataclass
@@ -62,25 +63,44 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
     gold, texts = np.zeros(n), [""] * n
     terms: dict[str, np.ndarray] = {}
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    for t in range(horizon):
-        actions = policy.sample()
-        step = env.step_tensor(actions)
-        live = ~done
-        completions[:, t] = torch.where(live, actions.to(device), completions[:, t])
-        completion_mask[:, t] = live
-        env_rewards[:, t] = torch.where(live, step.rewards, env_rewards[:, t])
-        if step.ref_logprobs is None:
-            has_ref = False
-        else:
-            ref_logprobs[:, t] = torch.where(live, step.ref_logprobs, ref_logprobs[:, t])
-        for i, info in step.finished.items():  # only live episodes can finish
-            rm_scores[i], gold[i], texts[i] = info["rm_score"], info["gold_score"], info["text"]
-            for name, value in info.get("reward_terms", {}).items():
-                terms.setdefault(name, np.zeros(n))[i] = value
-        done |= step.terminated & live
-        if bool(done.all()):
-            break
-        policy.advance(actions)
+    # When the env runs a reference LM, a step is two decode forwards: the policy's on the sampled
+    # tokens then runs on a side thread while the env steps, each on half of the CPU's threads
+    # (pretrain.side_thread). The last step, where the reward model scores every episode, gets all
+    # threads back. Not for an adapter policy: its reference is its own layers, adapter switched off.
+    side = None
+    if horizon > 1 and env.reference_model is not None and not policy.is_adapted and SideThread.useful(device):
+        side = SideThread()
+    try:
+        for t in range(horizon):
+            actions = policy.sample()
+            if side is not None and t == horizon - 1:
+                side.close()
+                side = None
+            if side is not None:  # policy.advance runs even if this step ends every episode: a wasted forward, no harm
+                with side.alongside(policy.advance, actions):
+                    step = env.step_tensor(actions)
+            else:
+                step = env.step_tensor(actions)
+            live = ~done
+            completions[:, t] = torch.where(live, actions.to(device), completions[:, t])
+            completion_mask[:, t] = live
+            env_rewards[:, t] = torch.where(live, step.rewards, env_rewards[:, t])
+            if step.ref_logprobs is None:
+                has_ref = False
+            else:
+                ref_logprobs[:, t] = torch.where(live, step.ref_logprobs, ref_logprobs[:, t])
+            for i, info in step.finished.items():  # only live episodes can finish
+                rm_scores[i], gold[i], texts[i] = info["rm_score"], info["gold_score"], info["text"]
+                for name, value in info.get("reward_terms", {}).items():
+                    terms.setdefault(name, np.zeros(n))[i] = value
+            done |= step.terminated & live
+            if bool(done.all()):
+                break
+            if side is None:
+                policy.advance(actions)
+    finally:
+        if side is not None:
+            side.close()
     # Drop context columns that are padding in every row.
     first = int(context_mask.any(0).nonzero()[0])
     context_ids, context_mask = context_ids[:, first:], context_mask[:, first:]

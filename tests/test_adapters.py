@@ -323,3 +323,41 @@ def test_a_bf16_region_around_training_steps_sees_every_update(tiny_gpt2_dir):
         fp32, _, _ = policy.evaluate(ids, mask, ids.shape[1] - 2, entropy="none")
     assert (after - before).abs().max() > 0.1
     torch.testing.assert_close(after.detach(), fp32, rtol=0, atol=0.1)
+
+
+def test_the_policy_steps_beside_the_envs_reference_and_the_rollout_is_unchanged(tiny_env_kwargs, tiny_gpt2_dir, monkeypatch):
+    """When the env runs a reference LM, collect_rollout advances the policy on a side thread while
+    the env steps (pretrain.side_thread): the rollout is the one collected without it (tokens,
+    rewards, reference log-probs), and the CPU threads are the caller's again afterwards. An adapter
+    policy never does: the env's reference is its own layers with the adapter switched off."""
+    from agents.rollout import collect_rollout
+    from pretrain.side_thread import SideThread
+
+    calls = []
+    alongside = SideThread.alongside
+    monkeypatch.setattr(SideThread, "alongside", lambda self, fn, *args: (calls.append(fn.__name__), alongside(self, fn, *args))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        env = make_env("TextGen-v0", 4, "cpu", 0, **{**tiny_env_kwargs, "ref_logprob_coef": 0.1})
+        policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=env.valid_actions, value_head=False)
+        rollouts = []
+        for beside in (False, True):
+            monkeypatch.setattr(SideThread, "useful", staticmethod(lambda device, beside=beside: beside))
+            env.reset_tensor(seed=0)
+            torch.manual_seed(0)
+            rollouts.append(collect_rollout(env, policy))
+            assert torch.get_num_threads() == 2
+        alone, side = rollouts
+        assert calls and set(calls) == {"advance"}
+        assert torch.equal(side.input_ids, alone.input_ids) and torch.equal(side.completion_mask, alone.completion_mask)
+        torch.testing.assert_close(side.ref_logprobs, alone.ref_logprobs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(side.env_rewards, alone.env_rewards, rtol=0, atol=1e-6)
+
+        calls.clear()
+        adapted = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=env.valid_actions, options=LORA)
+        load_reference(tiny_gpt2_dir, env, "cpu", adapted)  # the env now runs the adapter-disabled policy
+        collect_rollout(env, adapted)
+        assert calls == []
+    finally:
+        torch.set_num_threads(before)
