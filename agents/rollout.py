@@ -2,7 +2,8 @@
 
 Every sub-env starts an episode at the same time; the policy samples tokens with its own KV cache
 and the vector env advances all episodes in one tensor step, until every episode has ended
-(EOS or ``max_new_tokens``). Sub-envs that finish early are auto-reset by the env; the steps of
+(EOS or ``max_new_tokens``). When the env runs a reference LM (its per-step KL), the policy's forward
+on each step's tokens runs beside the env's step on a CPU side thread (``pretrain.side_thread``). Sub-envs that finish early are auto-reset by the env; the steps of
 those new episodes are not recorded (their actions are ignored anyway). Only the env's tensor API
 is used (``envs.api.TextVectorEnv``). The result is laid out for a single teacher-forced pass over
 [context | completion]:
@@ -65,8 +66,9 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
     done = torch.zeros(n, dtype=torch.bool, device=device)
     # When the env runs a reference LM, a step is two decode forwards: the policy's on the sampled
     # tokens then runs on a side thread while the env steps, each on half of the CPU's threads
-    # (pretrain.side_thread). The last step, where the reward model scores every episode, gets all
-    # threads back. Not for an adapter policy: its reference is its own layers, adapter switched off.
+    # (pretrain.side_thread). The last step, where the reward model scores every episode still
+    # running, gets all threads back (episodes that end earlier are scored on the caller's half).
+    # Not for an adapter policy: its reference is its own layers with the adapter switched off.
     side = None
     if horizon > 1 and env.reference_model is not None and not policy.is_adapted and SideThread.useful(device):
         side = SideThread()

@@ -12,7 +12,8 @@ list, seed 0; each number is the median of ``--repeats`` timed runs after one wa
 * ``rollout_tokens_per_s`` with ``ref_logprob_coef=0`` and ``ref_logprob_coef>0``: ``agents.rollout.collect_rollout``
   on ``TextGenVectorEnv`` (the policy samples with its own KV cache, the env steps all episodes in
   one tensor step, the reward model scores finished episodes in one batch; with ref_logprob_coef > 0 the env
-  also runs the KV-cached reference LM), and each one's ratio to generate;
+  also runs the KV-cached reference LM, and on a CPU the policy's forward runs beside it on a side
+  thread), and each one's ratio to generate;
 * ``rollout_classifier_tokens_per_s``: the same rollout (``ref_logprob_coef=0``) rewarded by a
   cross-tokenizer classifier (``--classifier``, default: the shipped BERT-style classifier of human
   labels, its own WordPiece tokenizer) instead of the reward model, its ratio to generate, and

@@ -17,10 +17,17 @@ than no side thread at all (0.97x on the rollout at batch 64), as the caller's p
 full width between the calls leave OpenMP workers that compete with the side thread for the cores.
 
 ``alongside(fn, *args)`` runs ``fn(*args)`` on the side thread during its ``with`` body and waits
-for it on leaving (re-raising its exception), so nothing of ``fn`` runs past the block. The side
-thread gets the caller's grad mode and CPU autocast, which torch keeps per thread. The two
-functions must not share mutable state: not the same model, nor one whose mode the other toggles
-(an adapter's reference, which switches the adapter off on the policy's own layers).
+for it on leaving (re-raising its exception; when both raise, ``fn``'s, with the body's as its
+``__context__``), so nothing of ``fn`` runs past the block. The side thread gets the caller's grad
+and inference modes and CPU autocast (dtype and weight-cast cache), which torch keeps per thread.
+The two functions must not share mutable state: not the same model, nor one whose mode the other
+toggles (an adapter's reference, which switches the adapter off on the policy's own layers), and
+neither may write an argument in place that the other reads.
+
+Results are the same function of the inputs on either thread, but not always the same bits: a
+kernel may round differently at another thread count (on this CPU, scaled-dot-product attention
+with one query differs by ~1e-7 between 1 and 2 threads; the matmuls agree bit for bit), as any
+change of ``torch.set_num_threads`` may. Runs with the same seeds and thread count repeat exactly.
 """
 
 from __future__ import annotations
@@ -55,13 +62,14 @@ class SideThread:
         Raises ``RuntimeError`` after :meth:`close`, and ``fn``'s exception on leaving the block."""
         if self._pool is None:
             raise RuntimeError("this SideThread is closed")
-        grad = torch.is_grad_enabled()
-        autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        autocast = dict(enabled=torch.is_autocast_enabled("cpu"), dtype=torch.get_autocast_dtype("cpu"),
+                        cache_enabled=torch.is_autocast_cache_enabled())
         side_threads = self.side_threads
 
         def run():
             torch.set_num_threads(side_threads)  # this thread's own count
-            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), torch.autocast("cpu", **autocast):
                 return fn(*args)
 
         future = self._pool.submit(run)
@@ -73,9 +81,11 @@ class SideThread:
     def close(self) -> None:
         """Wait for the side thread, end it, and give the caller back all its threads (idempotent)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            torch.set_num_threads(self.threads)
+            pool, self._pool = self._pool, None
+            try:
+                pool.shutdown(wait=True)
+            finally:  # even if the wait is interrupted (a second Ctrl-C)
+                torch.set_num_threads(self.threads)
 
     def __enter__(self) -> SideThread:
         return self

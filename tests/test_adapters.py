@@ -327,9 +327,11 @@ def test_a_bf16_region_around_training_steps_sees_every_update(tiny_gpt2_dir):
 
 def test_the_policy_steps_beside_the_envs_reference_and_the_rollout_is_unchanged(tiny_env_kwargs, tiny_gpt2_dir, monkeypatch):
     """When the env runs a reference LM, collect_rollout advances the policy on a side thread while
-    the env steps (pretrain.side_thread): the rollout is the one collected without it (tokens,
-    rewards, reference log-probs), and the CPU threads are the caller's again afterwards. An adapter
-    policy never does: the env's reference is its own layers with the adapter switched off."""
+    the env steps (pretrain.side_thread), on 1 of 2 threads, and gives the last step (the reward
+    model's) and the caller all threads back. The rollout is assembled as without it: on the tiny
+    model, whose kernels round alike at 1 and 2 threads, the tokens, rewards and reference
+    log-probs are the same. An adapter policy never uses it: the env's reference is its own layers
+    with the adapter switched off."""
     from agents.rollout import collect_rollout
     from pretrain.side_thread import SideThread
 
@@ -341,15 +343,21 @@ def test_the_policy_steps_beside_the_envs_reference_and_the_rollout_is_unchanged
     try:
         env = make_env("TextGen-v0", 4, "cpu", 0, **{**tiny_env_kwargs, "ref_logprob_coef": 0.1})
         policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=env.valid_actions, value_head=False)
+        policy.valid_actions[env.eos_token_id] = False  # every episode runs max_new_tokens steps
+        step_threads = []
+        step_tensor = env.step_tensor
+        monkeypatch.setattr(env, "step_tensor", lambda actions: (step_threads.append(torch.get_num_threads()), step_tensor(actions))[1])
         rollouts = []
         for beside in (False, True):
             monkeypatch.setattr(SideThread, "useful", staticmethod(lambda device, beside=beside: beside))
             env.reset_tensor(seed=0)
             torch.manual_seed(0)
+            step_threads.clear()
             rollouts.append(collect_rollout(env, policy))
             assert torch.get_num_threads() == 2
         alone, side = rollouts
         assert calls and set(calls) == {"advance"}
+        assert step_threads == [1] * (env.max_new_tokens - 1) + [2]  # the last step with all threads
         assert torch.equal(side.input_ids, alone.input_ids) and torch.equal(side.completion_mask, alone.completion_mask)
         torch.testing.assert_close(side.ref_logprobs, alone.ref_logprobs, rtol=0, atol=1e-6)
         torch.testing.assert_close(side.env_rewards, alone.env_rewards, rtol=0, atol=1e-6)

@@ -47,6 +47,16 @@ def test_the_threads_are_split_while_open_and_given_back_on_close(two_threads):
         pass
 
 
+def test_an_odd_count_gives_the_caller_the_larger_half(two_threads):
+    torch.set_num_threads(3)
+    with SideThread() as side:
+        assert torch.get_num_threads() == 2
+        with side.alongside(torch.get_num_threads) as future:
+            pass
+        assert future.result() == 1  # set by the side thread itself, not inherited from the caller's 2
+    assert torch.get_num_threads() == 3
+
+
 def test_the_threads_come_back_when_the_block_raises(two_threads):
     with pytest.raises(KeyError), SideThread():
         raise KeyError("boom")
@@ -74,19 +84,24 @@ def test_the_block_waits_for_the_function_even_when_the_body_raises(two_threads)
         assert finished == [True]  # slow() did not run on past the block
 
 
-def test_grad_mode_and_cpu_autocast_carry_to_the_side_thread(two_threads):
+def test_grad_and_inference_modes_and_cpu_autocast_carry_to_the_side_thread(two_threads):
     x, w = torch.randn(4, 8), torch.randn(8, 8, requires_grad=True)
 
     def state():
-        return torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), (x @ w).dtype
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+                torch.is_autocast_cache_enabled(), (x @ w).dtype)
 
     with SideThread() as side:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), side.alongside(state) as future:
+        with (torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False),
+              side.alongside(state) as future):
             pass
-        assert future.result() == (False, True, torch.bfloat16)
+        assert future.result() == (False, False, True, False, torch.bfloat16)
+        with torch.inference_mode(), side.alongside(state) as future:
+            pass
+        assert future.result() == (False, True, False, True, torch.float32)
         with side.alongside(state) as future:
             pass
-        assert future.result() == (True, False, torch.float32)
+        assert future.result() == (True, False, False, True, torch.float32)
 
 
 def test_useful_only_on_a_cpu_with_two_threads(two_threads):
