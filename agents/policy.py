@@ -42,7 +42,7 @@ from pretrain.kv_cache import CachedLM
 from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
 from pretrain.padding import position_ids_from_mask
-from rlhf.logprobs import causal_pass, completion_logprobs, masked_log_softmax, unpack
+from rlhf.logprobs import categorical_entropy, causal_pass, completion_logprobs, masked_log_softmax, unpack
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -155,8 +155,7 @@ class LMPolicy(nn.Module):
         entropies = None
         if entropy != "none":
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
-                probs = log_probs.exp()
-                entropies = unpack(live, -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1))
+                entropies = unpack(live, categorical_entropy(log_probs))
         values = None
         if self.value_head is not None:
             values = unpack(live, self.value_head(hidden.float()).squeeze(-1))

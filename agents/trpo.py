@@ -51,7 +51,7 @@ from pretrain.adapters import ModelOptions, autocast
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.distributed import Distributed, SingleProcess
 from rlhf.kl import kl_controller, kl_estimate, warn_if_negative_kl
-from rlhf.logprobs import gather_logprobs
+from rlhf.logprobs import categorical_entropy, gather_logprobs
 
 
 @dataclass
@@ -268,8 +268,7 @@ def train(cfg: TRPOConfig) -> dict:
             with torch.no_grad():
                 old_logprobs = logprobs.detach()
                 old_values = head(features).squeeze(-1) * mask
-                probs = old_log_probs.exp()
-                entropy = masked_mean(-(probs * old_log_probs.masked_fill(probs == 0, 0.0)).sum(-1), mask)
+                entropy = masked_mean(categorical_entropy(old_log_probs), mask)
                 ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 kl = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
                 rewards = rollout.env_rewards - kl_ctl.value * kl  # r_t = r_env - beta (log pi - log pi_ref)

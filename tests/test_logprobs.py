@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, OPTCon
 import rlhf.logprobs as logprobs
 from pretrain.model import load_lm
 from pretrain.padding import left_pad
-from rlhf.logprobs import attention_window, causal_pass, prefix_sharing_width, shared_prefix_layout
+from rlhf.logprobs import attention_window, categorical_entropy, causal_pass, masked_log_softmax, prefix_sharing_width, shared_prefix_layout
 
 
 def grouped_batch(vocab: int, seed: int = 0, group: int = 4, prompts: int = 3, completion: int = 6):
@@ -147,3 +147,22 @@ def test_a_sliding_window_model_is_packed_only_where_no_row_outgrows_the_window(
     assert shared_prefix_layout(right, predicts, 1000) is not None, "without the window it would pack"
     assert shared_prefix_layout(right, predicts, 1000, window=8) is None
     assert shared_prefix_layout(right[:8], predicts[:8], 1000, window=8) is not None, "the short rows alone fit"
+
+
+def test_categorical_entropy_is_minus_p_log_p_over_the_unmasked_tokens_with_finite_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(11, dtype=torch.bool)
+    valid[[0, 4]] = False
+    log_probs = masked_log_softmax(logits, valid)
+    got = categorical_entropy(log_probs)
+    p = torch.softmax(logits[..., valid].float(), -1)  # the distribution over the valid tokens alone
+    expected = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[..., ~valid] == 0).all()
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+    # A row of padding (log-probs all 0, as unpack leaves them) and a one-hot distribution have entropy 0.
+    assert categorical_entropy(torch.zeros(2, 1)).tolist() == [0.0, 0.0]
+    assert categorical_entropy(torch.tensor([[0.0, float("-inf"), float("-inf")]])).item() == 0.0
