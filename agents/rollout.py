@@ -2,8 +2,9 @@
 
 Every sub-env starts an episode at the same time; the policy samples tokens with its own KV cache
 and the vector env advances all episodes in one tensor step, until every episode has ended
-(EOS or ``max_new_tokens``). When the env runs a reference LM (its per-step KL), the policy's forward
-on each step's tokens runs beside the env's step on a CPU side thread (``pretrain.side_thread``). Sub-envs that finish early are auto-reset by the env; the steps of
+(EOS or ``max_new_tokens``). When the env runs a reference LM (its per-step KL), the policy's
+forward on each step's tokens runs beside the env's step on a CPU side thread
+(``pretrain.side_thread``). Sub-envs that finish early are auto-reset by the env; the steps of
 those new episodes are not recorded (their actions are ignored anyway). Only the env's tensor API
 is used (``envs.api.TextVectorEnv``). The result is laid out for a single teacher-forced pass over
 [context | completion]:

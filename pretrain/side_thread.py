@@ -13,8 +13,9 @@ times, median of 5):
 While a :class:`SideThread` is open, the caller runs on ``n - n // 2`` of torch's ``n`` CPU threads
 and the side thread on ``n // 2``; ``close()`` gives the caller its ``n`` back. The split lasts for
 the whole block of steps, not for each call: splitting and restoring around every step was slower
-than no side thread at all (0.97x on the rollout at batch 64), as the caller's parallel regions at
-full width between the calls leave OpenMP workers that compete with the side thread for the cores.
+than no side thread at all (0.97x on the rollout at batch 64), most likely because the caller's
+parallel regions at full width between the calls leave OpenMP workers spinning, which then compete
+with the side thread for the cores.
 
 ``alongside(fn, *args)`` runs ``fn(*args)`` on the side thread during its ``with`` body and waits
 for it on leaving (re-raising its exception; when both raise, ``fn``'s, with the body's as its
