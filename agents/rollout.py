@@ -50,8 +50,13 @@ class Rollout:
 
 
 @torch.no_grad()
-def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | None = None) -> Rollout:
-    """Run one episode in every sub-env; ``prompts`` forces them (e.g. k copies each, for RLOO)."""
+def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | None = None, side_thread: bool = True) -> Rollout:
+    """Run one episode in every sub-env; ``prompts`` forces them (e.g. k copies each, for RLOO).
+
+    ``side_thread``: when the env runs a reference LM, step the policy beside it on a CPU side thread
+    (see below); False steps them one after the other on all threads. The two draw the same
+    distribution, but fp32 attention rounds differently at another thread count, so a long rollout
+    can sample other tokens."""
     start = env.reset_tensor(options={"prompt": prompts} if prompts is not None else None)
     context_ids, context_mask = start.input_ids.clone(), start.attention_mask.clone()
     n, horizon, device = env.num_envs, env.max_new_tokens, env.device
@@ -71,7 +76,7 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
     # running, gets all threads back (episodes that end earlier are scored on the caller's half).
     # Not for an adapter policy: its reference is its own layers with the adapter switched off.
     side = None
-    if horizon > 1 and env.reference_model is not None and not policy.is_adapted and SideThread.useful(device):
+    if side_thread and horizon > 1 and env.reference_model is not None and not policy.is_adapted and SideThread.useful(device):
         side = SideThread()
     try:
         for t in range(horizon):

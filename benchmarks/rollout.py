@@ -13,7 +13,9 @@ list, seed 0; each number is the median of ``--repeats`` timed runs after one wa
   on ``TextGenVectorEnv`` (the policy samples with its own KV cache, the env steps all episodes in
   one tensor step, the reward model scores finished episodes in one batch; with ref_logprob_coef > 0 the env
   also runs the KV-cached reference LM, and on a CPU the policy's forward runs beside it on a side
-  thread), and each one's ratio to generate;
+  thread), and each one's ratio to generate; with ref_logprob_coef>0 also the same rollout with
+  ``side_thread=False`` (the two forwards one after the other), alternating with it in each repeat,
+  and ``side_thread_speedup``, the ratio of the two;
 * ``rollout_classifier_tokens_per_s``: the same rollout (``ref_logprob_coef=0``) rewarded by a
   cross-tokenizer classifier (``--classifier``, default: the shipped BERT-style classifier of human
   labels, its own WordPiece tokenizer) instead of the reward model, its ratio to generate, and
@@ -89,8 +91,11 @@ class TimedReward:
         return out
 
 
-def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int, reward="default") -> tuple[list[float], float]:
-    """Rollout tokens/s of each repeat, and the fraction of the rollouts' time spent in the reward function."""
+def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, repeats: int, reward="default",
+                 side_thread: tuple[bool, ...] = (True,)) -> tuple[list[list[float]], float]:
+    """Rollout tokens/s of each repeat for each ``side_thread`` setting of ``collect_rollout`` (the
+    settings alternate within a repeat, one env and policy for all), and the fraction of the
+    rollouts' time spent in the reward function."""
     env = TextGenVectorEnv(num_envs=len(prompts), model=model_dir, max_new_tokens=max_new_tokens, ref_logprob_coef=ref_logprob_coef,
                            device=str(device), gold=False, reward=reward)
     env.task.reward_fn = timed = TimedReward(env.task.reward_fn, device)
@@ -98,8 +103,17 @@ def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, r
     policy = LMPolicy.load(model_dir, device, valid_actions=env.valid_actions, value_head=False)
     policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
     start = time.perf_counter()
-    rate = median_rate(lambda: collect_rollout(env, policy, prompts).n_tokens, repeats, device)
-    return rate, timed.seconds / (time.perf_counter() - start)
+    runs = [lambda side=side: collect_rollout(env, policy, prompts, side_thread=side).n_tokens for side in side_thread]
+    rates = [[] for _ in side_thread]
+    for i in range(repeats + 1):  # the first round warms up
+        for run, rate in zip(runs, rates):
+            sync(device)
+            begin = time.perf_counter()
+            n_tokens = run()
+            sync(device)
+            if i:
+                rate.append(n_tokens / (time.perf_counter() - begin))
+    return rates, timed.seconds / (time.perf_counter() - start)
 
 
 def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 15) -> float:
@@ -161,9 +175,10 @@ def main():
             for batch in args.batches:
                 prompts = random.Random(0).sample(all_prompts, batch)
                 gen = time_generate(model, tokenizer, prompts, args.max_new_tokens, device, args.repeats)
-                r0, rm_share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
-                r1, _ = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats)
+                (r0,), rm_share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats)
+                (r1, r1_alone), _ = time_rollout(model_dir, prompts, args.max_new_tokens, 0.05, device, args.repeats, side_thread=(True, False))
                 med = statistics.median
+                side_gain = [a / b for a, b in zip(r1, r1_alone)]
                 entry["batches"][batch] = {
                     "generate_tokens_per_s": round(med(gen), 1),
                     "rollout_kl0_tokens_per_s": round(med(r0), 1),
@@ -171,12 +186,16 @@ def main():
                     "rm_time_share": round(rm_share, 3),
                     "rollout_kl_tokens_per_s": round(med(r1), 1),
                     "rollout_kl_ratio_vs_generate": round(med(r1) / med(gen), 3),
+                    # the same rollout with collect_rollout(side_thread=False), alternating with it in each repeat
+                    "rollout_kl_no_side_thread_tokens_per_s": round(med(r1_alone), 1),
+                    "side_thread_speedup": round(med(side_gain), 3),
                     # the i-th rollout over the i-th generate, min and max over the repeats
                     "spread": {name: [round(min(a / g for a, g in zip(rates, gen)), 3), round(max(a / g for a, g in zip(rates, gen)), 3)]
-                               for name, rates in (("rollout_kl0_ratio_vs_generate", r0), ("rollout_kl_ratio_vs_generate", r1))},
+                               for name, rates in (("rollout_kl0_ratio_vs_generate", r0), ("rollout_kl_ratio_vs_generate", r1))}
+                              | {"side_thread_speedup": [round(min(side_gain), 3), round(max(side_gain), 3)]},
                 }
                 if args.classifier:
-                    rc, share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats, args.classifier)
+                    (rc,), share = time_rollout(model_dir, prompts, args.max_new_tokens, 0.0, device, args.repeats, args.classifier)
                     entry["batches"][batch].update(rollout_classifier_tokens_per_s=round(med(rc), 1),
                                                    rollout_classifier_ratio_vs_generate=round(med(rc) / med(gen), 3),
                                                    classifier_time_share=round(share, 3))

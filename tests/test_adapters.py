@@ -349,11 +349,10 @@ def test_the_policy_steps_beside_the_envs_reference_and_the_rollout_is_unchanged
         monkeypatch.setattr(env, "step_tensor", lambda actions: (step_threads.append(torch.get_num_threads()), step_tensor(actions))[1])
         rollouts = []
         for beside in (False, True):
-            monkeypatch.setattr(SideThread, "useful", staticmethod(lambda device, beside=beside: beside))
             env.reset_tensor(seed=0)
             torch.manual_seed(0)
             step_threads.clear()
-            rollouts.append(collect_rollout(env, policy))
+            rollouts.append(collect_rollout(env, policy, side_thread=beside))
             assert torch.get_num_threads() == 2
         alone, side = rollouts
         assert calls and set(calls) == {"advance"}
