@@ -51,17 +51,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_rate(run, repeats: int, device) -> list[float]:
-    """Tokens/s of each of ``repeats`` timed calls of ``run()`` (which returns its token count), after a warm-up."""
-    run()
-    rates = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        n_tokens = run()
-        sync(device)
-        rates.append(n_tokens / (time.perf_counter() - start))
-    return rates
+def rates(runs, repeats: int, device) -> list[list[float]]:
+    """Tokens/s of each of ``repeats`` timed calls of each of ``runs`` (each returns its token count),
+    the runs alternating within a repeat, after one warm-up round."""
+    out = [[] for _ in runs]
+    for i in range(repeats + 1):
+        for run, rate in zip(runs, out):
+            sync(device)
+            start = time.perf_counter()
+            n_tokens = run()
+            sync(device)
+            if i:  # round 0 warms up
+                rate.append(n_tokens / (time.perf_counter() - start))
+    return out
 
 
 def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: int) -> list[float]:
@@ -73,7 +75,7 @@ def time_generate(model, tokenizer, prompts, max_new_tokens, device, repeats: in
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None)
         return len(prompts) * max_new_tokens
 
-    return median_rate(run, repeats, device)
+    return rates([run], repeats, device)[0]
 
 
 class TimedReward:
@@ -104,16 +106,7 @@ def time_rollout(model_dir, prompts, max_new_tokens, ref_logprob_coef, device, r
     policy.valid_actions[env.tokenizer.eos_token_id] = False  # full-length episodes, like min_new_tokens
     start = time.perf_counter()
     runs = [lambda side=side: collect_rollout(env, policy, prompts, side_thread=side).n_tokens for side in side_thread]
-    rates = [[] for _ in side_thread]
-    for i in range(repeats + 1):  # the first round warms up
-        for run, rate in zip(runs, rates):
-            sync(device)
-            begin = time.perf_counter()
-            n_tokens = run()
-            sync(device)
-            if i:
-                rate.append(n_tokens / (time.perf_counter() - begin))
-    return rates, timed.seconds / (time.perf_counter() - start)
+    return rates(runs, repeats, device), timed.seconds / (time.perf_counter() - start)
 
 
 def single_env_overhead(model_dir, device, steps: int = 63, repeats: int = 15) -> float:
@@ -190,8 +183,8 @@ def main():
                     "rollout_kl_no_side_thread_tokens_per_s": round(med(r1_alone), 1),
                     "side_thread_speedup": round(med(side_gain), 3),
                     # the i-th rollout over the i-th generate, min and max over the repeats
-                    "spread": {name: [round(min(a / g for a, g in zip(rates, gen)), 3), round(max(a / g for a, g in zip(rates, gen)), 3)]
-                               for name, rates in (("rollout_kl0_ratio_vs_generate", r0), ("rollout_kl_ratio_vs_generate", r1))}
+                    "spread": {name: [round(min(a / g for a, g in zip(rollout, gen)), 3), round(max(a / g for a, g in zip(rollout, gen)), 3)]
+                               for name, rollout in (("rollout_kl0_ratio_vs_generate", r0), ("rollout_kl_ratio_vs_generate", r1))}
                               | {"side_thread_speedup": [round(min(side_gain), 3), round(max(side_gain), 3)]},
                 }
                 if args.classifier:
