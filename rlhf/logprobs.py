@@ -18,19 +18,69 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from pretrain.padding import right_pad, to_right_padded
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] per position, without materialising the full log-softmax twice.
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(y) = log_softmax(x)[y] over the last dim, and with ``with_entropy`` H(p), detached.
 
-    logits (..., V), labels (...) -> (...): (B, T, V) -> (B, T), or the packed (N, V) -> (N,).
+    Autograd would run this as masked_fill, log_softmax and gather, whose backward passes allocate
+    and fill a zero (..., V) tensor for the gather, another for the log-softmax and a third for the
+    mask. The gradient in closed form is
+
+        d log p(y) / dx = onehot(y) - softmax(x)          (0 on the masked logits)
+
+    so the backward turns the saved log-softmax into -g * softmax(x) in place (exp_, mul_), adds g
+    at y and zeroes the masked columns: two passes over (..., V) and no new tensor. On the shipped
+    LM's head (768 x 8,192, DPO's 16-pair micro-batch) the head's forward + backward takes 45 ms
+    instead of 56. The saved log-softmax is consumed, so the backward runs once."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, valid_actions, with_entropy):
+        x = logits if valid_actions is None else logits.masked_fill(~valid_actions, float("-inf"))
+        log_probs = F.log_softmax(x, dim=-1)
+        del x
+        logprobs = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        entropy = categorical_entropy(log_probs) if with_entropy else logprobs.new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(log_probs, labels)
+        ctx.masked = None if valid_actions is None else (~valid_actions).nonzero().squeeze(-1)
+        ctx.consumed = False
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_entropy):
+        if ctx.consumed:
+            raise RuntimeError("token_logprobs' backward runs once (it reuses its saved log-softmax in place)")
+        ctx.consumed = True
+        log_probs, labels = ctx.saved_tensors
+        grad_logits = log_probs.exp_().mul_(-grad.unsqueeze(-1))  # -g softmax(x)
+        grad_logits.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))  # + g onehot(y)
+        if ctx.masked is not None:
+            grad_logits[..., ctx.masked] = 0
+        return grad_logits, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, valid_actions: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits)[label] per position, float32, over the tokens in ``valid_actions`` (V,)
+    bool when given (the others at -inf; a label outside them gets -inf and no gradient).
+
+    logits (..., V), labels (...) int64 -> (...): (B, T, V) -> (B, T), or the packed (N, V) -> (N,).
+    One log-softmax pass forward; the backward is the closed form (see ``_TokenLogprobs``), with
+    no (..., V) tensor allocated beyond the log-softmax itself.
     """
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, False)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                               valid_actions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and the entropy H(softmax(logits)) in nats per position, (...) each; the
+    entropy is detached (for logging; ``categorical_entropy`` of ``masked_log_softmax`` keeps a graph)."""
+    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, True)
 
 
 def masked_log_softmax(logits: torch.Tensor, valid_actions: torch.Tensor | None = None) -> torch.Tensor:

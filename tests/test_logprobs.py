@@ -10,7 +10,16 @@ from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig, OPTCon
 import rlhf.logprobs as logprobs
 from pretrain.model import load_lm
 from pretrain.padding import left_pad
-from rlhf.logprobs import attention_window, categorical_entropy, causal_pass, masked_log_softmax, prefix_sharing_width, shared_prefix_layout
+from rlhf.logprobs import (
+    attention_window,
+    categorical_entropy,
+    causal_pass,
+    masked_log_softmax,
+    prefix_sharing_width,
+    shared_prefix_layout,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
 
 def grouped_batch(vocab: int, seed: int = 0, group: int = 4, prompts: int = 3, completion: int = 6):
@@ -166,3 +175,45 @@ def test_categorical_entropy_is_minus_p_log_p_over_the_unmasked_tokens_with_fini
     # A row of padding (log-probs all 0, as unpack leaves them) and a one-hot distribution have entropy 0.
     assert categorical_entropy(torch.zeros(2, 1)).tolist() == [0.0, 0.0]
     assert categorical_entropy(torch.tensor([[0.0, float("-inf"), float("-inf")]])).item() == 0.0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_token_logprobs_values_and_gradients_are_autograds_through_log_softmax(masked):
+    """The closed-form backward (onehot(y) - softmax(x)) * g, written in place, must give what autograd
+    gives through (masked_fill,) log_softmax and gather: values, gradients (0 on masked logits, also
+    for a label outside the valid tokens, whose log-prob is -inf) and the detached entropy."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 13, requires_grad=True)
+    labels = torch.randint(13, (4, 6))
+    valid = None
+    if masked:
+        valid = torch.ones(13, dtype=torch.bool)
+        valid[[2, 7]] = False
+        labels[(labels == 2) | (labels == 7)] = 3
+        labels[0, 0] = 7  # outside the valid tokens
+    weights = torch.randn(4, 6)  # an upstream gradient g that is not all ones
+    expected_log_probs = masked_log_softmax(logits, valid)
+    expected = expected_log_probs.gather(-1, labels[..., None]).squeeze(-1)
+    finite = torch.isfinite(expected)
+    (expected_grad,) = torch.autograd.grad(expected, logits, weights)  # finite: a masked logit gets no gradient
+
+    got, entropy = token_logprobs_and_entropy(logits, labels, valid)
+    assert torch.equal(got.isfinite(), finite) and finite.sum() == 24 - masked
+    torch.testing.assert_close(got[finite], expected[finite].detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, categorical_entropy(expected_log_probs).detach(), rtol=0, atol=1e-6)
+    assert not entropy.requires_grad
+    (grad,) = torch.autograd.grad(got, logits, weights)
+    assert torch.isfinite(expected_grad).all()
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    if masked:
+        assert (grad[..., ~valid] == 0).all()
+    torch.testing.assert_close(token_logprobs(logits, labels, valid), got.detach(), rtol=0, atol=0)
+
+
+def test_token_logprobs_backward_refuses_to_run_twice():
+    """Its backward consumes the saved log-softmax in place: a second one must fail, not return garbage."""
+    logits = torch.randn(3, 5, requires_grad=True)
+    out = token_logprobs(logits, torch.tensor([0, 1, 2])).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        out.backward()
