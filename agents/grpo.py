@@ -7,9 +7,9 @@ Training") and DAPO (Yu et al. 2025).
     textgym train grpo --loss-type dr_grpo --scale-rewards none                        (Dr. GRPO)
 
 Each update samples G = ``group_size`` completions o_1 .. o_G of each of num_envs / G prompts q
-from the vector env (its reward R_i at each episode's end), re-scores them once with the policy
-(pi_old) and the reference (pi_ref), then, for ``num_iterations`` passes of ``num_minibatches``
-steps:
+from the vector env (its reward R_i at each episode's end), keeps the policy's log-probs as it
+acted (pi_old; in float32, else one teacher-forced pass re-scores them), scores the reference
+(pi_ref), then, for ``num_iterations`` passes of ``num_minibatches`` steps:
 
     group-relative advantage  A_i = (R_i - mean(R_1 .. R_G)) / (std(R_1 .. R_G) + 1e-4)       (every token of o_i)
                               scale_rewards: "group" as written, "batch" the std of the whole batch,
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from agents.policy import reference_logprobs
-from agents.rollout import collect_rollout
+from agents.rollout import acting_gives_old_logprobs, collect_rollout
 from agents.run import RunOptions, check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
@@ -185,20 +185,25 @@ def train(cfg: GRPOConfig) -> dict:
     if cfg.resume:
         run.restore(optimizer, env)
     on_policy = scores_in_the_step(cfg)
+    acting_is_old = acting_gives_old_logprobs(cfg.dtype)
 
     with run, autocast(cfg.dtype, device):
         while run.update < run.total_updates and not run.should_stop():
             # ---- sample G completions of each of num_envs / G prompts, laid out group-major ----------
             chosen = run.np_rng.choice(len(env.prompts), size=cfg.num_envs // cfg.group_size)
             policy.eval()
-            rollout = collect_rollout(env, policy, [env.prompts[i] for i in chosen for _ in range(cfg.group_size)])
+            rollout = collect_rollout(env, policy, [env.prompts[i] for i in chosen for _ in range(cfg.group_size)],
+                                      record_logprobs=not on_policy and acting_is_old)
             run.env_steps += int(dist.sum(rollout.n_tokens))
             ids, attn, start, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_start, rollout.completion_mask.float()
             n = ids.shape[0]
             old_logprobs = None
             with torch.no_grad():
-                if not on_policy:  # pi_old, scored once before the weights move
-                    old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")
+                if not on_policy:  # pi_old, fixed before the weights move: as the policy acted, or scored in a pass
+                    if acting_is_old:
+                        old_logprobs, old_entropy = rollout.logprobs, rollout.entropy
+                    else:
+                        old_logprobs, old_entropy, _ = policy.evaluate(ids, attn, start, entropy="detached")
                     check_finite("the rollout's log-probs", old_logprobs)
                 ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 returns = (rollout.env_rewards * mask).sum(1)  # R_i

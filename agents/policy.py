@@ -42,7 +42,15 @@ from pretrain.kv_cache import CachedLM
 from pretrain.model import check_vocab_fits, disable_dropout, resolve_device, resolve_model_path
 from pretrain.optim import NonFiniteError
 from pretrain.padding import position_ids_from_mask
-from rlhf.logprobs import categorical_entropy, causal_pass, completion_logprobs, masked_log_softmax, unpack
+from rlhf.logprobs import (
+    categorical_entropy,
+    causal_pass,
+    completion_logprobs,
+    masked_log_softmax,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    unpack,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -57,7 +65,7 @@ class LMPolicy(nn.Module):
         value_head: ``Linear(hidden, 1)`` on the last hidden state, zero-initialised, or None.
 
     Raises ``ValueError`` when ``valid_actions`` does not have one entry per logit of the model.
-    Acting: ``start(contexts)``, ``sample()`` (B,) int64, ``advance(tokens)``; learning:
+    Acting: ``start(contexts)``, ``sample()`` (B,) int64, ``evaluate_next(actions)``, ``advance(tokens)``; learning:
     ``evaluate(input_ids, attention_mask, completion_start)``; ``save(dir)`` writes an HF dir.
     """
 
@@ -113,10 +121,11 @@ class LMPolicy(nn.Module):
         return next(self.model.parameters()).device
 
     # -- acting ---------------------------------------------------------------------------------
-    def start(self, contexts: list[list[int]]) -> None:
-        """Begin a batch of episodes from token-id contexts (one KV cache row each)."""
+    def start(self, contexts: list[list[int]], keep_hidden: bool = False) -> None:
+        """Begin a batch of episodes from token-id contexts (one KV cache row each). ``keep_hidden``
+        keeps the last hidden state at the newest token, which :meth:`evaluate_next`'s values read."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self._cache = CachedLM(self.model, len(contexts), pad)
+        self._cache = CachedLM(self.model, len(contexts), pad, keep_hidden=keep_hidden)
         self._cache.reset_rows(list(range(len(contexts))), contexts)
 
     def advance(self, tokens: torch.Tensor) -> None:
@@ -131,6 +140,23 @@ class LMPolicy(nn.Module):
         """One token per row from the masked next-token distribution (the rollout's hot path)."""
         logits = self._cache.next_logits.masked_fill(~self.valid_actions, float("-inf"))
         return sample_categorical(torch.softmax(logits / temperature, dim=-1), generator)
+
+    @torch.no_grad()
+    def evaluate_next(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What :meth:`evaluate` gives at the newest position of every row, read off the acting pass:
+        log pi(a | s) of ``actions`` (B,), the entropy H(pi(. | s)) in nats and the value V(s) (None
+        without a value head, and the cache must keep its hidden state: ``start(..., keep_hidden=True)``),
+        each (B,) float32. The rollout's pi_old for PPO and GRPO without a teacher-forced pass of its
+        own: the same weights and function, equal to :meth:`evaluate`'s up to float rounding (one
+        token against the KV cache, not the whole sequence at once)."""
+        actions = actions.to(self.valid_actions.device).long().view(-1)
+        logprobs, entropy = token_logprobs_and_entropy(self._cache.next_logits, actions, self.valid_actions)
+        values = None
+        if self.value_head is not None:
+            if self._cache.next_hidden is None:
+                raise ValueError("evaluate_next needs the hidden state for the value head: start(..., keep_hidden=True)")
+            values = self.value_head(self._cache.next_hidden).squeeze(-1)
+        return logprobs, entropy, values
 
     # -- learning -------------------------------------------------------------------------------
     def evaluate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
@@ -149,13 +175,17 @@ class LMPolicy(nn.Module):
             raise ValueError(f"entropy must be 'grad', 'detached' or 'none', got {entropy!r}")
         live, logits, hidden = self.completion_pass(input_ids, attention_mask, completion_start,
                                                     hidden_states=self.value_head is not None)
-        log_probs = masked_log_softmax(logits, self.valid_actions)  # (N, V) over the N generated tokens
-        targets = input_ids[:, completion_start:][live]
-        logprobs = unpack(live, log_probs.gather(-1, targets[:, None]).squeeze(-1))
+        targets = input_ids[:, completion_start:][live]  # logits (N, V) over the N generated tokens
         entropies = None
-        if entropy != "none":
-            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
-                entropies = unpack(live, categorical_entropy(log_probs))
+        if entropy == "grad":
+            log_probs = masked_log_softmax(logits, self.valid_actions)
+            logprobs = unpack(live, log_probs.gather(-1, targets[:, None]).squeeze(-1))
+            entropies = unpack(live, categorical_entropy(log_probs))
+        elif entropy == "detached":
+            packed, packed_entropy = token_logprobs_and_entropy(logits, targets, self.valid_actions)
+            logprobs, entropies = unpack(live, packed), unpack(live, packed_entropy)
+        else:
+            logprobs = unpack(live, token_logprobs(logits, targets, self.valid_actions))
         values = None
         if self.value_head is not None:
             values = unpack(live, self.value_head(hidden.float()).squeeze(-1))

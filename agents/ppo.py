@@ -2,8 +2,9 @@
 
     textgym train ppo --env TextGen-v0 --total-steps 12000
 
-Each update: sample a batch of episodes from the vector env (``agents.rollout``), re-score them
-with one teacher-forced pass (old log-probs pi_old, values V, reference log-probs pi_ref), then
+Each update: sample a batch of episodes from the vector env (``agents.rollout``), keeping the
+policy's log-probs pi_old and values V as it acted (in float32; under bf16 autocast one
+teacher-forced pass re-scores them), score the reference log-probs pi_ref, then
 
     per-token reward    r_t = r^env_t - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))     (rlhf.kl, k1)
     TD error            delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from agents.policy import reference_logprobs
-from agents.rollout import Rollout, collect_rollout
+from agents.rollout import Rollout, acting_gives_old_logprobs, collect_rollout
 from agents.run import RunOptions, check_finite, make_adam, optimizer_step, reward_metrics, start_policy_run
 from agents.task_config import TaskConfig
 from pretrain.adapters import ModelOptions, autocast
@@ -213,6 +214,7 @@ def train(cfg: PPOConfig) -> dict:
     optimizer = make_adam(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     penalty_coef = cfg.penalty_coef
+    acting_is_old = acting_gives_old_logprobs(cfg.dtype)
     if cfg.resume:
         state = run.restore(optimizer, env)
         kl_ctl.value, penalty_coef = state["kl_coef"], state["penalty_coef"]
@@ -221,12 +223,15 @@ def train(cfg: PPOConfig) -> dict:
         while run.update < run.total_updates and not run.should_stop():
             # ---- rollout ------------------------------------------------------------------------
             policy.eval()
-            rollout: Rollout = collect_rollout(env, policy)
+            rollout: Rollout = collect_rollout(env, policy, record_logprobs=acting_is_old)
             run.env_steps += int(dist.sum(rollout.n_tokens))
             ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
             mask = rollout.completion_mask.float()
             with torch.no_grad():
-                old_logprobs, old_entropy, old_values = policy.evaluate(ids, attn, start, entropy="detached")
+                if acting_is_old:
+                    old_logprobs, old_entropy, old_values = rollout.logprobs, rollout.entropy, rollout.values
+                else:
+                    old_logprobs, old_entropy, old_values = policy.evaluate(ids, attn, start, entropy="detached")
                 ref_logprobs = reference_logprobs(rollout, reference, policy.valid_actions)
                 kl = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
                 rewards = rollout.env_rewards - kl_ctl.value * kl  # r_t = r_env - beta (log pi - log pi_ref)

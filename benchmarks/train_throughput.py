@@ -129,7 +129,7 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam([*model.parameters(), *value_head.parameters()], lr=lr, eps=1e-5)
     T = max_new_tokens
-    golds, tokens = [], 0
+    golds, tokens, epochs_run = [], 0, []
     start = time.perf_counter()
     for update in range(updates):
         out, scores, mean_gold = naive_sample(model, tokenizer, rm, gold, prompts, rng, batch, T, seed * 100_003 + update)
@@ -158,7 +158,7 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
             std = (((advantages - mean) ** 2 * mask).sum() / mask.sum()).sqrt()
             advantages = (advantages - mean) / (std + 1e-8) * mask
         model.train()
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):  # noqa: B007 - counted below
             approx_kls = []
             for rows in torch.randperm(batch, device=device).chunk(minibatches):
                 logp, hidden = forward(model, rows)
@@ -177,10 +177,11 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
                 approx_kls.append(float(((log_ratio.exp() - 1 - log_ratio) * m).sum() / m.sum()))
             if np.mean(approx_kls) > 1.5 * target_kl:  # the same early stop as agents.ppo
                 break
+        epochs_run.append(epoch)
         tokens += int(mask.sum())
     seconds = time.perf_counter() - start
     return {"updates_per_s": updates / seconds, "tokens_per_s": tokens / seconds,
-            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60), "epochs_per_update": float(np.mean(epochs_run))}
 
 
 def run_trl(trainer_cls, config_cls, updates: int, batch: int, group_size: int, device, seed: int, **config) -> dict:
@@ -263,7 +264,8 @@ def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, seed: int 
     seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(steps, steps[1:], rows))
     gain = gold_gain([r["reward/gold"] for r in rows])
     return {"updates_per_s": len(rows) / seconds, "tokens_per_s": steps[-1] / seconds, "gold_gain_per_min": gain / (seconds / 60),
-            "gold_gain_per_1k_tokens": gain / (steps[-1] / 1000), "final_kl": rows[-1].get("kl/ref")}
+            "gold_gain_per_1k_tokens": gain / (steps[-1] / 1000), "final_kl": rows[-1].get("kl/ref"),
+            "epochs_per_update": float(np.mean([r["policy/epochs"] for r in rows])) if "policy/epochs" in rows[0] else None}
 
 
 def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05, seed: int = 0) -> dict:

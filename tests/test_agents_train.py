@@ -291,6 +291,43 @@ def test_evaluate_logprobs_equal_unpadded_forwards_for_each_architecture(tiny_mo
     torch.testing.assert_close(ref, logprobs.detach())
 
 
+@pytest.mark.parametrize("env_reference", [False, True], ids=["alone", "beside-the-envs-reference"])
+def test_the_rollouts_recorded_logprobs_entropy_and_values_are_the_teacher_forced_ones(tiny_model_dir, tiny_env_kwargs,
+                                                                                         env_reference):
+    """PPO's and GRPO's pi_old and V come from the acting pass (record_logprobs) instead of a pass of
+    their own: for every architecture they must be what evaluate gives on the finished rollout, 0 on
+    padding, also when the policy is advanced on the side thread beside the env's reference (the
+    values are read before the advance replaces them)."""
+    from agents.rollout import collect_rollout
+    from agents.run import make_env
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        env = make_env("TextGen-v0", 6, "cpu", 0, **{**tiny_env_kwargs, "model": tiny_model_dir,
+                                                    "ref_logprob_coef": 0.1 if env_reference else 0.0})
+        policy = LMPolicy.load(tiny_model_dir, "cpu", valid_actions=env.valid_actions)
+        torch.nn.init.normal_(policy.value_head.weight, std=0.3)  # V != 0
+        policy.valid_actions[:] = False  # a masked vocabulary of 4 tokens and EOS: some episodes end early
+        policy.valid_actions[[env.eos_token_id, 40, 41, 42, 43]] = True
+        torch.manual_seed(0)
+        rollout = collect_rollout(env, policy, record_logprobs=True)
+        live = rollout.completion_mask
+        assert not live.all() and live.any(1).all(), "episodes of different lengths"
+        logprobs, entropy, values = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.completion_start,
+                                                    entropy="detached")
+        for recorded, expected in ((rollout.logprobs, logprobs), (rollout.entropy, entropy), (rollout.values, values)):
+            torch.testing.assert_close(recorded, expected.detach(), rtol=0, atol=2e-5)
+            assert recorded[~live].eq(0).all()
+        assert rollout.values.abs().max() > 0.01 and rollout.logprobs[live].lt(0).all()
+        assert collect_rollout(env, policy).logprobs is None, "recorded only when asked"
+        no_head = LMPolicy.load(tiny_model_dir, "cpu", valid_actions=env.valid_actions, value_head=False)
+        unvalued = collect_rollout(env, no_head, record_logprobs=True)
+        assert unvalued.values is None and unvalued.logprobs is not None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_entropy_modes_give_the_same_values_with_and_without_a_graph(tiny_gpt2_dir):
     """entropy="detached": the same entropies outside the graph; "none": skipped; logprobs unchanged."""
     policy = LMPolicy.load(tiny_gpt2_dir, "cpu", valid_actions=None)
