@@ -182,10 +182,10 @@ class LMPolicy(nn.Module):
             logprobs = unpack(live, log_probs.gather(-1, targets[:, None]).squeeze(-1))
             entropies = unpack(live, categorical_entropy(log_probs))
         elif entropy == "detached":
-            packed, packed_entropy = token_logprobs_and_entropy(logits, targets, self.valid_actions)
+            packed, packed_entropy = token_logprobs_and_entropy(logits, targets, self.valid_actions, overwrite_logits=True)
             logprobs, entropies = unpack(live, packed), unpack(live, packed_entropy)
         else:
-            logprobs = unpack(live, token_logprobs(logits, targets, self.valid_actions))
+            logprobs = unpack(live, token_logprobs(logits, targets, self.valid_actions, overwrite_logits=True))
         values = None
         if self.value_head is not None:
             values = unpack(live, self.value_head(hidden.float()).squeeze(-1))

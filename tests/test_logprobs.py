@@ -208,6 +208,17 @@ def test_token_logprobs_values_and_gradients_are_autograds_through_log_softmax(m
     if masked:
         assert (grad[..., ~valid] == 0).all()
     torch.testing.assert_close(token_logprobs(logits, labels, valid), got.detach(), rtol=0, atol=0)
+    # Written over the logits: the same values and gradient, and the logits then hold the log-softmax.
+    head = torch.randn(4, 6, 5, requires_grad=True)
+    projection = torch.randn(5, 13)
+    overwritten = head @ projection  # what the LM head makes, for this call alone
+    in_place = token_logprobs(overwritten, labels, valid, overwrite_logits=True)
+    fresh = token_logprobs(head @ projection, labels, valid)
+    assert torch.equal(in_place, fresh)
+    torch.testing.assert_close(overwritten.detach(), masked_log_softmax(head @ projection, valid).detach(), rtol=0, atol=0)
+    (grad_in_place,) = torch.autograd.grad(in_place, head, weights)
+    (grad_fresh,) = torch.autograd.grad(fresh, head, weights)
+    assert torch.equal(grad_in_place, grad_fresh)
 
 
 def test_token_logprobs_backward_refuses_to_run_twice():
