@@ -14,6 +14,7 @@ samples of one prompt) are packed so that the prompt is read once for all of the
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,11 @@ def packed_sequence_logprobs(
     return torch.zeros(len(rows), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps)
 
 
+# Models whose own logits were checked to be their head's output (``causal_logits_at``), with that
+# head: checked once per model and head, not on every pass (a (B, H) x (H, V) matmul each time).
+_PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def causal_logits_at(
     model: PreTrainedModel, input_ids: torch.Tensor, predicts: torch.Tensor, hidden_states: bool = False,
     share_prefixes: bool = True,
@@ -277,7 +283,7 @@ def causal_logits_at(
     ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head by its config,
     ``output_head``; LoRA on the head) is read through its full logits in the same one pass; any
     other transform is caught at the one position the model computes itself, at the cost of a
-    second pass.
+    second pass (checked on a model's first pass; a head found plain is not checked again).
     """
     max_width = prefix_sharing_width(model) if share_prefixes else 0
     layout = shared_prefix_layout(input_ids, predicts, max_width, attention_window(model)) if max_width else None
@@ -292,8 +298,12 @@ def causal_logits_at(
     out = model(**inputs, output_hidden_states=head is not None or hidden_states, logits_to_keep=1 if head is not None else 0)
     hidden = out.hidden_states[-1] if head is not None or hidden_states else None
     if head is not None:
-        with torch.no_grad():  # the model's own logits at the last position must be what the head gives there
-            plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
+        plain = _PLAIN_HEADS.get(model) is head
+        if not plain:
+            with torch.no_grad():  # the model's own logits at the last position must be what the head gives there
+                plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
+            if plain:
+                _PLAIN_HEADS[model] = head
         logits = head(hidden[at]) if plain else model(**inputs).logits[at]
     else:
         logits = out.logits[at]
