@@ -32,7 +32,9 @@ and the ratios of ours to each. With ``--repeats N`` every method runs N times i
 within a repeat (same seed on both sides), and ``spread`` gives the min and max of every ratio over
 the repeats. Gold gain per minute = the mean training-episode gold score of the
 last quarter of updates minus the first quarter's, divided by the run's wall time; our agents also
-report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency).
+report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency). Both PPOs
+report ``epochs_per_update``, the passes their shared approx-KL early stop let run: the work per
+token that their tokens per second compare.
 """
 
 from __future__ import annotations
