@@ -185,7 +185,7 @@ def train(cfg: GRPOConfig) -> dict:
     if cfg.resume:
         run.restore(optimizer, env)
     on_policy = scores_in_the_step(cfg)
-    acting_is_old = acting_gives_old_logprobs(cfg.dtype)
+    acting_is_old = acting_gives_old_logprobs(cfg)
 
     with run, autocast(cfg.dtype, device):
         while run.update < run.total_updates and not run.should_stop():

@@ -22,7 +22,9 @@ when evaluating, so sampled actions are always valid and log-probs are of the sa
 
 One network mode: dropout is switched off in the policy (``pretrain.model.disable_dropout``), so
 the rollout's log-probs (pi_old), the update's (pi) and the reference's (pi_ref, a copy) are the
-same function of the weights: at identical weights the ratio is exactly 1 and the KL exactly 0.
+same function of the weights: at identical weights the ratio is 1 and the KL 0, exactly between
+teacher-forced passes, and to float rounding (~1e-6) for pi_old read off the acting pass
+(``evaluate_next``, what PPO and GRPO use in float32).
 """
 
 from __future__ import annotations

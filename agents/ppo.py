@@ -214,7 +214,7 @@ def train(cfg: PPOConfig) -> dict:
     optimizer = make_adam(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.adaptive_kl_target, cfg.adaptive_kl_horizon)
     penalty_coef = cfg.penalty_coef
-    acting_is_old = acting_gives_old_logprobs(cfg.dtype)
+    acting_is_old = acting_gives_old_logprobs(cfg)
     if cfg.resume:
         state = run.restore(optimizer, env)
         kl_ctl.value, penalty_coef = state["kl_coef"], state["penalty_coef"]

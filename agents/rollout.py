@@ -55,13 +55,14 @@ class Rollout:
         return int(self.completion_mask.sum())
 
 
-def acting_gives_old_logprobs(dtype: str) -> bool:
+def acting_gives_old_logprobs(cfg) -> bool:
     """Whether an agent takes pi_old (and V) from the rollout's acting pass (``record_logprobs``)
-    rather than from a teacher-forced pass of its own, for compute ``dtype`` ('float32' or
-    'bfloat16'). In float32 the two agree to float rounding (shipped LM, 32 x 16 tokens: 4e-6 at
-    most); under bf16 autocast by bf16's (0.03 at most, 0.004 on average), which would tilt the
-    ratio pi / pi_old at theta_old, so the pass stays."""
-    return dtype == "float32"
+    rather than from a teacher-forced pass of its own, for a config with ``pretrain.adapters.ModelOptions``'
+    ``dtype`` and ``peft``: only when the policy computes in float32. There the two agree to float
+    rounding (shipped LM, 32 x 16 tokens: 4e-6 at most); in bf16 (``--dtype bfloat16``, or QLoRA,
+    whose 4-bit base computes in bf16) by bf16's (0.03 at most, 0.004 on average), which would tilt
+    the ratio pi / pi_old at theta_old, so the pass stays."""
+    return cfg.dtype == "float32" and cfg.peft != "qlora"
 
 
 @torch.no_grad()

@@ -35,14 +35,16 @@ class _TokenLogprobs(torch.autograd.Function):
         d log p(y) / dx = onehot(y) - softmax(x)          (0 on the masked logits)
 
     so the backward turns the saved log-softmax into -g * softmax(x) in place (exp_, mul_), adds g
-    at y and zeroes the masked columns: two passes over (..., V) and no new tensor. With
-    ``overwrite`` the log-softmax is written over the logits themselves (``mark_dirty``), which saves
-    allocating (and page-faulting in) one more (..., V) tensor. On the shipped LM's head (768 x
-    8,192, DPO's 16-pair micro-batch) the head's forward + backward takes 45 ms instead of 56, and
-    overwriting saves 5 ms more. The saved log-softmax is consumed, so the backward runs once."""
+    at y and zeroes the masked logits: no new (..., V) tensor (the unused outputs' gradients are not
+    materialised either). With ``overwrite`` the log-softmax is written over the logits themselves
+    (``mark_dirty``), which saves allocating (and page-faulting in) one more (..., V) tensor. On
+    the shipped LM's head (768 x 8,192, DPO's 16-pair micro-batch) the head's forward + backward
+    takes 45 ms instead of 56, and overwriting saves 5 ms more. The saved log-softmax is consumed,
+    so the backward runs once."""
 
     @staticmethod
     def forward(ctx, logits, labels, valid_actions, with_entropy, overwrite):
+        ctx.set_materialize_grads(False)  # the entropy's and the dirty logits' gradients are never used
         if overwrite:
             x = logits if valid_actions is None else logits.masked_fill_(~valid_actions, float("-inf"))
             log_probs = torch.log_softmax(x, dim=-1, out=x)  # row-wise: every row is read before it is written
@@ -54,22 +56,23 @@ class _TokenLogprobs(torch.autograd.Function):
         logprobs = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         entropy = categorical_entropy(log_probs) if with_entropy else logprobs.new_empty(0)
         ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(log_probs, labels)
-        ctx.masked = None if valid_actions is None else (~valid_actions).nonzero().squeeze(-1)
+        ctx.save_for_backward(log_probs, labels, valid_actions)
         ctx.consumed = False
         return logprobs, entropy, (log_probs if overwrite else log_probs.new_empty(0))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, _grad_entropy, _grad_log_probs):
+        if grad is None:  # only an unused output reached the backward
+            return None, None, None, None, None
         if ctx.consumed:
             raise RuntimeError("token_logprobs' backward runs once (it reuses its saved log-softmax in place)")
         ctx.consumed = True
-        log_probs, labels = ctx.saved_tensors
+        log_probs, labels, valid_actions = ctx.saved_tensors
         grad_logits = log_probs.exp_().mul_(-grad.unsqueeze(-1))  # -g softmax(x)
         grad_logits.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))  # + g onehot(y)
-        if ctx.masked is not None:
-            grad_logits[..., ctx.masked] = 0
+        if valid_actions is not None:  # a label outside the valid tokens: its g lands on a masked logit
+            grad_logits.masked_fill_(~valid_actions, 0)
         return grad_logits, None, None, None, None
 
 
@@ -79,19 +82,23 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, valid_actions: to
     bool when given (the others at -inf; a label outside them gets -inf and no gradient).
 
     logits (..., V), labels (...) int64 -> (...): (B, T, V) -> (B, T), or the packed (N, V) -> (N,).
-    One log-softmax pass forward; the backward is the closed form (see ``_TokenLogprobs``), with
-    no (..., V) tensor allocated beyond the log-softmax itself. ``overwrite_logits``: write the
-    log-softmax over float32 ``logits`` (which then hold it) instead of a new tensor; for logits
-    the caller made for this and no other use (autograd raises if their producer needs them back).
+    ``valid_actions`` may also be (..., V), a mask per position. One log-softmax pass forward; the
+    backward is the closed form (see ``_TokenLogprobs``), with no (..., V) tensor allocated beyond
+    the log-softmax itself. ``overwrite_logits``: write the log-softmax over float32 ``logits``
+    (which hold it until the backward turns it into their gradient) instead of a new tensor; for
+    logits the caller made for this and no other use (autograd raises if their producer needs them
+    back). A view (``x[:, -1]``) is never overwritten: it gets a tensor of its own.
     """
-    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, False, overwrite_logits)[0]
+    overwrite = overwrite_logits and logits._base is None
+    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, False, overwrite)[0]
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, valid_actions: torch.Tensor | None = None,
                                overwrite_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs`` and the entropy H(softmax(logits)) in nats per position, (...) each; the
     entropy is detached (for logging; ``categorical_entropy`` of ``masked_log_softmax`` keeps a graph)."""
-    logprobs, entropy, _ = _TokenLogprobs.apply(logits.float(), labels, valid_actions, True, overwrite_logits)
+    overwrite = overwrite_logits and logits._base is None
+    logprobs, entropy, _ = _TokenLogprobs.apply(logits.float(), labels, valid_actions, True, overwrite)
     return logprobs, entropy
 
 
@@ -261,7 +268,8 @@ def packed_sequence_logprobs(
 
 
 # Models whose own logits were checked to be their head's output (``causal_logits_at``), with that
-# head: checked once per model and head, not on every pass (a (B, H) x (H, V) matmul each time).
+# head and the model's forward hooks then: checked once per model, head and hooks, not on every
+# pass (a (B, H) x (H, V) matmul each time).
 _PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -283,7 +291,7 @@ def causal_logits_at(
     ``nn.Linear`` head of its last hidden state (a soft-capped or scaled head by its config,
     ``output_head``; LoRA on the head) is read through its full logits in the same one pass; any
     other transform is caught at the one position the model computes itself, at the cost of a
-    second pass (checked on a model's first pass; a head found plain is not checked again).
+    second pass (checked on a model's first pass, and again when its head or forward hooks change).
     """
     max_width = prefix_sharing_width(model) if share_prefixes else 0
     layout = shared_prefix_layout(input_ids, predicts, max_width, attention_window(model)) if max_width else None
@@ -298,12 +306,13 @@ def causal_logits_at(
     out = model(**inputs, output_hidden_states=head is not None or hidden_states, logits_to_keep=1 if head is not None else 0)
     hidden = out.hidden_states[-1] if head is not None or hidden_states else None
     if head is not None:
-        plain = _PLAIN_HEADS.get(model) is head
+        checked = (head, tuple(model._forward_hooks))  # a hook added later may transform the logits: check again
+        plain = _PLAIN_HEADS.get(model) == checked
         if not plain:
             with torch.no_grad():  # the model's own logits at the last position must be what the head gives there
                 plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
             if plain:
-                _PLAIN_HEADS[model] = head
+                _PLAIN_HEADS[model] = checked
         logits = head(hidden[at]) if plain else model(**inputs).logits[at]
     else:
         logits = out.logits[at]

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import signal
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -326,6 +327,17 @@ def test_the_rollouts_recorded_logprobs_entropy_and_values_are_the_teacher_force
         assert unvalued.values is None and unvalued.logprobs is not None
     finally:
         torch.set_num_threads(before)
+
+
+def test_pi_old_comes_from_the_acting_pass_only_in_float32():
+    """bf16 (autocast, or QLoRA's 4-bit base) rounds the acting pass and the teacher-forced pass
+    differently by ~1e-2: PPO and GRPO then score pi_old in a pass of their own."""
+    from agents.rollout import acting_gives_old_logprobs
+
+    assert acting_gives_old_logprobs(ppo.PPOConfig(**TOY))
+    assert not acting_gives_old_logprobs(ppo.PPOConfig(**TOY, dtype="bfloat16"))
+    assert not acting_gives_old_logprobs(grpo.GRPOConfig(**TOY, dtype="bfloat16"))
+    assert not acting_gives_old_logprobs(types.SimpleNamespace(dtype="float32", peft="qlora"))  # a QLoRA config needs CUDA
 
 
 def test_entropy_modes_give_the_same_values_with_and_without_a_graph(tiny_gpt2_dir):

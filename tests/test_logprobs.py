@@ -245,3 +245,48 @@ def test_a_plain_head_is_checked_on_the_models_first_pass_only(tiny_gpt2_dir):
     second, _ = causal_pass(model, ids, torch.ones_like(ids), targets)
     assert len(calls) == 2 and calls[-1] == int(targets.sum())
     assert torch.equal(first, second)
+
+
+def test_token_logprobs_takes_a_mask_per_position_and_leaves_views_and_unused_outputs_alone():
+    """A (..., V) mask per position gets the gradient autograd gives; logits that are a view are not
+    overwritten (they get a tensor of their own); the backward builds no gradient for the outputs
+    nobody used (the entropy, the overwritten logits)."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11, requires_grad=True)
+    labels = torch.randint(11, (5,))
+    valid = torch.rand(5, 11) > 0.3
+    valid[torch.arange(5), labels] = True
+    weights = torch.randn(5)
+    expected = masked_log_softmax(logits, valid).gather(-1, labels[:, None]).squeeze(-1)
+    got = token_logprobs(logits, labels, valid)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, logits, weights)[0], torch.autograd.grad(expected, logits, weights)[0],
+                               rtol=0, atol=1e-6)
+
+    base = torch.randn(5, 3, 11)
+    view = base[:, -1]
+    before = view.clone()
+    token_logprobs(view, labels, overwrite_logits=True)
+    assert torch.equal(view, before) and torch.equal(base[:, -1], before)
+
+    head = torch.randn(5, 4, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        token_logprobs_and_entropy(head @ torch.randn(4, 11), labels, overwrite_logits=True)[0].sum().backward()
+    assert not [e for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")], "no zero gradient was built"
+
+
+def test_a_forward_hook_added_after_the_check_is_caught(tiny_gpt2_dir):
+    """The plain-head check is redone when the model's forward hooks change: a hook that transforms
+    the logits after the first pass is read through the model's own logits, as before it."""
+    model, _ = load_lm(tiny_gpt2_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    targets = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)
+    plain, _ = causal_pass(model, ids, torch.ones_like(ids), targets)
+
+    def halve(module, args, output):
+        output.logits = output.logits / 2
+        return output
+
+    model.register_forward_hook(halve)
+    halved, _ = causal_pass(model, ids, torch.ones_like(ids), targets)
+    torch.testing.assert_close(halved, plain / 2, rtol=1e-5, atol=1e-5)
