@@ -8,7 +8,7 @@ Training") and DAPO (Yu et al. 2025).
 
 Each update samples G = ``group_size`` completions o_1 .. o_G of each of num_envs / G prompts q
 from the vector env (its reward R_i at each episode's end), keeps the policy's log-probs as it
-acted (pi_old; in float32, else one teacher-forced pass re-scores them), scores the reference
+acted (pi_old; in float32, in bf16 one teacher-forced pass re-scores them), scores the reference
 (pi_ref), then, for ``num_iterations`` passes of ``num_minibatches`` steps:
 
     group-relative advantage  A_i = (R_i - mean(R_1 .. R_G)) / (std(R_1 .. R_G) + 1e-4)       (every token of o_i)

@@ -3,8 +3,8 @@
     textgym train ppo --env TextGen-v0 --total-steps 12000
 
 Each update: sample a batch of episodes from the vector env (``agents.rollout``), keeping the
-policy's log-probs pi_old and values V as it acted (in float32; under bf16 autocast one
-teacher-forced pass re-scores them), score the reference log-probs pi_ref, then
+policy's log-probs pi_old and values V as it acted (in float32; in bf16, by autocast or QLoRA,
+one teacher-forced pass re-scores them), score the reference log-probs pi_ref, then
 
     per-token reward    r_t = r^env_t - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))     (rlhf.kl, k1)
     TD error            delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
