@@ -45,6 +45,16 @@ def check_finite(name: str, value: torch.Tensor | float, where: str = "") -> Non
         raise NonFiniteError(f"{name} became non-finite ({shown}){' ' + where if where else ''}")
 
 
+def _can_fold_the_scale(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> bool:
+    """Whether ``optimizer`` can divide the gradients by a scale inside its step (torch's fused
+    Adam/AdamW: ``_step_supports_amp_scaling``; no scale already set) and ``params`` are exactly
+    the optimizer's weights with a gradient, so that scaling all of them is the clip."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False) or getattr(optimizer, "grad_scale", None) is not None:
+        return False
+    held = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    return held == {id(p) for p in params}
+
+
 def optimizer_step(
     loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -73,9 +83,21 @@ def optimizer_step(
     # clip_grad_norm_ would scale every gradient by min(1, max_norm / norm) (one pass over all the
     # weights' gradients, ~5% of a PPO minibatch step here); a scale of 1 changes nothing, so scale
     # only when the norm is over the limit (the check above has already synced the norm to the host).
+    # A fused optimizer takes the scale inside its one kernel: it divides every gradient by its
+    # ``grad_scale`` (the attribute torch.amp.GradScaler sets for the same purpose), so the clip
+    # costs no pass of its own (PPO clips ~90% of its steps on the embedded default).
     if max_grad_norm > 0 and float(grad_norm) > max_grad_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
-    optimizer.step()
+        if _can_fold_the_scale(optimizer, params):
+            optimizer.grad_scale = (grad_norm.float() + 1e-6) / max_grad_norm  # as clip_grads_with_norm_: max / (norm + 1e-6)
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm)
+            optimizer.step()
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     return float(grad_norm)

@@ -162,23 +162,32 @@ def test_step_trainers_never_checkpoint_a_blown_up_model(tmp_path, monkeypatch, 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "fused_adam", "fused_adam_on_a_subset"])
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.1, 1e6])
-def test_optimizer_step_clips_exactly_as_torchs_clip_grad_norm(max_grad_norm):
+def test_optimizer_step_clips_exactly_as_torchs_clip_grad_norm(max_grad_norm, optimizer_kind):
     """Gradients over the limit are scaled to it, those under it are left as they are (bit for bit),
-    and the returned norm is the norm before clipping: what ``clip_grad_norm_`` + ``step`` give."""
+    and the returned norm is the norm before clipping: what ``clip_grad_norm_`` + ``step`` give. A
+    fused Adam takes the scale inside its step (``grad_scale``); clipping a subset of its weights
+    (the norm of those alone) must still scale that subset alone."""
     results = []
     for ours in (True, False):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 4)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        if optimizer_kind == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+        clipped = [model.weight] if optimizer_kind == "fused_adam_on_a_subset" else list(model.parameters())
         loss = model(torch.randn(16, 8)).square().mean()
         if ours:
-            norm = optimizer_step(loss, optimizer, model.parameters(), max_grad_norm)
+            norm = optimizer_step(loss, optimizer, clipped, max_grad_norm)
+            assert getattr(optimizer, "grad_scale", None) is None, "the scale is removed after the step"
         else:
             loss.backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
+            norm = float(torch.nn.utils.clip_grad_norm_(clipped, max_grad_norm or float("inf")))
             optimizer.step()
-        results.append((norm, [p.detach().clone() for p in model.parameters()]))
+        # Adam's first step is nearly scale-free, so the (clipped) gradients are compared as well
+        results.append((norm, [p.detach().clone() for p in model.parameters()] + [p.grad.clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6) and results[0][0] > 0.1
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
