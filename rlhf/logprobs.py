@@ -268,8 +268,8 @@ def packed_sequence_logprobs(
 
 
 # Models whose own logits were checked to be their head's output (``causal_logits_at``), with that
-# head and the model's forward hooks then: checked once per model, head and hooks, not on every
-# pass (a (B, H) x (H, V) matmul each time).
+# head and the model's forward hooks then: checked once per model, head and hooks; later passes ask
+# the model for no logits of its own (two (B, H) x (H, V) matmuls a pass fewer).
 _PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -303,11 +303,15 @@ def causal_logits_at(
                   "attention_mask": _model_mask(model, layout.attends)}
         at = layout.rows, layout.columns
     head = output_head(model)
-    out = model(**inputs, output_hidden_states=head is not None or hidden_states, logits_to_keep=1 if head is not None else 0)
+    checked = (head, tuple(model._forward_hooks))  # a hook added later may transform the logits: check again
+    known_plain = head is not None and _PLAIN_HEADS.get(model) == checked
+    # The model's own logits: none once its head is known plain (an empty index list), else at the
+    # last position (to check it), else all.
+    keep = input_ids.new_empty(0) if known_plain else 1 if head is not None else 0
+    out = model(**inputs, output_hidden_states=head is not None or hidden_states, logits_to_keep=keep)
     hidden = out.hidden_states[-1] if head is not None or hidden_states else None
     if head is not None:
-        checked = (head, tuple(model._forward_hooks))  # a hook added later may transform the logits: check again
-        plain = _PLAIN_HEADS.get(model) == checked
+        plain = known_plain
         if not plain:
             with torch.no_grad():  # the model's own logits at the last position must be what the head gives there
                 plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)

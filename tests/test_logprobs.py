@@ -232,18 +232,17 @@ def test_token_logprobs_backward_refuses_to_run_twice():
 
 def test_a_plain_head_is_checked_on_the_models_first_pass_only(tiny_gpt2_dir):
     """causal_pass compares the model's own last-position logits with its head's once per model:
-    later passes run the head on the scored positions and the model's one position, nothing more,
-    and give the same log-probs."""
+    later passes run the head on the scored positions only, and give the same log-probs."""
     model, _ = load_lm(tiny_gpt2_dir)
     calls = []
-    model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[:-1].numel()))
     ids = torch.tensor([[5, 6, 7, 8, 9], [7, 6, 5, 4, 3]])
     targets = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
     first, _ = causal_pass(model, ids, torch.ones_like(ids), targets)
-    assert len(calls) == 3  # the model's own (last position), the check, the scored positions
+    assert calls == [2, 2, 5]  # the model's own (last position of each row), the check, the scored positions
     calls.clear()
     second, _ = causal_pass(model, ids, torch.ones_like(ids), targets)
-    assert len(calls) == 2 and calls[-1] == int(targets.sum())
+    assert calls == [0, 5], "the model computes no logits of its own once its head is known plain"
     assert torch.equal(first, second)
 
 
