@@ -89,7 +89,8 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
     env_rewards = torch.zeros((n, horizon), device=device)
     ref_logprobs = torch.zeros((n, horizon), device=device)
     has_ref = True
-    recorded = {name: torch.zeros((n, horizon), device=device) for name in ("logprobs", "entropy", "values")} if record_logprobs else {}
+    recorded_names = (("logprobs", "entropy") + (("values",) if values_kept else ())) if record_logprobs else ()
+    recorded = {name: torch.zeros((n, horizon), device=device) for name in recorded_names}
     rm_scores = torch.zeros(n, device=device)
     gold, texts = np.zeros(n), [""] * n
     terms: dict[str, np.ndarray] = {}
@@ -106,7 +107,7 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
         for t in range(horizon):
             actions = policy.sample()
             # read now: the side thread's advance replaces the logits the policy sampled from
-            now = dict(zip(("logprobs", "entropy", "values"), policy.evaluate_next(actions))) if record_logprobs else {}
+            now = dict(zip(recorded_names, policy.evaluate_next(actions))) if record_logprobs else {}
             if side is not None and t == horizon - 1:
                 side.close()
                 side = None
@@ -124,8 +125,7 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
             else:
                 ref_logprobs[:, t] = torch.where(live, step.ref_logprobs, ref_logprobs[:, t])
             for name, value in now.items():
-                if value is not None:
-                    recorded[name][:, t] = torch.where(live, value.to(device), 0.0)
+                recorded[name][:, t] = torch.where(live, value.to(device), 0.0)
             for i, info in step.finished.items():  # only live episodes can finish
                 rm_scores[i], gold[i], texts[i] = info["rm_score"], info["gold_score"], info["text"]
                 for name, value in info.get("reward_terms", {}).items():
@@ -155,5 +155,5 @@ def collect_rollout(env: TextVectorEnv, policy: LMPolicy, prompts: list[str] | N
         reward_terms=terms,
         logprobs=recorded.get("logprobs"),
         entropy=recorded.get("entropy"),
-        values=recorded["values"] if values_kept else None,
+        values=recorded.get("values"),
     )

@@ -45,6 +45,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, valid_actions, with_entropy, overwrite):
         ctx.set_materialize_grads(False)  # the entropy's and the dirty logits' gradients are never used
+        overwrite = overwrite and logits._base is None  # a view is never overwritten (autograd forbids it)
         if overwrite:
             x = logits if valid_actions is None else logits.masked_fill_(~valid_actions, float("-inf"))
             log_probs = torch.log_softmax(x, dim=-1, out=x)  # row-wise: every row is read before it is written
@@ -89,16 +90,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, valid_actions: to
     logits the caller made for this and no other use (autograd raises if their producer needs them
     back). A view (``x[:, -1]``) is never overwritten: it gets a tensor of its own.
     """
-    overwrite = overwrite_logits and logits._base is None
-    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, False, overwrite)[0]
+    return _TokenLogprobs.apply(logits.float(), labels, valid_actions, False, overwrite_logits)[0]
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, valid_actions: torch.Tensor | None = None,
                                overwrite_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs`` and the entropy H(softmax(logits)) in nats per position, (...) each; the
     entropy is detached (for logging; ``categorical_entropy`` of ``masked_log_softmax`` keeps a graph)."""
-    overwrite = overwrite_logits and logits._base is None
-    logprobs, entropy, _ = _TokenLogprobs.apply(logits.float(), labels, valid_actions, True, overwrite)
+    logprobs, entropy, _ = _TokenLogprobs.apply(logits.float(), labels, valid_actions, True, overwrite_logits)
     return logprobs, entropy
 
 
