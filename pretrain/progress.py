@@ -5,7 +5,7 @@ elapsed time), so it is shown from the first completed unit and stays right howe
 takes (rich's default estimate only looks at the last 30 s, so it showed ``-:--:--`` once an
 update took longer than that, and about half the true time when it did show). When the output is
 not a terminal (redirected to a file, a CI log), rich draws nothing until the end; there the
-display prints a plain line instead, at most every ``plain_every`` seconds and at completion::
+display prints a plain line instead (all of it on stderr), at most every ``plain_every`` seconds and at completion::
 
     ppo 12/32 (38%)  elapsed 0:01:10  eta 0:01:57  rm 0.512  gold 0.301  kl 4.120
 """
@@ -16,6 +16,7 @@ import sys
 import time
 from datetime import timedelta
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -41,11 +42,14 @@ class RateETAColumn(ProgressColumn):
 
 
 class TrainingProgress(Progress):
-    """rich's Progress, plus plain periodic lines when the console is not a terminal."""
+    """rich's Progress on stderr (stdout stays for results: a benchmark's JSON, ``textgym eval``'s
+    table), plus plain periodic lines when stderr is not a terminal."""
 
     def __init__(self, name: str, plain_every: float = 30.0):
+        console = Console(stderr=True)
+        # Not a terminal: the plain lines alone (rich would print its bar once more at the end).
         super().__init__(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                         TimeElapsedColumn(), RateETAColumn())
+                         TimeElapsedColumn(), RateETAColumn(), console=console, disable=not console.is_terminal)
         self.name, self.plain_every = name, plain_every
         self._last_plain = float("-inf")
 

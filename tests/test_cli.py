@@ -59,7 +59,9 @@ def test_eta_comes_from_the_measured_rate_of_this_session():
 def test_a_run_whose_output_is_not_a_terminal_prints_plain_progress_lines(tmp_path, capsys):
     assert main(["train", "ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4", "--total-steps", "96",
                  "--num-minibatches", "2", "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ppo ")]
+    captured = capsys.readouterr()
+    assert "ppo" not in captured.out and "━" not in captured.out  # stdout is for results, the display is on stderr
+    lines = [line for line in captured.err.splitlines() if line.startswith("ppo ")]
     assert lines and re.match(r"ppo 3/3 \(100%\)  elapsed \d:\d\d:\d\d  eta 0:00:00", lines[-1]), lines
     assert " rm " in lines[-1] and " gold " in lines[-1] and " kl " in lines[-1]
 
