@@ -59,6 +59,7 @@ from agents.task_config import TaskConfig, task_kwargs
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.optim import make_adam
 from pretrain.padding import position_ids_from_mask
+from rlhf.logprobs import mask_invalid_actions
 
 
 @dataclass
@@ -151,7 +152,7 @@ def q_values(policy: LMPolicy, input_ids: torch.Tensor, attention_mask: torch.Te
     out = policy.model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask), output_hidden_states=log_policy_form,
                        logits_to_keep=1)  # Q(s, .) needs the last position only
-    logits = out.logits[:, -1].float().masked_fill(~policy.valid_actions, float("-inf"))
+    logits = mask_invalid_actions(out.logits[:, -1].float(), policy.valid_actions)
     if not log_policy_form:
         return logits
     beta = cfg.q_beta

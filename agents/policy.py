@@ -48,6 +48,7 @@ from rlhf.logprobs import (
     categorical_entropy,
     causal_pass,
     completion_logprobs,
+    mask_invalid_actions,
     masked_log_softmax,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -136,11 +137,11 @@ class LMPolicy(nn.Module):
     def distribution(self, temperature: float = 1.0) -> Categorical:
         """The masked next-token distribution of every row."""
         logits = self._cache.next_logits / temperature
-        return Categorical(logits=logits.masked_fill(~self.valid_actions, float("-inf")), validate_args=False)
+        return Categorical(logits=mask_invalid_actions(logits, self.valid_actions), validate_args=False)
 
     def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """One token per row from the masked next-token distribution (the rollout's hot path)."""
-        logits = self._cache.next_logits.masked_fill(~self.valid_actions, float("-inf"))
+        logits = mask_invalid_actions(self._cache.next_logits, self.valid_actions)
         return sample_categorical(torch.softmax(logits / temperature, dim=-1), generator)
 
     @torch.no_grad()
@@ -230,7 +231,7 @@ class LMPolicy(nn.Module):
                 raise NonFiniteError(f"the weights became non-finite ({name}){' ' + where if where else ''}")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                          output_hidden_states=self.value_head is not None, logits_to_keep=1)
-        log_probs = F.log_softmax(out.logits[:, -1].float().masked_fill(~self.valid_actions, float("-inf")), dim=-1)
+        log_probs = masked_log_softmax(out.logits[:, -1], self.valid_actions)
         if not torch.isfinite(log_probs[:, self.valid_actions]).all():
             raise NonFiniteError(f"the policy's next-token log-probs became non-finite{' ' + where if where else ''}")
         if self.value_head is not None and not torch.isfinite(self.value_head(out.hidden_states[-1][:, -1].float())).all():

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from envs.rewards import score_with_terms
 from envs.task import TextGenTask
+from rlhf.logprobs import mask_invalid_actions
 
 
 @dataclass
@@ -60,7 +61,6 @@ class TextGenBatch:
         self.done_rows = set(range(batch_size))  # the same, known on the host without a device sync
         self.episodes = [None] * batch_size
         self.reference = task.make_reference(batch_size) if task.make_reference is not None else None
-        self.invalid_actions = ~task.valid_actions
         self.ones = torch.ones((batch_size, 1), dtype=torch.long, device=device)
 
     # -- resets -----------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class TextGenBatch:
             # The reference distribution over the valid actions (pad/special tokens excluded).
             # In place: the reference's next logits are read only here and by action_masks (which
             # masks the same tokens); the next reference step replaces them.
-            ref_logits = self.reference.next_logits.masked_fill_(self.invalid_actions, float("-inf"))
+            ref_logits = mask_invalid_actions(self.reference.next_logits, task.valid_actions, inplace=True)
             # log pi_ref(a_t | s_t) = -cross-entropy of a_t: log-softmax and gather in one kernel.
             ref_logprobs = -F.cross_entropy(ref_logits, actions.long(), reduction="none")
             rewards = task.ref_logprob_coef * ref_logprobs

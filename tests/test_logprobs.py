@@ -14,6 +14,7 @@ from rlhf.logprobs import (
     attention_window,
     categorical_entropy,
     causal_pass,
+    mask_invalid_actions,
     masked_log_softmax,
     prefix_sharing_width,
     shared_prefix_layout,
@@ -177,6 +178,28 @@ def test_categorical_entropy_is_minus_p_log_p_over_the_unmasked_tokens_with_fini
     assert categorical_entropy(torch.tensor([[0.0, float("-inf"), float("-inf")]])).item() == 0.0
 
 
+@pytest.mark.parametrize("n_invalid", [0, 1, 2, 12])
+def test_mask_invalid_actions_sets_exactly_the_invalid_logits(n_invalid):
+    """The (V,) action mask is applied to its invalid columns alone (index_fill), per-position masks
+    elementwise: either way the result is masked_fill's, in place or not, with no gradient through
+    the masked logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 13, requires_grad=True)
+    valid = torch.ones(13, dtype=torch.bool)
+    valid[torch.randperm(13)[:n_invalid]] = False
+    expected = torch.where(valid, logits, float("-inf"))
+    got = mask_invalid_actions(logits, valid)
+    assert torch.equal(got, expected) and got.data_ptr() != logits.data_ptr()
+    (grad,) = torch.autograd.grad(got[got.isfinite()].sum(), logits)
+    assert torch.equal(grad, valid.float().expand_as(grad))
+    per_position = torch.rand(3, 4, 13) < 0.7
+    assert torch.equal(mask_invalid_actions(logits, per_position), torch.where(per_position, logits, float("-inf")))
+    target = logits.detach().clone()
+    assert mask_invalid_actions(target, valid, value=0.0, inplace=True) is target
+    assert torch.equal(target, torch.where(valid, logits, 0.0))
+    assert mask_invalid_actions(logits, None) is logits
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_token_logprobs_values_and_gradients_are_autograds_through_log_softmax(masked):
     """The closed-form backward (onehot(y) - softmax(x)) * g, written in place, must give what autograd
@@ -192,7 +215,7 @@ def test_token_logprobs_values_and_gradients_are_autograds_through_log_softmax(m
         labels[(labels == 2) | (labels == 7)] = 3
         labels[0, 0] = 7  # outside the valid tokens
     weights = torch.randn(4, 6)  # an upstream gradient g that is not all ones
-    expected_log_probs = masked_log_softmax(logits, valid)
+    expected_log_probs = torch.log_softmax(logits if valid is None else logits.masked_fill(~valid, float("-inf")), -1)
     expected = expected_log_probs.gather(-1, labels[..., None]).squeeze(-1)
     finite = torch.isfinite(expected)
     (expected_grad,) = torch.autograd.grad(expected, logits, weights)  # finite: a masked logit gets no gradient

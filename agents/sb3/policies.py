@@ -21,6 +21,7 @@ from pretrain import load_lm, save_lm
 from pretrain.kv_cache import CachedLM
 from pretrain.model import disable_dropout
 from pretrain.padding import position_ids_from_mask
+from rlhf.logprobs import mask_invalid_actions
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 
@@ -127,7 +128,7 @@ class _LMModule:
             logits, h = self.acting(ids, mask)
         else:
             logits, h = self.full_pass(ids, mask, hidden)
-        return logits.masked_fill(~self.valid_actions, float("-inf")), h
+        return mask_invalid_actions(logits, self.valid_actions), h
 
 
 # -- PPO / A2C --------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class LMQNetwork(_LMModule, BasePolicy):
     def forward(self, obs) -> torch.Tensor:
         ids, mask = split_obs(obs)  # TD targets and updates: full passes over replayed transitions
         logits, hidden = self.full_pass(ids, mask, hidden=self.q_form == "log_policy")
-        return self.q_from(logits.masked_fill(~self.valid_actions, float("-inf")), hidden)
+        return self.q_from(mask_invalid_actions(logits, self.valid_actions), hidden)
 
     def _predict(self, obs, deterministic: bool = True) -> torch.Tensor:
         q = self.q_from(*self.next_token(obs, hidden=self.q_form == "log_policy"))
