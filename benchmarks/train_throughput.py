@@ -32,7 +32,11 @@ and the ratios of ours to each. With ``--repeats N`` every method runs N times i
 within a repeat (same seed on both sides), and ``spread`` gives the min and max of every ratio over
 the repeats. Gold gain per minute = the mean training-episode gold score of the
 last quarter of updates minus the first quarter's, divided by the run's wall time; our agents also
-report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency). Both PPOs
+report it per 1,000 generated tokens (``gold_gain_per_1k_tokens``: sample efficiency). Over 32
+updates that reading is mostly noise (each quarter averages 8 updates' episodes, on other prompts
+for each method), so every method's trained model is also scored on the same 512 held-out episodes
+(test prompts, same seed) as the shipped LM: ``held_out_gold_gain`` (and ``_per_min`` of training,
+``held_out_kl`` the sequence KL reached), outside the timed loop. Both PPOs
 report ``epochs_per_update``, the passes their shared approx-KL early stop let run: the work per
 token that their tokens per second compare.
 """
@@ -54,8 +58,11 @@ import torch
 from stable_baselines3.common.logger import configure
 
 from agents import dqn, grpo, ppo, reinforce, trpo
+from agents.evaluate import evaluate_model
+from agents.policy import load_reference
+from agents.run import make_env
 from agents.sb3 import TextGenCallback, make_sb3_agent, make_sb3_vec_env
-from pretrain import load_lm
+from pretrain import load_lm, save_lm
 from pretrain.corpus import load_prompts
 from pretrain.model import resolve_device
 from pretrain.sample import generate_ids
@@ -67,6 +74,39 @@ def gold_gain(golds: list[float]) -> float:
     """Mean training-episode gold of the last quarter of updates minus the first quarter's."""
     k = max(1, len(golds) // 4)
     return float(np.mean(golds[-k:]) - np.mean(golds[:k]))
+
+
+HELD_OUT_EPISODES = 512  # held-out episodes per model: the SE of a gain is ~0.03 (paired prompts and seed)
+_held_out_cache: dict = {}
+
+
+def held_out_gold(model_dir, device, episodes: int = HELD_OUT_EPISODES, seed: int = 1234) -> dict[str, float]:
+    """Mean gold and sequence KL to the shipped LM of ``model_dir`` on ``episodes`` held-out episodes
+    (the test prompts, plain sampling, ``agents.evaluate.evaluate_model``): the same prompts and seed
+    for every model, so two models' gold differ by their policies, not by the prompts drawn."""
+    if "env" not in _held_out_cache:
+        env = make_env("TextGen-v0", 64, device, seed, prompt_split="test")
+        _held_out_cache["env"], _held_out_cache["reference"] = env, load_reference("default", env, device)
+    env, reference = _held_out_cache["env"], _held_out_cache["reference"]
+    result = evaluate_model(str(model_dir), reference, env, episodes, seed)
+    return {"gold": result["gold"], "kl": result["kl_ref"]}
+
+
+def held_out_gain(model_dir, device, seconds: float) -> dict[str, float]:
+    """The held-out gold gained over the shipped LM by training (``held_out_gold``), per minute of
+    training, and the held-out KL reached: a less noisy reading than the training episodes'."""
+    if "initial" not in _held_out_cache:
+        _held_out_cache["initial"] = held_out_gold("default", device)["gold"]
+    after = held_out_gold(model_dir, device)
+    gain = after["gold"] - _held_out_cache["initial"]
+    return {"held_out_gold_gain": gain, "held_out_gold_gain_per_min": gain / (seconds / 60), "held_out_kl": after["kl"]}
+
+
+def naive_held_out_gain(model, tokenizer, device, seconds: float) -> dict[str, float]:
+    """``held_out_gain`` of a naive loop's model (saved to a temporary dir, outside the timed loop)."""
+    with tempfile.TemporaryDirectory() as directory:
+        save_lm(model, tokenizer, directory)
+        return held_out_gain(directory, device, seconds)
 
 
 def naive_setup(device):
@@ -115,7 +155,7 @@ def naive_reinforce(updates: int, batch: int, max_new_tokens: int, lr: float, de
         tokens += int(mask.sum())
     seconds = time.perf_counter() - start
     return {"updates_per_s": updates / seconds, "tokens_per_s": tokens / seconds,
-            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60), **naive_held_out_gain(model, tokenizer, device, seconds)}
 
 
 def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, epochs: int = 4, minibatches: int = 4,
@@ -183,7 +223,8 @@ def naive_ppo(updates: int, batch: int, max_new_tokens: int, lr: float, device, 
         tokens += int(mask.sum())
     seconds = time.perf_counter() - start
     return {"updates_per_s": updates / seconds, "tokens_per_s": tokens / seconds,
-            "gold_gain_per_min": gold_gain(golds) / (seconds / 60), "epochs_per_update": float(np.mean(epochs_run))}
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60), "epochs_per_update": float(np.mean(epochs_run)),
+            **naive_held_out_gain(model, tokenizer, device, seconds)}
 
 
 def run_trl(trainer_cls, config_cls, updates: int, batch: int, group_size: int, device, seed: int, **config) -> dict:
@@ -218,7 +259,7 @@ def run_trl(trainer_cls, config_cls, updates: int, batch: int, group_size: int, 
             trainer.train()
         seconds = time.perf_counter() - start
     return {"updates_per_s": len(golds) / seconds, "tokens_per_s": tokens[0] / seconds,
-            "gold_gain_per_min": gold_gain(golds) / (seconds / 60)}
+            "gold_gain_per_min": gold_gain(golds) / (seconds / 60), **naive_held_out_gain(model, tokenizer, device, seconds)}
 
 
 def trl_rloo(updates: int, batch: int, max_new_tokens: int, lr: float, device, k: int = 4, kl_coef: float = 0.05,
@@ -262,12 +303,14 @@ def ours(module, cfg_cls, updates, batch, max_new_tokens, lr, device, seed: int 
                       device=str(device), out=out, seed=seed, **kw)
         module.train(cfg)
         rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
-    steps = [0] + [r["env_steps"] for r in rows]
-    seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(steps, steps[1:], rows))
+        steps = [0] + [r["env_steps"] for r in rows]
+        seconds = sum((b - a) / r["perf/tokens_per_s"] for a, b, r in zip(steps, steps[1:], rows))
+        held_out = held_out_gain(f"{out}/final", device, seconds)
     gain = gold_gain([r["reward/gold"] for r in rows])
     return {"updates_per_s": len(rows) / seconds, "tokens_per_s": steps[-1] / seconds, "gold_gain_per_min": gain / (seconds / 60),
             "gold_gain_per_1k_tokens": gain / (steps[-1] / 1000), "final_kl": rows[-1].get("kl/ref"),
-            "epochs_per_update": float(np.mean([r["policy/epochs"] for r in rows])) if "policy/epochs" in rows[0] else None}
+            "epochs_per_update": float(np.mean([r["policy/epochs"] for r in rows])) if "policy/epochs" in rows[0] else None,
+            **held_out}
 
 
 def sb3_ppo(updates, batch, max_new_tokens, lr, device, epochs=4, minibatches=4, kl_coef=0.05, seed: int = 0) -> dict:
@@ -359,7 +402,7 @@ def main():
                               ("trpo", "ppo"), ("ppo", "naive_reinforce"), ("reinforce_rloo", "naive_reinforce"),
                               ("sb3_ppo", "naive_reinforce"), ("pcl", "reinforce_rloo"), ("pcl", "dqn_td")):
         if ours_name in result and theirs in result:
-            for metric in ("tokens_per_s", "gold_gain_per_min", "gold_gain_per_1k_tokens"):
+            for metric in ("tokens_per_s", "gold_gain_per_min", "gold_gain_per_1k_tokens", "held_out_gold_gain_per_min"):
                 ratios = [r[ours_name][metric] / r[theirs][metric] for r in repeats
                           if metric in r[ours_name] and r[theirs].get(metric, 0) > 0]
                 if len(ratios) == len(repeats):
