@@ -20,9 +20,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PreTrainedModel
 
 from pretrain.padding import right_pad, to_right_padded
+
+# A (V,) action mask -> (its version, the indices of its invalid tokens): found once per mask (a
+# nonzero() waits for the device), again only if the mask is changed in place.
+_INVALID_COLUMNS = WeakIdKeyDictionary()
+
+
+def _invalid_columns(valid_actions: torch.Tensor) -> torch.Tensor:
+    known = _INVALID_COLUMNS.get(valid_actions)
+    if known is None or known[0] != valid_actions._version:
+        known = valid_actions._version, (~valid_actions).nonzero().squeeze(1)
+        _INVALID_COLUMNS[valid_actions] = known
+    return known[1]
 
 
 def mask_invalid_actions(logits: torch.Tensor, valid_actions: torch.Tensor | None, value: float = float("-inf"),
@@ -37,7 +50,7 @@ def mask_invalid_actions(logits: torch.Tensor, valid_actions: torch.Tensor | Non
     if valid_actions is None:
         return logits
     if valid_actions.dim() == 1:
-        invalid = (~valid_actions).nonzero().squeeze(1)
+        invalid = _invalid_columns(valid_actions)
         return logits.index_fill_(-1, invalid, value) if inplace else logits.index_fill(-1, invalid, value)
     return logits.masked_fill_(~valid_actions, value) if inplace else logits.masked_fill(~valid_actions, value)
 

@@ -198,6 +198,10 @@ def test_mask_invalid_actions_sets_exactly_the_invalid_logits(n_invalid):
     assert mask_invalid_actions(target, valid, value=0.0, inplace=True) is target
     assert torch.equal(target, torch.where(valid, logits, 0.0))
     assert mask_invalid_actions(logits, None) is logits
+    # The invalid columns are found once per mask, and again after the mask is changed in place.
+    valid[:] = True
+    valid[5] = False
+    assert torch.equal(mask_invalid_actions(logits, valid), torch.where(valid, logits, float("-inf")))
 
 
 @pytest.mark.parametrize("masked", [False, True])
