@@ -31,6 +31,8 @@ _INVALID_COLUMNS = WeakIdKeyDictionary()
 
 
 def _invalid_columns(valid_actions: torch.Tensor) -> torch.Tensor:
+    if valid_actions.is_inference():  # made under torch.inference_mode: it has no version to check
+        return (~valid_actions).nonzero().squeeze(1)
     known = _INVALID_COLUMNS.get(valid_actions)
     if known is None or known[0] != valid_actions._version:
         known = valid_actions._version, (~valid_actions).nonzero().squeeze(1)

@@ -202,6 +202,9 @@ def test_mask_invalid_actions_sets_exactly_the_invalid_logits(n_invalid):
     valid[:] = True
     valid[5] = False
     assert torch.equal(mask_invalid_actions(logits, valid), torch.where(valid, logits, float("-inf")))
+    with torch.inference_mode():  # a mask made there has no version counter
+        inference_valid = valid.clone()
+    assert torch.equal(mask_invalid_actions(logits, inference_valid), torch.where(valid, logits, float("-inf")))
 
 
 @pytest.mark.parametrize("masked", [False, True])
