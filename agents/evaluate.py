@@ -111,14 +111,25 @@ def models_of(path: Path) -> tuple[str, list[tuple[str, Path]], str | None]:
 
 
 @torch.no_grad()
-def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress=None, task=None) -> dict[str, float]:
-    """Metrics of one policy over ``episodes`` held-out episodes (``progress.update(task, advance=n)`` per batch)."""
+def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress=None, task=None,
+                   prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """Metrics of one policy over ``episodes`` held-out episodes (``progress.update(task, advance=n)`` per batch).
+
+    ``prompts``: the episodes' prompts, in order, ``env.num_envs`` per batch (at least ``episodes``
+    of them, a multiple of ``num_envs``), instead of the env's own draws. The env redraws a row's
+    prompt when its episode ends, so two policies that end episodes at other steps are otherwise
+    scored on other prompts after the first batch; with the same ``prompts`` and ``seed`` they are
+    scored on the same prompts with the same random numbers, and their scores differ by the
+    policies alone. Raises ``ValueError`` for too few prompts or a count that is not a multiple."""
+    n = env.num_envs
+    if prompts is not None and (len(prompts) < episodes or len(prompts) % n):
+        raise ValueError(f"prompts: need at least episodes={episodes} and a multiple of the env's num_envs={n}, got {len(prompts)}")
     policy = LMPolicy.load(model_dir, env.device, valid_actions=env.valid_actions, value_head=False).eval()
     torch.manual_seed(seed)
     env.reset(seed=seed)
-    gold, rm, kls, texts, prompts, ref_nll, n_tokens = [], [], [], [], [], 0.0, 0
+    gold, rm, kls, texts, prompts_seen, ref_nll, n_tokens = [], [], [], [], [], 0.0, 0
     while len(gold) < episodes:
-        rollout = collect_rollout(env, policy)
+        rollout = collect_rollout(env, policy, None if prompts is None else list(prompts[len(gold) : len(gold) + n]))
         logprobs, _, _ = policy.evaluate(rollout.input_ids, rollout.attention_mask, rollout.completion_start, entropy="none")
         ref = reference_logprobs(rollout, reference, policy.valid_actions)
         mask = rollout.completion_mask.float()
@@ -128,7 +139,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress
         gold += rollout.gold_scores.tolist()
         rm += rollout.rm_scores.tolist()
         texts += rollout.texts
-        prompts += rollout.prompts
+        prompts_seen += rollout.prompts
         if progress is not None:
             progress.update(task, advance=min(len(rollout.texts), episodes - len(gold) + len(rollout.texts)),
                             status=str(model_dir)[-40:])
@@ -143,7 +154,7 @@ def evaluate_model(model_dir, reference, env, episodes: int, seed: int, progress
         "distinct_2": distinct_n(texts[:k], 2),
         "ref_ppl": math.exp(ref_nll / max(n_tokens, 1)),
         "episodes": k,
-        "samples": [{"prompt": p, "completion": t} for p, t in zip(prompts[:3], texts[:3])],
+        "samples": [{"prompt": p, "completion": t} for p, t in zip(prompts_seen[:3], texts[:3])],
     }
 
 

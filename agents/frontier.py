@@ -575,7 +575,8 @@ def frontier(cfg: FrontierConfig) -> dict:
     def report(what: str) -> None:  # the sweep's own progress line, between the runs' bars
         elapsed = time.perf_counter() - start
         eta = elapsed / worked * (n_units - done) if worked else None
-        print(f"frontier [{done}/{n_units}] {what}  elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}", flush=True)
+        print(f"frontier [{done}/{n_units}] {what}  elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}", file=sys.stderr,
+              flush=True)  # stdout carries the table
 
     for method, knob, value, run, argv in jobs:
         report(f"training {method} {knob}={value:g} -> {run}")

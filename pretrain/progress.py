@@ -47,9 +47,12 @@ class TrainingProgress(Progress):
 
     def __init__(self, name: str, plain_every: float = 30.0):
         console = Console(stderr=True)
-        # Not a terminal: the plain lines alone (rich would print its bar once more at the end).
+        # Neither a terminal nor a notebook: the plain lines alone (rich would print its bar once
+        # more at the end). What the code inside the block prints to stdout goes to stdout, above
+        # the bar only where stdout is the terminal too (not into the bar's stderr when redirected).
         super().__init__(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                         TimeElapsedColumn(), RateETAColumn(), console=console, disable=not console.is_terminal)
+                         TimeElapsedColumn(), RateETAColumn(), console=console, disable=not self._live_display(console),
+                         redirect_stdout=sys.stdout.isatty())
         self.name, self.plain_every = name, plain_every
         self._last_plain = float("-inf")
 
@@ -59,9 +62,13 @@ class TrainingProgress(Progress):
         return super().add_task(description, start=start, total=total, completed=completed, visible=visible,
                                 start_completed=completed, **fields)
 
+    @staticmethod
+    def _live_display(console: Console) -> bool:
+        return console.is_terminal or console.is_jupyter
+
     def update(self, task_id, **kwargs) -> None:
         super().update(task_id, **kwargs)
-        if self.console.is_terminal:
+        if self._live_display(self.console):
             return
         task = self._tasks[task_id]
         now = time.monotonic()

@@ -47,10 +47,17 @@ def mask_invalid_actions(logits: torch.Tensor, valid_actions: torch.Tensor | Non
 
     A (V,) mask is applied to its invalid columns only (``index_fill``): the agents' mask excludes a
     few tokens (the shipped LM's: the padding token), and ``masked_fill`` would read the mask and
-    write every one of the (..., V) logits (128 x 8,192: 0.5 ms against 13 us). ``inplace``
-    overwrites ``logits``; otherwise a new tensor is returned (differentiable in ``logits``)."""
+    write every one of the (..., V) logits (128 x 8,192: 0.5 ms against 13 us); its invalid indices
+    are found once per mask tensor, again after an in-place change of it (not one made behind
+    torch's back, through ``.data`` or a NumPy view). ``inplace`` overwrites ``logits``; otherwise a
+    new tensor is returned (differentiable in ``logits``). Raises ``TypeError`` for a mask that is
+    not bool and ``ValueError`` for one whose last dim is not the logits' V."""
     if valid_actions is None:
         return logits
+    if valid_actions.dtype != torch.bool:
+        raise TypeError(f"valid_actions must be a bool mask, got dtype {valid_actions.dtype}")
+    if valid_actions.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"valid_actions covers {valid_actions.shape[-1]} tokens, the logits {logits.shape[-1]}")
     if valid_actions.dim() == 1:
         invalid = _invalid_columns(valid_actions)
         return logits.index_fill_(-1, invalid, value) if inplace else logits.index_fill(-1, invalid, value)

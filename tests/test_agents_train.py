@@ -362,6 +362,24 @@ def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
         ppo.train(ppo.PPOConfig(**{**TOY, "out": str(tmp_path / "x")}, model="default"))
 
 
+def test_evaluate_model_plays_the_given_prompts_in_order(tmp_path):
+    """With ``prompts``, every model is scored on the same prompts (the env would redraw a row's
+    prompt whenever its episode ends); a count that does not fill whole batches is refused."""
+    from agents.evaluate import evaluate_model
+    from agents.policy import load_reference
+    from agents.run import make_env, make_policy_model
+
+    env = make_env("TextGenToy-v0", 4, "cpu", 0, max_new_tokens=4)
+    model_dir = make_policy_model("auto", env, tmp_path, 0)
+    reference = load_reference(model_dir, env, "cpu")
+    prompts = ["the plot was"] * 4 + ["the movie was"] * 4
+    first = evaluate_model(model_dir, reference, env, 8, seed=3, prompts=prompts)
+    assert [s["prompt"] for s in first["samples"]] == ["the plot was"] * 3
+    assert evaluate_model(model_dir, reference, env, 8, seed=3, prompts=prompts) == first
+    with pytest.raises(ValueError, match="multiple of the env's num_envs=4, got 6"):
+        evaluate_model(model_dir, reference, env, 6, seed=3, prompts=prompts[:6])
+
+
 def test_cli_trains_evaluates_and_exports_on_the_toy_env(tmp_path, capsys):
     out = tmp_path / "cli-ppo"
     assert main(["train", "ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4",

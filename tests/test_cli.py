@@ -66,6 +66,21 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_progress_lines(tmp_pa
     assert " rm " in lines[-1] and " gold " in lines[-1] and " kl " in lines[-1]
 
 
+def test_what_runs_inside_a_live_bar_prints_to_stdout_stays_on_stdout(capsys, monkeypatch):
+    """The bar draws on stderr; a line the code inside it prints must reach stdout (a redirected
+    stdout is a results file), not the bar's stream."""
+    from pretrain.progress import progress_bar
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # stderr counts as a terminal: the live bar runs
+    with progress_bar("x") as bar:
+        assert bar.live.is_started
+        task = bar.add_task("x", total=1)
+        print("RESULT-INSIDE")
+        bar.update(task, advance=1)
+    captured = capsys.readouterr()
+    assert "RESULT-INSIDE" in captured.out and "RESULT-INSIDE" not in captured.err
+
+
 def test_bad_value_is_a_clean_error(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--temperature", "0"])

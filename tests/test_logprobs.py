@@ -202,6 +202,10 @@ def test_mask_invalid_actions_sets_exactly_the_invalid_logits(n_invalid):
     valid[:] = True
     valid[5] = False
     assert torch.equal(mask_invalid_actions(logits, valid), torch.where(valid, logits, float("-inf")))
+    with pytest.raises(TypeError, match="bool mask"):
+        mask_invalid_actions(logits, valid.long())
+    with pytest.raises(ValueError, match="covers 8 tokens, the logits 13"):
+        mask_invalid_actions(logits, valid[:8])
     with torch.inference_mode():  # a mask made there has no version counter
         inference_valid = valid.clone()
     assert torch.equal(mask_invalid_actions(logits, inference_valid), torch.where(valid, logits, float("-inf")))

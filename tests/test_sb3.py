@@ -1,6 +1,7 @@
 """Stable-Baselines3 on the TextGen suite: LM policies, the batched VecEnv adapter, callback, CLI."""
 
 import json
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -256,11 +257,14 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_gpt2_dir, tiny_env_kwargs):
         DQN(LMQNetworkPolicy, env, policy_kwargs={"model": str(tiny_gpt2_dir), "temperature": 0.0}, device="cpu")
 
 
-def test_cli_trains_logs_exports_and_evaluates(tmp_path):
+def test_cli_trains_logs_exports_and_evaluates(tmp_path, capsys):
     out = tmp_path / "sb3-ppo"
     assert main(["train", "sb3-ppo", "--env", "TextGenToy-v0", "--num-envs", "8", "--max-new-tokens", "4", "--n-steps", "8",
                  "--batch-size", "64", "--total-steps", "256", "--kl-coef", "0.05", "--sample-every", "1", "--device", "cpu",
                  "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["env_steps"] == 256, "stdout holds the summary alone (the progress is on stderr)"
+    assert re.search(r"sb3-ppo 256/256 \(100%\).* rm -?\d\.\d{3}  gold -?\d\.\d{3}  kl -?\d\.\d{3}", captured.err), captured.err
     events = EventAccumulator(str(out))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -84,6 +84,23 @@ class TextGenCallback(BaseCallback):
         return {f"final_{k}": float(np.mean(v)) for k, v in self.episodes.items() if v}
 
 
+class ProgressCallback(BaseCallback):
+    """The project's progress display (``pretrain.progress``: on stderr, plain lines where that is
+    not a terminal) for an SB3 ``learn``, in place of SB3's ``progress_bar=True`` (rich on stdout):
+    env steps done of the bar's total, with ``TextGenCallback``'s episode means as the status."""
+
+    def __init__(self, bar, task, episodes: TextGenCallback):
+        super().__init__()
+        self.bar, self.task, self.episodes = bar, task, episodes
+
+    def _on_step(self) -> bool:
+        means = self.episodes.summary()
+        status = "  ".join(f"{name} {means[f'final_{key}']:.3f}" for name, key in (("rm", "rm_score"), ("gold", "gold_score"), ("kl", "kl"))
+                           if f"final_{key}" in means)
+        self.bar.update(self.task, completed=self.num_timesteps, status=status)
+        return True
+
+
 # -- checkpoints and resume -------------------------------------------------------------------------
 SB3_POLICY_FILE = "policy.safetensors"
 

@@ -6,24 +6,23 @@ import csv
 import json
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from stable_baselines3.common.logger import CSVOutputFormat, KVWriter, TensorBoardOutputFormat, configure
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import TqdmExperimentalWarning
 
 import envs  # noqa: F401  (registers the suite)
 from agents.run import make_policy_model
-from agents.sb3.callbacks import CheckpointCallback, TextGenCallback, load_sb3_state
+from agents.sb3.callbacks import CheckpointCallback, ProgressCallback, TextGenCallback, load_sb3_state
 from agents.sb3.policies import export_hf, make_sb3_agent
 from agents.sb3.vec_env import make_sb3_vec_env
 from agents.task_config import TaskConfig, task_kwargs
 from pretrain.checkpoint import write_text_atomic
 from pretrain.config import hparam, require_non_negative, require_positive, require_unit_interval, validate_fields
 from pretrain.model import resolve_device
+from pretrain.progress import progress_bar
 from pretrain.run_dir import RunDir, StopOnInterrupt, check_same_config, resolve_out
 
 
@@ -174,13 +173,13 @@ def train(cfg: SB3PPOConfig | SB3A2CConfig | SB3DQNConfig, algorithm: str) -> di
                             exclude=("stdout", "log", "json", "csv"))
     callback = TextGenCallback(cfg.sample_every, kl_coef=cfg.callback_kl_coef())
     t0 = time.perf_counter()
-    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
     try:
-        with StopOnInterrupt() as interrupt:
+        with StopOnInterrupt() as interrupt, progress_bar(f"sb3-{algorithm}") as bar:
             checkpoints = CheckpointCallback(run_dir, cfg.checkpoint_every, asdict(cfg), interrupt)
+            display = ProgressCallback(bar, bar.add_task(f"sb3-{algorithm}", total=cfg.total_steps, completed=agent.num_timesteps), callback)
             remaining = cfg.total_steps - agent.num_timesteps
             if remaining > 0:
-                agent.learn(remaining, callback=[callback, checkpoints], progress_bar=True, reset_num_timesteps=checkpoint is None)
+                agent.learn(remaining, callback=[callback, checkpoints, display], reset_num_timesteps=checkpoint is None)
             path = checkpoints.save()
     finally:
         agent.logger.close()  # progress.csv and the event file, whatever happened
