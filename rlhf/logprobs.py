@@ -352,10 +352,20 @@ def causal_logits_at(
                 plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
             if plain:
                 _PLAIN_HEADS[model] = checked
-        logits = head(hidden[at]) if plain else model(**inputs).logits[at]
+        logits = head(_positions(hidden, at)) if plain else _positions(model(**inputs).logits, at)
     else:
-        logits = out.logits[at]
-    return logits.float(), hidden[at] if hidden_states else None
+        logits = _positions(out.logits, at)
+    return logits.float(), _positions(hidden, at) if hidden_states else None
+
+
+def _positions(x: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x[at]`` for (R, W, ...) ``x`` and (rows, columns) index tensors, as an ``index_select`` of the
+    flattened (R * W, ...) rows. A packed layout reads one position for several targets (a shared
+    prompt's last token predicts every completion's first), and the backward of ``x[rows, columns]``
+    then adds their gradients into that position in an order that varies from run to run on a
+    multi-threaded CPU (GRPO's metrics drifted apart after ~18 steps, same seed); ``index_select``'s
+    backward (``index_add``) adds them in order."""
+    return x.flatten(0, 1).index_select(0, at[0] * x.shape[1] + at[1])
 
 
 # Model types whose attention applies a given 4-D mask as it is and whose positions come from

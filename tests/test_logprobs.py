@@ -108,6 +108,25 @@ def test_eager_attention_reads_the_mask_as_additive_scores(tmp_path, tiny_tokeni
     check_shared_pass(model)
 
 
+def test_a_shared_prompt_pass_gives_the_same_gradients_every_time(tiny_tokenizer):
+    """A shared prompt's last position predicts every completion's first token, so its gradient is a
+    sum over the group; on a multi-threaded CPU that sum must come out the same on every backward
+    (advanced indexing's backward added it in a varying order: GRPO, same seed, drifted apart)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=256, n_layer=1, n_head=2, n_positions=256)).eval()
+    # 128 completions of one prompt: half the scored positions are that prompt's last token
+    rows, targets, ids, mask, target = grouped_batch(model.config.vocab_size, group=128, prompts=1, completion=2)
+    weights = torch.randn(int(target.sum()), 256, generator=torch.Generator().manual_seed(1))
+    first = None
+    for _ in range(20):
+        model.zero_grad()
+        _, hidden = causal_pass(model, ids, mask, target, hidden_states=True)
+        (hidden * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        first = first or grads
+        assert all(torch.equal(a, b) for a, b in zip(first, grads))
+
+
 def test_the_layout_reads_each_shared_prompt_once():
     rows, targets, ids, mask, target = grouped_batch(vocab=64)  # token ids >= 2; the layout pads with 0
     right = torch.stack([torch.cat([r[m.bool()], r[~m.bool()]]) for r, m in zip(ids, mask)])
