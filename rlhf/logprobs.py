@@ -330,13 +330,17 @@ def causal_logits_at(
     """
     max_width = prefix_sharing_width(model) if share_prefixes else 0
     layout = shared_prefix_layout(input_ids, predicts, max_width, attention_window(model)) if max_width else None
-    if layout is None:
+    if layout is None:  # every position read once: plain indexing (its backward is ~1% cheaper a PPO step)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         at = predicts.nonzero(as_tuple=True)
+        def read(x):
+            return x[at]
     else:
         inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
                   "attention_mask": _model_mask(model, layout.attends)}
         at = layout.rows, layout.columns
+        def read(x):
+            return _positions(x, at)
     head = output_head(model)
     checked = (head, tuple(model._forward_hooks))  # a hook added later may transform the logits: check again
     known_plain = head is not None and _PLAIN_HEADS.get(model) == checked
@@ -352,19 +356,19 @@ def causal_logits_at(
                 plain = torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3)
             if plain:
                 _PLAIN_HEADS[model] = checked
-        logits = head(_positions(hidden, at)) if plain else _positions(model(**inputs).logits, at)
+        logits = head(read(hidden)) if plain else read(model(**inputs).logits)
     else:
-        logits = _positions(out.logits, at)
-    return logits.float(), _positions(hidden, at) if hidden_states else None
+        logits = read(out.logits)
+    return logits.float(), read(hidden) if hidden_states else None
 
 
 def _positions(x: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x[at]`` for (R, W, ...) ``x`` and (rows, columns) index tensors, as an ``index_select`` of the
-    flattened (R * W, ...) rows. A packed layout reads one position for several targets (a shared
-    prompt's last token predicts every completion's first), and the backward of ``x[rows, columns]``
-    then adds their gradients into that position in an order that varies from run to run on a
-    multi-threaded CPU (GRPO's metrics drifted apart after ~18 steps, same seed); ``index_select``'s
-    backward (``index_add``) adds them in order."""
+    """``x[at]`` for (R, W, ...) ``x`` and (rows, columns) index tensors that may repeat a position,
+    as an ``index_select`` of the flattened (R * W, ...) rows. A packed layout reads one position for
+    several targets (a shared prompt's last token predicts every completion's first), and the
+    backward of ``x[rows, columns]`` adds their gradients into that position with parallel atomic
+    adds on a multi-threaded CPU, in an order that varies from run to run (GRPO's metrics drifted
+    apart after ~18 steps, same seed); ``index_select``'s backward (``index_add``) adds them in order."""
     return x.flatten(0, 1).index_select(0, at[0] * x.shape[1] + at[1])
 
 
