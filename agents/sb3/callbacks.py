@@ -92,12 +92,14 @@ class ProgressCallback(BaseCallback):
     def __init__(self, bar, task, episodes: TextGenCallback):
         super().__init__()
         self.bar, self.task, self.episodes = bar, task, episodes
+        self.status = ""
 
     def _on_step(self) -> bool:
-        means = self.episodes.summary()
-        status = "  ".join(f"{name} {means[f'final_{key}']:.3f}" for name, key in (("rm", "rm_score"), ("gold", "gold_score"), ("kl", "kl"))
-                           if f"final_{key}" in means)
-        self.bar.update(self.task, completed=self.num_timesteps, status=status)
+        if np.any(self.locals["dones"]):  # the means move only when episodes end (it runs after TextGenCallback)
+            means = self.episodes.summary()
+            self.status = "  ".join(f"{name} {means[f'final_{key}']:.3f}" for name, key in (("rm", "rm_score"), ("gold", "gold_score"),
+                                                                                            ("kl", "kl")) if f"final_{key}" in means)
+        self.bar.update(self.task, completed=self.num_timesteps, status=self.status)
         return True
 
 
